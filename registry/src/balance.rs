@@ -1,0 +1,394 @@
+//! A client-side balanced channel: round robin over the instances whose connection is up, fed by
+//! [`Discovery`], usable anywhere a tonic `Channel` is (`GreeterClient::new(channel)`).
+//!
+//! Shape of the machinery:
+//! - an *updater* task follows discovery's snapshots and keeps one [`Backend`] per distinct address,
+//!   adding and removing them as instances come and go (applied as events arrive, not lazily when a
+//!   request happens to flow, unlike tonic's `balance_channel`);
+//! - each backend has a *maintainer* task ([`crate::connection`]) holding one HTTP/2 connection and
+//!   reconnecting it with backoff when its socket closes;
+//! - the picker reads an immutable list of the backends that are connected right now, rebuilt on
+//!   every change, and rotates through it with one atomic counter, so a call costs a read lock, an
+//!   increment and a channel clone.
+//!
+//! A call never waits for an instance to appear: with none usable it fails at once with
+//! `UNAVAILABLE` naming the service. Every call has a deadline.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tonic::{Status, body::Body, transport::Endpoint};
+use tower::ServiceExt;
+
+use crate::{
+    connection::{self, Backend},
+    discover::{Discovery, InstanceMap, Membership},
+    error::chain,
+};
+
+/// Boxed error type of the balanced channel's `Service` impl (what tonic's generated clients expect).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The future of one call through [`BalancedChannel`].
+pub type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<Body>, BoxError>> + Send + 'static>>;
+
+/// Tuning of the balanced channel.
+#[derive(Debug, Clone)]
+pub struct BalanceOptions {
+    /// Deadline of every call that does not set a shorter one (`grpc-timeout`).
+    pub call_timeout: Duration,
+    /// Deadline for establishing a connection to one instance.
+    pub connect_timeout: Duration,
+    /// Interval of HTTP/2 keep-alive pings on a connection with calls in flight; a frozen instance
+    /// is dropped after `keep_alive_interval + keep_alive_timeout`.
+    pub keep_alive_interval: Duration,
+    /// How long a keep-alive ping may go unanswered.
+    pub keep_alive_timeout: Duration,
+}
+
+impl Default for BalanceOptions {
+    fn default() -> Self {
+        Self {
+            call_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
+            keep_alive_interval: Duration::from_secs(5),
+            keep_alive_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Which instance served a call: found in the response's extensions
+/// (`response.extensions().get::<ServedBy>()`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedBy {
+    /// The address the call was sent to.
+    pub addr: Arc<str>,
+    /// The instance id registered for that address.
+    pub instance_id: Arc<str>,
+}
+
+/// A gRPC channel that balances calls round robin over a service's live instances.
+///
+/// Cheap to clone; all clones share the connections. Background tasks (discovery, the updater, one
+/// maintainer per instance) stop when the last clone is dropped.
+///
+/// ```no_run
+/// use proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
+/// use registry::{BalanceOptions, BalancedChannel, Discovery, EtcdConfig};
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let etcd = EtcdConfig::new(["127.0.0.1:2379"])?.connect().await?;
+/// let discovery = Discovery::start(&etcd, "services", "helloworld")?;
+/// let channel = BalancedChannel::new(discovery, BalanceOptions::default());
+/// let mut client = GreeterClient::new(channel);
+/// let reply = client.say_hello(HelloRequest { name: "world".into() }).await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct BalancedChannel {
+    shared: Arc<Shared>,
+    owner: Arc<Owner>,
+}
+
+/// What keeps the background work alive: dropped with the last clone.
+struct Owner {
+    discovery: Discovery,
+    _stop: DropGuard,
+}
+
+/// State shared by the channel clones, the updater and the maintainers.
+struct Shared {
+    service: Arc<str>,
+    /// Every backend, by address; the updater is the only writer.
+    backends: Mutex<BTreeMap<Arc<str>, Arc<Backend>>>,
+    /// The connected backends, in address order: what the picker rotates over.
+    ready: RwLock<Arc<[Arc<Backend>]>>,
+    next: AtomicUsize,
+}
+
+impl BalancedChannel {
+    /// Starts balancing over the instances `discovery` finds. Must be called inside a Tokio runtime.
+    pub fn new(discovery: Discovery, options: BalanceOptions) -> Self {
+        let shared = Arc::new(Shared {
+            service: discovery.service().into(),
+            backends: Mutex::new(BTreeMap::new()),
+            ready: RwLock::new(Arc::from([])),
+            next: AtomicUsize::new(0),
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(follow(
+            discovery.subscribe(),
+            shared.clone(),
+            options,
+            stop.clone(),
+        ));
+        Self {
+            shared,
+            owner: Arc::new(Owner {
+                discovery,
+                _stop: stop.drop_guard(),
+            }),
+        }
+    }
+
+    /// The discovery feeding this channel.
+    pub fn discovery(&self) -> &Discovery {
+        &self.owner.discovery
+    }
+
+    /// Addresses currently in rotation (connected), in rotation order.
+    pub fn ready_addrs(&self) -> Vec<Arc<str>> {
+        self.shared
+            .ready_list()
+            .iter()
+            .map(|b| b.addr.clone())
+            .collect()
+    }
+
+    /// Waits until at least `min` instances are connected and in rotation.
+    ///
+    /// # Errors
+    /// [`crate::Error::GaveUp`] after `timeout`.
+    pub async fn wait_ready(&self, min: usize, timeout: Duration) -> crate::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut membership = self.discovery().subscribe();
+        // Readiness changes come from the maintainers, which do not publish to a channel: poll the
+        // ready list, waking early on every membership change.
+        while self.shared.ready_list().len() < min {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(crate::Error::GaveUp {
+                    what: format!(
+                        "{min} connected instance(s) of service {:?} ({} connected, {} known)",
+                        self.shared.service,
+                        self.shared.ready_list().len(),
+                        self.discovery().membership().instances.len()
+                    ),
+                    waited: timeout,
+                });
+            }
+            let tick = tokio::time::sleep(Duration::from_millis(10));
+            tokio::select! {
+                _ = tick => {}
+                _ = membership.changed() => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for BalancedChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BalancedChannel")
+            .field("service", &self.shared.service)
+            .field("ready", &self.ready_addrs())
+            .finish()
+    }
+}
+
+impl Shared {
+    fn ready_list(&self) -> Arc<[Arc<Backend>]> {
+        // Poisoning cannot leave the Arc half-written; keep serving.
+        self.ready
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Recomputes the rotation from the backends' connection states.
+    fn rebuild(&self) {
+        let backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+        let ready: Arc<[Arc<Backend>]> = backends.values().filter(|b| b.is_ready()).cloned().collect();
+        *self.ready.write().unwrap_or_else(|p| p.into_inner()) = ready;
+    }
+
+    /// The next backend in rotation and its channel.
+    fn pick(&self) -> Result<(Arc<Backend>, tonic::transport::Channel), Status> {
+        let ready = self.ready_list();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        // A backend can drop out between the rebuild and now; then take the one after it.
+        for offset in 0..ready.len() {
+            let backend = &ready[round_robin(start + offset, ready.len())];
+            if let Some(channel) = backend.channel() {
+                return Ok((backend.clone(), channel));
+            }
+        }
+        let known = self.backends.lock().unwrap_or_else(|p| p.into_inner()).len();
+        Err(Status::unavailable(if known == 0 {
+            format!("no instances of service {:?} are registered", self.service)
+        } else {
+            format!(
+                "none of the {known} instance(s) of service {:?} is reachable right now",
+                self.service
+            )
+        }))
+    }
+}
+
+/// Index of the `n`-th pick over `len` items.
+fn round_robin(n: usize, len: usize) -> usize {
+    n % len
+}
+
+impl tower::Service<http::Request<Body>> for BalancedChannel {
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    /// Always ready: the instance is chosen per call, and a call with no instance fails at once
+    /// rather than waiting here (waiting in `poll_ready` is how tonic's balancer hangs).
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> ResponseFuture {
+        let (backend, channel) = match self.shared.pick() {
+            Ok(picked) => picked,
+            Err(status) => return Box::pin(std::future::ready(Err(status.into()))),
+        };
+        Box::pin(async move {
+            match channel.oneshot(request).await {
+                Ok(mut response) => {
+                    response.extensions_mut().insert(ServedBy {
+                        addr: backend.addr.clone(),
+                        instance_id: backend.instance_id.clone(),
+                    });
+                    Ok(response)
+                }
+                Err(error) => Err(call_error(&backend, error).into()),
+            }
+        })
+    }
+}
+
+/// The one place transport failures become gRPC statuses, naming the instance.
+fn call_error(backend: &Backend, error: tonic::transport::Error) -> Status {
+    let is = |check: &dyn Fn(&(dyn std::error::Error + 'static)) -> bool| {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+        while let Some(e) = source {
+            if check(e) {
+                return true;
+            }
+            source = e.source();
+        }
+        false
+    };
+    let at = format!("instance {} ({})", backend.addr, backend.instance_id);
+    if is(&|e| e.is::<tonic::TimeoutExpired>()) {
+        return Status::deadline_exceeded(format!("call to {at} exceeded its deadline"));
+    }
+    // Anything else at the transport level means the connection is unusable: stop picking it now.
+    backend.report_broken();
+    Status::unavailable(format!("{at} failed: {}", chain(&error)))
+}
+
+/// The updater task: turns membership snapshots into backends.
+async fn follow(
+    mut membership: watch::Receiver<Membership>,
+    shared: Arc<Shared>,
+    options: BalanceOptions,
+    stop: CancellationToken,
+) {
+    let mut stops: BTreeMap<Arc<str>, DropGuard> = BTreeMap::new();
+    loop {
+        let instances = membership.borrow_and_update().instances.clone();
+        reconcile(&shared, &instances, &options, &stop, &mut stops);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = membership.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Makes the backends match `instances`: one per distinct address.
+fn reconcile(
+    shared: &Arc<Shared>,
+    instances: &InstanceMap,
+    options: &BalanceOptions,
+    stop: &CancellationToken,
+    stops: &mut BTreeMap<Arc<str>, DropGuard>,
+) {
+    let mut wanted: BTreeMap<Arc<str>, Arc<str>> = BTreeMap::new();
+    for instance in instances.values() {
+        wanted
+            .entry(instance.addr.as_str().into())
+            .or_insert_with(|| instance.id.as_str().into());
+    }
+    {
+        let mut backends = shared.backends.lock().unwrap_or_else(|p| p.into_inner());
+        // Dropping a guard stops that backend's maintainer, which closes its connection once the
+        // calls in flight on it complete.
+        backends.retain(|addr, _| wanted.contains_key(addr));
+        stops.retain(|addr, _| wanted.contains_key(addr));
+        for (addr, id) in wanted {
+            if backends.contains_key(&addr) {
+                continue;
+            }
+            let Some(endpoint) = endpoint(&addr, options) else {
+                continue;
+            };
+            let backend = Arc::new(Backend::new(addr.clone(), id));
+            let backend_stop = stop.child_token();
+            let on_change = {
+                let shared = Arc::downgrade(shared);
+                move || {
+                    if let Some(shared) = shared.upgrade() {
+                        shared.rebuild();
+                    }
+                }
+            };
+            tokio::spawn(connection::maintain(
+                backend.clone(),
+                endpoint,
+                on_change,
+                backend_stop.clone(),
+            ));
+            backends.insert(addr.clone(), backend);
+            stops.insert(addr, backend_stop.drop_guard());
+        }
+    }
+    shared.rebuild();
+}
+
+/// The tonic endpoint for one instance. Discovery only admits dialable addresses, so this fails only
+/// if the two disagree; the instance is then skipped with a warning.
+fn endpoint(addr: &str, options: &BalanceOptions) -> Option<Endpoint> {
+    match Endpoint::from_shared(format!("http://{addr}")) {
+        Ok(endpoint) => Some(
+            endpoint
+                .timeout(options.call_timeout)
+                .connect_timeout(options.connect_timeout)
+                .http2_keep_alive_interval(options.keep_alive_interval)
+                .keep_alive_timeout(options.keep_alive_timeout),
+        ),
+        Err(error) => {
+            tracing::warn!(addr, %error, "skipping an instance whose address is not a valid URI");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_robin_visits_each_in_turn() {
+        let picks: Vec<_> = (0..7).map(|n| round_robin(n, 3)).collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2, 0]);
+        // Wrapping the counter keeps rotating (usize::MAX % 3 == 0).
+        assert_eq!(round_robin(usize::MAX, 3), 0);
+    }
+}

@@ -1,0 +1,460 @@
+//! Discovery: the live set of a service's instances, kept current by a task of its own.
+//!
+//! The protocol is list-then-watch, the only one that cannot miss an event:
+//! 1. a linearizable `get` of the prefix gives the full set *and* the revision it reflects;
+//! 2. a watch from exactly `revision + 1` then delivers every later change, in order.
+//!
+//! Watching "from now" after the get would lose whatever happened in between. When the watch fails,
+//! is cancelled, or its start revision has been compacted away, the task lists again and publishes the
+//! difference, then watches from the new revision. While etcd is unreachable the last known set is
+//! kept: a registry outage must not turn into a service outage.
+//!
+//! Subscribers get [`Membership`] snapshots through a `tokio::sync::watch` channel; the task applies
+//! changes as they arrive, not when a request happens to need them.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use etcd_client::{EventType, GetOptions, KeyValue, WatchOptions};
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::{debug, info, warn};
+
+use crate::{
+    backoff::Backoff,
+    endpoint::Endpoint,
+    error::{Error, Result, chain},
+    etcd::Etcd,
+    key,
+};
+
+/// One discovered instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    /// The instance id: the last segment of its key.
+    pub id: String,
+    /// The full etcd key.
+    pub key: String,
+    /// The `host:port` to dial.
+    pub addr: String,
+    /// The record's metadata (any JSON; `null` when absent).
+    pub metadata: Value,
+}
+
+/// Instances by id.
+pub type InstanceMap = BTreeMap<String, Instance>;
+
+/// A snapshot of what discovery knows.
+#[derive(Debug, Clone, Default)]
+pub struct Membership {
+    /// The instances, by id.
+    pub instances: Arc<InstanceMap>,
+    /// The etcd revision the snapshot reflects (0 before the first list).
+    pub revision: i64,
+    /// True once a list has succeeded; until then an empty set means "unknown", not "none".
+    pub synced: bool,
+    /// The current problem talking to etcd, if any; the instances are then the last known set.
+    pub problem: Option<String>,
+}
+
+/// A difference between two instance sets.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// A new instance.
+    Added(Instance),
+    /// An instance that is gone.
+    Removed(Instance),
+    /// The same id with a new address or metadata.
+    Updated {
+        /// Before.
+        old: Instance,
+        /// After.
+        new: Instance,
+    },
+}
+
+/// What changed from `old` to `new`, in id order.
+pub fn diff(old: &InstanceMap, new: &InstanceMap) -> Vec<Change> {
+    let removed = old
+        .values()
+        .filter(|o| !new.contains_key(&o.id))
+        .map(|o| Change::Removed(o.clone()));
+    let added_or_updated = new.values().filter_map(|n| match old.get(&n.id) {
+        None => Some(Change::Added(n.clone())),
+        Some(o) if o != n => Some(Change::Updated {
+            old: o.clone(),
+            new: n.clone(),
+        }),
+        Some(_) => None,
+    });
+    let mut changes: Vec<_> = removed.chain(added_or_updated).collect();
+    changes.sort_by(|a, b| change_id(a).cmp(change_id(b)));
+    changes
+}
+
+fn change_id(change: &Change) -> &str {
+    match change {
+        Change::Added(i) | Change::Removed(i) | Change::Updated { new: i, .. } => &i.id,
+    }
+}
+
+/// A running discovery of one service. Cheap to clone; the task stops when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    service: Arc<str>,
+    prefix: Arc<str>,
+    membership: watch::Receiver<Membership>,
+    _task: Arc<DropGuard>,
+}
+
+impl Discovery {
+    /// Starts discovering `service` under `namespace` (e.g. [`key::DEFAULT_NAMESPACE`]); returns at
+    /// once. The first list happens in the background: see [`Discovery::wait_for_instances`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`] if the namespace or service cannot be used in a key.
+    pub fn start(etcd: &Etcd, namespace: &str, service: &str) -> Result<Self> {
+        let prefix: Arc<str> = key::service_prefix(namespace, service)?.into();
+        let (tx, membership) = watch::channel(Membership::default());
+        let cancel = CancellationToken::new();
+        tokio::spawn(run(etcd.clone(), prefix.clone(), tx, cancel.clone()));
+        Ok(Self {
+            service: service.into(),
+            prefix,
+            membership,
+            _task: Arc::new(cancel.drop_guard()),
+        })
+    }
+
+    /// The service name.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// The watched key prefix, e.g. `services/helloworld/`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The current snapshot.
+    pub fn membership(&self) -> Membership {
+        self.membership.borrow().clone()
+    }
+
+    /// A receiver that sees every new snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<Membership> {
+        self.membership.clone()
+    }
+
+    /// Waits until at least `min` instances are known.
+    ///
+    /// # Errors
+    /// [`Error::GaveUp`] after `timeout`, saying whether etcd was unreachable or simply had no
+    /// instances under the prefix.
+    pub async fn wait_for_instances(&self, min: usize, timeout: Duration) -> Result<Membership> {
+        let mut rx = self.membership.clone();
+        let reached = rx.wait_for(|m| m.instances.len() >= min);
+        if let Ok(Ok(m)) = tokio::time::timeout(timeout, reached).await {
+            return Ok(m.clone());
+        }
+        let m = self.membership();
+        let why = match (&m.problem, m.synced) {
+            (Some(problem), _) => format!("etcd problem: {problem}"),
+            (None, true) => format!("{} registered under {}", m.instances.len(), self.prefix),
+            (None, false) => "no answer from etcd yet".to_owned(),
+        };
+        Err(Error::GaveUp {
+            what: format!("{min} instance(s) of service {:?} ({why})", self.service),
+            waited: timeout,
+        })
+    }
+}
+
+/// Why a watch session ended without cancellation.
+enum WatchEnd {
+    /// The owner went away.
+    Cancelled,
+    /// The watch must be restarted from a fresh list; `failed` asks for a backoff first.
+    Relist { reason: String, failed: bool },
+}
+
+/// The discovery task: list, watch, and on any trouble list again.
+async fn run(
+    etcd: Etcd,
+    prefix: Arc<str>,
+    tx: watch::Sender<Membership>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    loop {
+        let listed = tokio::select! {
+            _ = cancel.cancelled() => return,
+            listed = list(&etcd, &prefix) => listed,
+        };
+        let revision = match listed {
+            Ok((instances, revision)) => {
+                publish(&tx, &prefix, revision, |current| *current = instances);
+                revision
+            }
+            Err(e) => {
+                report_problem(&tx, &prefix, &e);
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                }
+            }
+        };
+
+        match watch_from(&etcd, &prefix, revision, &tx, &cancel, &mut backoff).await {
+            WatchEnd::Cancelled => return,
+            WatchEnd::Relist { reason, failed } => {
+                info!(prefix = %prefix, %reason, "re-listing");
+                if failed {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Lists the prefix with a linearizable get: every instance plus the revision of that view.
+async fn list(etcd: &Etcd, prefix: &str) -> Result<(InstanceMap, i64)> {
+    let p = prefix.to_owned();
+    let resp = etcd
+        .call("get", prefix, |mut c| async move {
+            c.get(p, Some(GetOptions::new().with_prefix())).await
+        })
+        .await?;
+    let revision = resp.header().map_or(0, |h| h.revision());
+    let instances = resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| decode(prefix, kv))
+        .map(|i| (i.id.clone(), i))
+        .collect();
+    Ok((instances, revision))
+}
+
+/// Watches the prefix from `revision + 1`, applying every event to the published membership.
+async fn watch_from(
+    etcd: &Etcd,
+    prefix: &str,
+    revision: i64,
+    tx: &watch::Sender<Membership>,
+    cancel: &CancellationToken,
+    backoff: &mut Backoff,
+) -> WatchEnd {
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(revision + 1)
+        .with_progress_notify();
+    let p = prefix.to_owned();
+    let opened = tokio::select! {
+        _ = cancel.cancelled() => return WatchEnd::Cancelled,
+        opened = etcd.call("watch", prefix, |mut c| async move { c.watch(p, Some(options)).await }) => opened,
+    };
+    let mut stream = match opened {
+        Ok(stream) => stream,
+        Err(e) => {
+            report_problem(tx, prefix, &e);
+            return WatchEnd::Relist {
+                reason: "the watch could not be opened".into(),
+                failed: true,
+            };
+        }
+    };
+
+    loop {
+        let message = tokio::select! {
+            _ = cancel.cancelled() => return WatchEnd::Cancelled,
+            message = stream.message() => message,
+        };
+        let resp = match message {
+            Ok(Some(resp)) => resp,
+            Ok(None) => {
+                return WatchEnd::Relist {
+                    reason: "etcd closed the watch stream".into(),
+                    failed: true,
+                };
+            }
+            Err(e) => {
+                let e = Error::Etcd {
+                    op: "watch",
+                    key: prefix.to_owned(),
+                    endpoints: etcd.endpoints(),
+                    source: e,
+                };
+                report_problem(tx, prefix, &e);
+                return WatchEnd::Relist {
+                    reason: "the watch stream failed".into(),
+                    failed: true,
+                };
+            }
+        };
+        if resp.canceled() {
+            let reason = if resp.compact_revision() > 0 {
+                format!(
+                    "revision {} was compacted (oldest kept: {}); events were missed",
+                    revision + 1,
+                    resp.compact_revision()
+                )
+            } else {
+                format!("etcd cancelled the watch: {:?}", resp.cancel_reason())
+            };
+            return WatchEnd::Relist {
+                reason,
+                failed: resp.compact_revision() == 0,
+            };
+        }
+        if resp.created() {
+            // The watch is established: whatever went wrong before is over.
+            backoff.reset();
+            clear_problem(tx, prefix);
+        }
+        let header_revision = resp.header().map_or(0, |h| h.revision());
+        let events = resp.events();
+        publish(tx, prefix, header_revision, |instances| {
+            for event in events {
+                let Some(kv) = event.kv() else { continue };
+                let Ok(key) = kv.key_str() else { continue };
+                let Some(id) = key::instance_id(prefix, key) else {
+                    if event.event_type() == EventType::Put {
+                        warn!(key, prefix, "skipping a key outside the layout <prefix><instance-id>");
+                    }
+                    continue;
+                };
+                match event.event_type() {
+                    EventType::Delete => {
+                        instances.remove(id);
+                    }
+                    EventType::Put => match decode(prefix, kv) {
+                        Some(instance) => {
+                            instances.insert(instance.id.clone(), instance);
+                        }
+                        // An unreadable new value makes the old one stale too.
+                        None => {
+                            instances.remove(id);
+                        }
+                    },
+                }
+            }
+        });
+    }
+}
+
+/// Decodes one key-value pair, or warns once and returns `None`.
+fn decode(prefix: &str, kv: &KeyValue) -> Option<Instance> {
+    let key = String::from_utf8_lossy(kv.key());
+    let Some(id) = key::instance_id(prefix, &key) else {
+        warn!(key = %key, prefix, "skipping a key outside the layout <prefix><instance-id>");
+        return None;
+    };
+    match Endpoint::decode(kv.value()) {
+        Ok(endpoint) => Some(Instance {
+            id: id.to_owned(),
+            key: key.to_string(),
+            addr: endpoint.addr,
+            metadata: endpoint.metadata,
+        }),
+        Err(error) => {
+            warn!(key = %key, %error, "skipping an endpoint record that does not decode");
+            None
+        }
+    }
+}
+
+/// Applies `update` to a copy of the current instances and publishes the result, logging each change.
+/// Subscribers are only woken when something they can see changed.
+fn publish(
+    tx: &watch::Sender<Membership>,
+    prefix: &str,
+    revision: i64,
+    update: impl FnOnce(&mut InstanceMap),
+) {
+    tx.send_if_modified(|m| {
+        let mut instances = InstanceMap::clone(&m.instances);
+        update(&mut instances);
+        let changes = diff(&m.instances, &instances);
+        for change in &changes {
+            match change {
+                Change::Added(i) => info!(prefix, id = %i.id, addr = %i.addr, "instance added"),
+                Change::Removed(i) => info!(prefix, id = %i.id, addr = %i.addr, "instance removed"),
+                Change::Updated { new, .. } => {
+                    info!(prefix, id = %new.id, addr = %new.addr, "instance updated")
+                }
+            }
+        }
+        let first_sync = !m.synced;
+        m.revision = m.revision.max(revision);
+        m.synced = true;
+        if changes.is_empty() && !first_sync {
+            debug!(prefix, revision, "no membership change");
+            return false;
+        }
+        m.instances = Arc::new(instances);
+        true
+    });
+}
+
+/// Records a problem, warning only when it differs from the one already recorded.
+fn report_problem(tx: &watch::Sender<Membership>, prefix: &str, error: &Error) {
+    let problem = chain(error);
+    tx.send_if_modified(|m| {
+        if m.problem.as_deref() == Some(problem.as_str()) {
+            return false;
+        }
+        warn!(prefix, %problem, known = m.instances.len(), "discovery cannot reach etcd; keeping the last known instances and retrying");
+        m.problem = Some(problem);
+        true
+    });
+}
+
+fn clear_problem(tx: &watch::Sender<Membership>, prefix: &str) {
+    tx.send_if_modified(|m| {
+        let had = m.problem.take().is_some();
+        if had {
+            info!(prefix, "discovery is in sync with etcd again");
+        }
+        had
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(id: &str, addr: &str) -> Instance {
+        Instance {
+            id: id.into(),
+            key: format!("services/s/{id}"),
+            addr: addr.into(),
+            metadata: Value::Null,
+        }
+    }
+
+    fn map(items: &[Instance]) -> InstanceMap {
+        items.iter().map(|i| (i.id.clone(), i.clone())).collect()
+    }
+
+    #[test]
+    fn diff_reports_added_removed_and_updated_in_id_order() {
+        let old = map(&[instance("a", "h:1"), instance("b", "h:2"), instance("c", "h:3")]);
+        let new = map(&[instance("a", "h:1"), instance("c", "h:33"), instance("d", "h:4")]);
+        assert_eq!(
+            diff(&old, &new),
+            [
+                Change::Removed(instance("b", "h:2")),
+                Change::Updated {
+                    old: instance("c", "h:3"),
+                    new: instance("c", "h:33")
+                },
+                Change::Added(instance("d", "h:4")),
+            ]
+        );
+        assert!(diff(&new, &new).is_empty());
+        assert_eq!(diff(&InstanceMap::new(), &old).len(), 3);
+    }
+}

@@ -1,0 +1,220 @@
+//! The value stored under each instance key, in the wire format of etcd's Go naming package.
+//!
+//! Go's `endpoints.Manager` stores `json.Marshal(Update{Op, Addr, Metadata})`, a struct without
+//! JSON tags, so the field names are capitalised: `{"Op":0,"Addr":"10.0.0.5:50051","Metadata":null}`.
+//! We write exactly that shape, with `Metadata` an object carrying at least our instance id.
+//!
+//! Reading is deliberately tolerant, like Go's decoder: field names match case-insensitively, unknown
+//! fields are ignored, `Op` may be missing (etcd's own docs show values without it) and is ignored
+//! anyway (presence in etcd is what counts: a PUT means present, a DELETE or lease expiry means gone),
+//! and `Metadata` may be any JSON value. What cannot be read is reported as a [`DecodeError`] so
+//! discovery can skip that one key with a warning.
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// Values larger than this are refused on read: no legitimate endpoint record comes close, and
+/// parsing megabytes of JSON on every watch event would let one bad write slow every client.
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+
+/// The metadata key under which we publish the instance id.
+pub const INSTANCE_ID_KEY: &str = "instance_id";
+
+/// One endpoint record: the address clients dial and free-form metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    /// `host:port` to dial.
+    pub addr: String,
+    /// Any JSON value (`null` when unset); ours is an object with at least [`INSTANCE_ID_KEY`].
+    pub metadata: Value,
+}
+
+/// Why a value under the service prefix could not be read as an [`Endpoint`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The value is larger than [`MAX_VALUE_BYTES`].
+    #[error("value is {0} bytes, more than the {MAX_VALUE_BYTES}-byte limit")]
+    TooLarge(usize),
+    /// The value is not JSON.
+    #[error("value is not JSON: {0}")]
+    NotJson(String),
+    /// The value is JSON but not an object.
+    #[error("value is JSON but not an object")]
+    NotObject,
+    /// The object has no string `Addr` field.
+    #[error("value has no string \"Addr\" field")]
+    MissingAddr,
+    /// `Addr` is not a dialable `host:port`.
+    #[error("\"Addr\" {0:?} is not a dialable host:port")]
+    BadAddr(String),
+}
+
+impl Endpoint {
+    /// An endpoint for `addr` whose metadata carries `instance_id`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidAddr`] if `addr` is not a dialable `host:port`.
+    pub fn new(addr: impl Into<String>, instance_id: &str) -> Result<Self> {
+        let addr = addr.into();
+        if !is_dialable(&addr) {
+            return Err(Error::InvalidAddr { addr });
+        }
+        let mut metadata = Map::new();
+        metadata.insert(INSTANCE_ID_KEY.to_owned(), Value::from(instance_id));
+        Ok(Self {
+            addr,
+            metadata: Value::Object(metadata),
+        })
+    }
+
+    /// The instance id from the metadata, when there is one.
+    pub fn instance_id(&self) -> Option<&str> {
+        self.metadata.get(INSTANCE_ID_KEY)?.as_str()
+    }
+
+    /// Encodes the record exactly as Go's `endpoints.Manager` would: `{"Op":0,"Addr":..,"Metadata":..}`.
+    pub fn encode(&self) -> String {
+        // Go marshals struct fields in declaration order; a struct (not a map, which serde_json
+        // sorts) keeps that order here.
+        #[derive(serde::Serialize)]
+        struct Wire<'a> {
+            #[serde(rename = "Op")]
+            op: u8,
+            #[serde(rename = "Addr")]
+            addr: &'a str,
+            #[serde(rename = "Metadata")]
+            metadata: &'a Value,
+        }
+        let wire = Wire {
+            op: 0,
+            addr: &self.addr,
+            metadata: &self.metadata,
+        };
+        // Infallible: a string, an integer and a `Value` (whose map keys are strings) always
+        // serialise, and writing to a String does no I/O.
+        serde_json::to_string(&wire).expect("an endpoint record always serialises")
+    }
+
+    /// Decodes a value written by us, by Go's naming package, or by hand with `etcdctl put`.
+    ///
+    /// # Errors
+    /// A [`DecodeError`] saying why the value is unusable.
+    pub fn decode(value: &[u8]) -> Result<Self, DecodeError> {
+        if value.len() > MAX_VALUE_BYTES {
+            return Err(DecodeError::TooLarge(value.len()));
+        }
+        let parsed: Value =
+            serde_json::from_slice(value).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        let Value::Object(fields) = parsed else {
+            return Err(DecodeError::NotObject);
+        };
+        let addr = field(&fields, "Addr")
+            .and_then(Value::as_str)
+            .ok_or(DecodeError::MissingAddr)?;
+        if !is_dialable(addr) {
+            return Err(DecodeError::BadAddr(addr.to_owned()));
+        }
+        Ok(Self {
+            addr: addr.to_owned(),
+            metadata: field(&fields, "Metadata").cloned().unwrap_or(Value::Null),
+        })
+    }
+}
+
+/// Looks a field up the way Go's `encoding/json` does: an exact match first, then any
+/// case-insensitive one.
+fn field<'a>(fields: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    fields.get(name).or_else(|| {
+        fields
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    })
+}
+
+/// True for `host:port` where host is a DNS name, IPv4 or bracketed IPv6 and port is 1-65535;
+/// exactly what can follow `http://` in the URI we dial.
+pub fn is_dialable(addr: &str) -> bool {
+    let Ok(authority) = addr.parse::<http::uri::Authority>() else {
+        return false;
+    };
+    authority.as_str() == addr
+        && !authority.host().is_empty()
+        && !addr.contains('@')
+        && authority.port_u16().is_some_and(|p| p != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn encodes_exactly_like_the_go_manager() {
+        let e = Endpoint::new("10.0.0.5:50051", "node-a").unwrap();
+        assert_eq!(
+            e.encode(),
+            r#"{"Op":0,"Addr":"10.0.0.5:50051","Metadata":{"instance_id":"node-a"}}"#
+        );
+        assert_eq!(Endpoint::decode(e.encode().as_bytes()).unwrap(), e);
+    }
+
+    #[test]
+    fn decodes_what_go_writes() {
+        // Byte for byte what `endpoints.Manager.AddEndpoint(ctx, key, Endpoint{Addr: ..})` stores.
+        let e = Endpoint::decode(br#"{"Op":0,"Addr":"10.0.0.5:50051","Metadata":null}"#).unwrap();
+        assert_eq!(e.addr, "10.0.0.5:50051");
+        assert_eq!(e.metadata, Value::Null);
+        assert_eq!(e.instance_id(), None);
+    }
+
+    #[test]
+    fn decodes_tolerant_variants() {
+        for raw in [
+            r#"{"Addr":"127.0.0.1:1"}"#,                           // no Op, as in etcd's docs
+            r#"{"addr":"127.0.0.1:1","metadata":{"x":1}}"#,        // lower case
+            r#"{"ADDR":"127.0.0.1:1","Op":1,"Extra":[1,2]}"#,      // odd case, unknown field, Op ignored
+            r#"{"Op":0,"Addr":"127.0.0.1:1","Metadata":"plain"}"#, // metadata of any type
+        ] {
+            let e = Endpoint::decode(raw.as_bytes()).unwrap_or_else(|err| panic!("{raw}: {err}"));
+            assert_eq!(e.addr, "127.0.0.1:1", "{raw}");
+        }
+        let e = Endpoint::decode(br#"{"Addr":"h:1","Metadata":{"instance_id":"x"}}"#).unwrap();
+        assert_eq!(e.instance_id(), Some("x"));
+        assert_eq!(e.metadata, json!({"instance_id": "x"}));
+    }
+
+    #[test]
+    fn rejects_what_cannot_be_dialed_or_read() {
+        let cases: [(&[u8], DecodeError); 7] = [
+            (b"garbage", DecodeError::NotJson(String::new())),
+            (b"[1,2]", DecodeError::NotObject),
+            (br#"{"Op":0}"#, DecodeError::MissingAddr),
+            (br#"{"Addr":5}"#, DecodeError::MissingAddr),
+            (br#"{"Addr":"no-port"}"#, DecodeError::BadAddr("no-port".into())),
+            (br#"{"Addr":"host:99999"}"#, DecodeError::BadAddr("host:99999".into())),
+            (br#"{"Addr":"http://h:1"}"#, DecodeError::BadAddr("http://h:1".into())),
+        ];
+        for (raw, expected) in cases {
+            let err = Endpoint::decode(raw).unwrap_err();
+            match expected {
+                DecodeError::NotJson(_) => assert!(matches!(err, DecodeError::NotJson(_))),
+                _ => assert_eq!(err, expected, "{}", String::from_utf8_lossy(raw)),
+            }
+        }
+        let huge = format!(r#"{{"Addr":"h:1","Metadata":"{}"}}"#, "x".repeat(MAX_VALUE_BYTES));
+        assert!(matches!(Endpoint::decode(huge.as_bytes()), Err(DecodeError::TooLarge(_))));
+    }
+
+    #[test]
+    fn dialable_addresses() {
+        for ok in ["127.0.0.1:50051", "localhost:1", "[::1]:50051", "svc.ns.example:443"] {
+            assert!(is_dialable(ok), "{ok}");
+        }
+        for bad in ["", ":50051", "host", "host:0", "host:65536", "user@host:1", "a b:1", "h:1/x"] {
+            assert!(!is_dialable(bad), "{bad}");
+        }
+        assert!(matches!(Endpoint::new("nope", "id"), Err(Error::InvalidAddr { .. })));
+    }
+}

@@ -1,0 +1,114 @@
+//! The registry's one error type.
+//!
+//! Every variant names what failed (the endpoint, key or address) so a log line is enough to act on.
+//! Values found in etcd that do not decode are *not* errors of this type: discovery skips them with a
+//! warning (see [`crate::endpoint::DecodeError`]), because one bad record must never take down a client.
+
+use std::time::Duration;
+
+/// Errors returned by the registry library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No etcd endpoint was configured.
+    #[error("no etcd endpoints configured: give at least one as host:port or http://host:port")]
+    NoEndpoints,
+
+    /// An etcd endpoint could not be parsed.
+    #[error("invalid etcd endpoint {endpoint:?}: {reason}; expected host:port or http://host:port")]
+    InvalidEndpoint {
+        /// The endpoint as given.
+        endpoint: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// A service name, namespace or instance id cannot be used in an etcd key.
+    #[error("invalid {what} {value:?}: {reason}")]
+    InvalidName {
+        /// Which name (`service`, `namespace`, `instance id`).
+        what: &'static str,
+        /// The value as given.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// An address to register is not a dialable `host:port`.
+    #[error("invalid address {addr:?}: expected host:port with a port in 1-65535")]
+    InvalidAddr {
+        /// The address as given.
+        addr: String,
+    },
+
+    /// The lease TTL is below what etcd grants.
+    #[error("invalid lease TTL {ttl:?}: etcd grants leases of at least 2 s")]
+    InvalidTtl {
+        /// The TTL as given.
+        ttl: Duration,
+    },
+
+    /// An etcd request failed; `source` holds etcd's or the transport's reason.
+    #[error("etcd {op} of {key:?} failed (endpoints {endpoints})")]
+    Etcd {
+        /// The operation (`grant`, `put`, `get`, `watch`, `keep-alive`, `revoke`).
+        op: &'static str,
+        /// The key (or prefix, or lease id) the operation was about.
+        key: String,
+        /// The etcd endpoints the client was using.
+        endpoints: String,
+        /// The underlying error.
+        #[source]
+        source: etcd_client::Error,
+    },
+
+    /// An etcd request got no answer in time.
+    #[error("etcd {op} of {key:?} timed out after {timeout:?} (endpoints {endpoints}); is the cluster up and has it a leader?")]
+    Timeout {
+        /// The operation.
+        op: &'static str,
+        /// The key (or prefix, or lease id) the operation was about.
+        key: String,
+        /// The etcd endpoints the client was using.
+        endpoints: String,
+        /// How long we waited.
+        timeout: Duration,
+    },
+
+    /// Waiting for a condition (first registration, first instances) ran out of time.
+    #[error("gave up after {waited:?} waiting for {what}")]
+    GaveUp {
+        /// What we were waiting for.
+        what: String,
+        /// How long we waited.
+        waited: Duration,
+    },
+
+    /// The background task owning a registration stopped unexpectedly.
+    #[error("the registration task for {key:?} stopped unexpectedly")]
+    TaskLost {
+        /// The key the task was keeping registered.
+        key: String,
+        /// Why the task ended (a panic or cancellation by the runtime).
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An error and its sources on one line: etcd-client's top-level messages are often just
+/// "transport error", with the useful part (connection refused, which endpoint) further down.
+pub(crate) fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,61 @@
+//! Service registration and discovery for tonic gRPC services, on etcd.
+//!
+//! A server announces `host:port` under `<namespace>/<service>/<instance-id>` with a lease that a task
+//! keeps alive; a client lists and watches that prefix and spreads calls round robin over the
+//! instances whose connection is up. The key and value follow etcd's Go naming package, so Go
+//! services using `etcd:///services/<service>` and these Rust ones find each other.
+//!
+//! Everything recovers by itself: broken keep-alive streams are reopened, lost leases re-granted and
+//! the key put again, failed watches re-listed and resumed, dropped connections re-dialled. Nothing
+//! waits without a deadline.
+//!
+//! # Layout
+//! - [`etcd`]: endpoints, connection options, the shared [`Etcd`] handle.
+//! - [`key`]: the key layout `<namespace>/<service>/<instance-id>`.
+//! - [`endpoint`]: the value codec, compatible with Go's `endpoints.Manager`.
+//! - [`register`]: [`Registration`], a key kept alive for as long as its handle lives.
+//! - `lease`: the keep-alive loop that tells a broken stream from a lost lease.
+//! - [`discover`]: [`Discovery`], list-then-watch into a live [`Membership`].
+//! - [`balance`]: [`BalancedChannel`], round robin over connected instances for generated clients.
+//! - `connection`: one HTTP/2 connection per instance, ejected the moment its socket closes.
+//! - [`backoff`]: capped exponential backoff with jitter.
+//! - [`error`]: the crate's [`Error`].
+//!
+//! # Example
+//! ```no_run
+//! use std::time::Duration;
+//! use registry::{BalanceOptions, BalancedChannel, Discovery, EtcdConfig, Registration};
+//! # async fn demo() -> Result<(), registry::Error> {
+//! let etcd = EtcdConfig::new(["127.0.0.1:2379"])?.connect().await?;
+//!
+//! // Server side: register once serving; deregister on shutdown.
+//! let registration = Registration::builder("helloworld", "node-1", "127.0.0.1:50051").start(&etcd)?;
+//! registration.wait_registered(Duration::from_secs(5)).await?;
+//!
+//! // Client side: a channel to hand to any generated client, e.g. `GreeterClient::new(channel)`.
+//! let discovery = Discovery::start(&etcd, "services", "helloworld")?;
+//! let channel = BalancedChannel::new(discovery, BalanceOptions::default());
+//! channel.wait_ready(1, Duration::from_secs(5)).await?;
+//!
+//! registration.deregister().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod backoff;
+pub mod balance;
+mod connection;
+pub mod discover;
+pub mod endpoint;
+pub mod error;
+pub mod etcd;
+pub mod key;
+mod lease;
+pub mod register;
+
+pub use balance::{BalanceOptions, BalancedChannel, ServedBy};
+pub use discover::{Change, Discovery, Instance, Membership};
+pub use endpoint::Endpoint;
+pub use error::{Error, Result};
+pub use etcd::{Etcd, EtcdConfig};
+pub use register::{Registration, RegistrationState};

@@ -1,0 +1,269 @@
+//! Registration: put `<namespace>/<service>/<instance-id>` under a lease and keep it there for as long
+//! as the [`Registration`] handle lives, whatever happens to etcd in between.
+//!
+//! The owned task runs a two-phase loop:
+//! 1. *register*: grant a lease, put the key with it. On failure (etcd down, no quorum), retry with
+//!    capped, jittered backoff, forever; the state says [`RegistrationState::Lost`] meanwhile.
+//! 2. *keep alive* ([`crate::lease`]) until the lease is lost, then back to 1 with a new lease.
+//!
+//! Reconnecting the keep-alive stream alone is not enough after a long outage: if the lease expired,
+//! etcd deleted the key, so the only fix is a new lease and a new put (the bug behind go-zero #1926,
+//! kratos #3883 and rpcx #420). Deregistration revokes the lease, which deletes the key at once.
+
+use std::time::Duration;
+
+use etcd_client::PutOptions;
+use tokio::{sync::watch, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    backoff::Backoff,
+    endpoint::Endpoint,
+    error::{Error, Result},
+    etcd::Etcd,
+    key,
+    lease::{self, LeaseEnd},
+};
+
+/// The lease TTL used when none is configured.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+
+/// etcd's smallest grantable TTL (it silently raises smaller requests; we refuse them instead).
+pub const MIN_TTL: Duration = Duration::from_secs(2);
+
+/// Where a registration stands. Observe it with [`Registration::state`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistrationState {
+    /// The first grant-and-put is in progress.
+    Registering,
+    /// The key is in etcd under this lease, which is being kept alive.
+    Registered {
+        /// The lease the key is attached to.
+        lease_id: i64,
+    },
+    /// The key may be missing from etcd (lease lost, or etcd unreachable); re-registering with backoff.
+    Lost {
+        /// Why, for display.
+        reason: String,
+    },
+    /// The handle was deregistered or dropped; nothing is kept alive any more.
+    Deregistered,
+}
+
+/// Describes one instance to register; [`RegistrationBuilder::start`] validates it and starts the task.
+#[derive(Debug, Clone)]
+pub struct RegistrationBuilder {
+    namespace: String,
+    service: String,
+    instance_id: String,
+    addr: String,
+    ttl: Duration,
+}
+
+impl RegistrationBuilder {
+    /// Sets the key namespace (default [`key::DEFAULT_NAMESPACE`]).
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// Sets the lease TTL (default [`DEFAULT_TTL`], at least [`MIN_TTL`]).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Validates the description and starts registering in the background; returns at once. Use
+    /// [`Registration::wait_registered`] to wait for the key to be in etcd.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`], [`Error::InvalidAddr`] or [`Error::InvalidTtl`] for bad input; etcd
+    /// problems are never errors here: the task retries them.
+    pub fn start(self, etcd: &Etcd) -> Result<Registration> {
+        if self.ttl < MIN_TTL {
+            return Err(Error::InvalidTtl { ttl: self.ttl });
+        }
+        let key = key::instance_key(&self.namespace, &self.service, &self.instance_id)?;
+        let value = Endpoint::new(self.addr, &self.instance_id)?.encode();
+        let (state_tx, state) = watch::channel(RegistrationState::Registering);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(
+            etcd.clone(),
+            key.clone(),
+            value,
+            self.ttl,
+            state_tx,
+            cancel.clone(),
+        ));
+        Ok(Registration {
+            key,
+            state,
+            cancel,
+            task: Some(task),
+        })
+    }
+}
+
+/// A live registration. While it exists, the key is kept in etcd; [`Registration::deregister`] removes
+/// it at once. Dropping the handle stops the keep-alive and, if the runtime is still running, revokes
+/// the lease in the background; otherwise the key disappears when the lease expires (at most one TTL).
+#[derive(Debug)]
+pub struct Registration {
+    key: String,
+    state: watch::Receiver<RegistrationState>,
+    cancel: CancellationToken,
+    task: Option<JoinHandle<Result<()>>>,
+}
+
+impl Registration {
+    /// Describes an instance of `service` reachable at `addr` (`host:port`) with id `instance_id`.
+    pub fn builder(
+        service: impl Into<String>,
+        instance_id: impl Into<String>,
+        addr: impl Into<String>,
+    ) -> RegistrationBuilder {
+        RegistrationBuilder {
+            namespace: key::DEFAULT_NAMESPACE.to_owned(),
+            service: service.into(),
+            instance_id: instance_id.into(),
+            addr: addr.into(),
+            ttl: DEFAULT_TTL,
+        }
+    }
+
+    /// The etcd key this registration maintains.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// A receiver of state changes.
+    pub fn state(&self) -> watch::Receiver<RegistrationState> {
+        self.state.clone()
+    }
+
+    /// Waits until the key is in etcd, returning the lease id.
+    ///
+    /// # Errors
+    /// [`Error::GaveUp`] after `timeout`, with the last reason registration failed.
+    pub async fn wait_registered(&self, timeout: Duration) -> Result<i64> {
+        let mut state = self.state.clone();
+        let registered = state.wait_for(|s| matches!(s, RegistrationState::Registered { .. }));
+        let gave_up = |why: String| Error::GaveUp {
+            what: format!("registration of {} ({why})", self.key),
+            waited: timeout,
+        };
+        match tokio::time::timeout(timeout, registered).await {
+            Ok(Ok(state)) => match *state {
+                RegistrationState::Registered { lease_id } => Ok(lease_id),
+                ref other => Err(gave_up(format!("unexpected state {other:?}"))),
+            },
+            Ok(Err(_)) => Err(gave_up("the registration task stopped".into())),
+            Err(_) => Err(gave_up(match &*self.state.borrow() {
+                RegistrationState::Lost { reason } => reason.clone(),
+                other => format!("still {other:?}"),
+            })),
+        }
+    }
+
+    /// Stops keeping the key alive and revokes its lease, so the key is deleted at once and watchers
+    /// see a DELETE immediately instead of after the TTL.
+    ///
+    /// # Errors
+    /// [`Error::Etcd`] / [`Error::Timeout`] if the revoke failed (the key then expires within one
+    /// TTL), or [`Error::TaskLost`] if the task had died.
+    pub async fn deregister(mut self) -> Result<()> {
+        self.cancel.cancel();
+        match self.task.take() {
+            Some(task) => task.await.map_err(|source| Error::TaskLost {
+                key: self.key.clone(),
+                source,
+            })?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        // The task sees the cancellation and revokes the lease on its way out.
+        self.cancel.cancel();
+    }
+}
+
+/// The registration task: register, keep alive, re-register on loss; revoke on cancellation.
+async fn run(
+    etcd: Etcd,
+    key: String,
+    value: String,
+    ttl: Duration,
+    state: watch::Sender<RegistrationState>,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    let mut lease_id = None;
+    let mut last_problem: Option<String> = None;
+
+    loop {
+        let attempt = tokio::select! {
+            _ = cancel.cancelled() => break,
+            attempt = grant_and_put(&etcd, &key, &value, ttl) => attempt,
+        };
+        let id = match attempt {
+            Ok(id) => id,
+            Err(e) => {
+                let reason = e.to_string();
+                // One warning per distinct problem, not one per attempt.
+                if last_problem.as_deref() != Some(reason.as_str()) {
+                    warn!(key, error = %crate::error::chain(&e), "registration failed; retrying with backoff");
+                    last_problem = Some(reason.clone());
+                }
+                state.send_replace(RegistrationState::Lost { reason });
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                }
+            }
+        };
+        info!(key, lease = format_args!("{id:x}"), ttl_s = ttl.as_secs(), "registered");
+        backoff.reset();
+        last_problem = None;
+        lease_id = Some(id);
+        state.send_replace(RegistrationState::Registered { lease_id: id });
+
+        match lease::keep_alive(&etcd, id, ttl, &key, &cancel).await {
+            LeaseEnd::Cancelled => break,
+            LeaseEnd::Lost(reason) => {
+                warn!(key, lease = format_args!("{id:x}"), %reason, "lease lost; registering again with a new lease");
+                state.send_replace(RegistrationState::Lost { reason });
+                lease_id = None;
+            }
+        }
+    }
+
+    let result = match lease_id {
+        Some(id) => {
+            let revoked = lease::revoke(&etcd, id, &key).await;
+            match &revoked {
+                Ok(()) => info!(key, lease = format_args!("{id:x}"), "deregistered: lease revoked, key deleted"),
+                Err(e) => warn!(key, error = %crate::error::chain(e), ttl_s = ttl.as_secs(), "could not revoke the lease; the key expires within one TTL"),
+            }
+            revoked
+        }
+        None => Ok(()),
+    };
+    state.send_replace(RegistrationState::Deregistered);
+    result
+}
+
+/// Grants a fresh lease and puts the key with it. A lease granted by an attempt whose put then failed
+/// is simply left to expire: it has no keys, so it costs nothing.
+async fn grant_and_put(etcd: &Etcd, key: &str, value: &str, ttl: Duration) -> Result<i64> {
+    let id = lease::grant(etcd, ttl, key).await?;
+    let (k, v) = (key.to_owned(), value.to_owned());
+    etcd.call("put", key, |mut c| async move {
+        c.put(k, v, Some(PutOptions::new().with_lease(id))).await
+    })
+    .await?;
+    Ok(id)
+}
