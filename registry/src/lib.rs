@@ -18,6 +18,7 @@
 //! - [`discover`]: [`Discovery`], list-then-watch into a live [`Membership`].
 //! - [`balance`]: [`BalancedChannel`], round robin over connected instances for generated clients.
 //! - `connection`: one HTTP/2 connection per instance, ejected the moment its socket closes.
+//! - `cli` (feature `cli`, on by default): clap arguments shared by binaries.
 //! - [`backoff`]: capped exponential backoff with jitter.
 //! - [`error`]: the crate's [`Error`].
 //!
@@ -44,6 +45,8 @@
 
 pub mod backoff;
 pub mod balance;
+#[cfg(feature = "cli")]
+pub mod cli;
 mod connection;
 pub mod discover;
 pub mod endpoint;

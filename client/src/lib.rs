@@ -1,0 +1,242 @@
+//! The helloworld client: discover Greeter instances in etcd, spread calls over them round robin,
+//! print who served each call and, as they happen, every instance joining or leaving.
+//!
+//! [`run`] waits (bounded by `--wait`) until an instance is connected, then calls `SayHello` either
+//! `--requests` times or for `--duration` (or `--forever`), one call per `--interval`, and returns a
+//! [`Report`] with per-instance counts. `main.rs` prints the table and exits non-zero if a call failed.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use anyhow::Context;
+use clap::Parser;
+use proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
+use registry::{
+    BalanceOptions, BalancedChannel, Change, Discovery, ServedBy,
+    cli::{EtcdArgs, parse_duration},
+    discover::diff,
+};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+/// Flags of the `client` binary.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about = "Calls helloworld.Greeter instances found in etcd, round robin.")]
+pub struct Config {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub etcd: EtcdArgs,
+
+    /// How long to wait for the first instance before giving up.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub wait: Duration,
+
+    /// Number of calls to make (ignored with --duration or --forever).
+    #[arg(long, default_value_t = 10)]
+    pub requests: u64,
+
+    /// Pause between calls.
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    pub interval: Duration,
+
+    /// Keep calling for this long instead of a fixed number of calls.
+    #[arg(long, value_parser = parse_duration, conflicts_with = "forever")]
+    pub duration: Option<Duration>,
+
+    /// Keep calling until interrupted (Ctrl-C).
+    #[arg(long)]
+    pub forever: bool,
+
+    /// Deadline of each call.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// The name to greet.
+    #[arg(long, default_value = "world")]
+    pub name: String,
+}
+
+/// What happened over a run.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Successful calls by (address, instance id).
+    pub served: BTreeMap<(String, String), u64>,
+    /// Calls that failed.
+    pub failed: u64,
+}
+
+impl Report {
+    /// Total calls made.
+    pub fn total(&self) -> u64 {
+        self.served.values().sum::<u64>() + self.failed
+    }
+
+    /// The per-instance table printed at the end of a run.
+    pub fn table(&self) -> String {
+        let mut out = format!("{:<28} {:<24} {:>7}\n", "instance", "address", "calls");
+        for ((addr, id), calls) in &self.served {
+            out += &format!("{id:<28} {addr:<24} {calls:>7}\n");
+        }
+        out += &format!("total {} calls, {} failed", self.total(), self.failed);
+        out
+    }
+}
+
+/// Discovers the service and makes the configured calls, printing one line per call and per
+/// membership change to stdout, until done or `shutdown` fires.
+///
+/// # Errors
+/// If etcd is unusable or no instance shows up within `--wait`. Failed calls are not errors: they
+/// are counted in the [`Report`].
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<Report> {
+    let endpoints = config.etcd.etcd_endpoints.join(",");
+    let etcd = config
+        .etcd
+        .etcd_config()
+        .context("--etcd-endpoints")?
+        .connect()
+        .await?;
+    let discovery = Discovery::start(&etcd, &config.etcd.namespace, &config.etcd.service)?;
+    let options = BalanceOptions {
+        call_timeout: config.timeout,
+        ..BalanceOptions::default()
+    };
+    let channel = BalancedChannel::new(discovery.clone(), options);
+
+    let started = Instant::now();
+    let ready = async {
+        discovery.wait_for_instances(1, config.wait).await?;
+        channel
+            .wait_ready(1, config.wait.saturating_sub(started.elapsed()))
+            .await
+    };
+    tokio::select! {
+        ready = ready => ready.with_context(|| format!(
+            "no instance of {:?} to call (etcd {endpoints}); start one with: server --port 50051",
+            config.etcd.service
+        ))?,
+        _ = shutdown.cancelled() => return Ok(Report::default()),
+    }
+
+    let mut membership = discovery.subscribe();
+    let mut known = membership.borrow_and_update().instances.clone();
+    for instance in known.values() {
+        println!("  found {} at {}", instance.id, instance.addr);
+    }
+
+    let mut client = GreeterClient::new(channel);
+    let mut report = Report::default();
+    let mut tick = tokio::time::interval(config.interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let deadline = config.duration.map(|d| Instant::now() + d);
+    let mut n: u64 = 0;
+    loop {
+        let more = if config.forever {
+            true
+        } else if let Some(deadline) = deadline {
+            Instant::now() < deadline
+        } else {
+            n < config.requests
+        };
+        if !more {
+            break;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = membership.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let now = membership.borrow_and_update().instances.clone();
+                for change in diff(&known, &now) {
+                    print_change(&change);
+                }
+                known = now;
+            }
+            _ = tick.tick() => {
+                n += 1;
+                call(&mut client, n, &config.name, &mut report).await;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Makes call number `n` and prints its line.
+async fn call(
+    client: &mut GreeterClient<BalancedChannel>,
+    n: u64,
+    name: &str,
+    report: &mut Report,
+) {
+    let started = Instant::now();
+    let result = client
+        .say_hello(HelloRequest {
+            name: name.to_owned(),
+        })
+        .await;
+    let latency = started.elapsed();
+    match result {
+        Ok(response) => {
+            let sent_to = response
+                .extensions()
+                .get::<ServedBy>()
+                .map_or_else(|| "?".to_owned(), |s| s.addr.to_string());
+            let reply = response.into_inner();
+            println!(
+                "call {n:>4}  {sent_to:<21}  {:<24} {:>8.2} ms",
+                reply.instance_id,
+                latency.as_secs_f64() * 1e3
+            );
+            *report.served.entry((sent_to, reply.instance_id)).or_default() += 1;
+        }
+        Err(status) => {
+            println!(
+                "call {n:>4}  FAILED {:?}: {}  {:>8.2} ms",
+                status.code(),
+                status.message(),
+                latency.as_secs_f64() * 1e3
+            );
+            report.failed += 1;
+        }
+    }
+}
+
+fn print_change(change: &Change) {
+    match change {
+        Change::Added(i) => println!("  + instance {} joined at {}", i.id, i.addr),
+        Change::Removed(i) => println!("  - instance {} left ({})", i.id, i.addr),
+        Change::Updated { new, .. } => println!("  ~ instance {} now at {}", new.id, new.addr),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_consistent() {
+        Config::command().debug_assert();
+    }
+
+    #[test]
+    fn report_table_counts_per_instance() {
+        let mut report = Report::default();
+        report.served.insert(("h:1".into(), "a".into()), 2);
+        report.served.insert(("h:2".into(), "b".into()), 3);
+        report.failed = 1;
+        assert_eq!(report.total(), 6);
+        let table = report.table();
+        assert!(table.contains("total 6 calls, 1 failed"), "{table}");
+        assert!(table.lines().any(|l| l.starts_with('b') && l.ends_with(" 3")), "{table}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let parse = |args: &[&str]| Config::try_parse_from([&["client"], args].concat());
+        assert!(parse(&["--interval", "soon"]).is_err());
+        assert!(parse(&["--duration", "1s", "--forever"]).is_err());
+        assert!(parse(&["--etcd-endpoints", "h:0"]).is_err());
+        assert!(parse(&[]).is_ok());
+    }
+}

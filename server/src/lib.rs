@@ -1,0 +1,268 @@
+//! The helloworld Greeter server: serve first, then register in etcd; on shutdown, leave the rotation
+//! before closing the door.
+//!
+//! [`run`] is the whole life of one instance:
+//! 1. bind the listener (so the address is really ours) and start serving `helloworld.Greeter`,
+//!    `grpc.health.v1.Health` and reflection (v1 and v1alpha);
+//! 2. register `<namespace>/<service>/<instance-id>` under a kept-alive lease, giving up after
+//!    `--etcd-timeout` if etcd never answers;
+//! 3. on shutdown: report NOT_SERVING, revoke the lease (clients see the DELETE at once), keep serving
+//!    for a short grace period while that propagates, then stop accepting and drain in-flight calls
+//!    with a deadline.
+//!
+//! # Layout
+//! - [`Config`]: command-line flags (`main.rs` parses them and installs logging).
+//! - [`greeter`]: the `SayHello` implementation that reports its own identity.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use proto::helloworld::greeter_server::GreeterServer;
+use registry::{Registration, cli::EtcdArgs, cli::parse_duration};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+pub mod greeter;
+
+/// Flags of the `server` binary.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about = "A helloworld Greeter that registers itself in etcd.")]
+pub struct Config {
+    /// Host or IP to listen on.
+    #[arg(long, env = "HOST", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to listen on (0 picks a free port, registered as bound).
+    #[arg(long, env = "PORT")]
+    pub port: u16,
+
+    /// Address clients should dial, host:port [default: <host>:<port>; required when listening on
+    /// 0.0.0.0 or ::].
+    #[arg(long, env = "ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+
+    /// Instance id, the last segment of the etcd key [default: <host>-<port> of the advertised
+    /// address].
+    #[arg(long, env = "INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
+    /// Lease TTL: how long the key outlives a crashed server (at least 2s).
+    #[arg(long, env = "TTL", default_value = "10s", value_parser = parse_duration)]
+    pub ttl: Duration,
+
+    /// After revoking the lease on shutdown, keep serving this long so clients can act on the
+    /// DELETE before the listener closes.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pub deregister_grace: Duration,
+
+    /// Deadline for in-flight calls to finish on shutdown.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub etcd: EtcdArgs,
+}
+
+impl Config {
+    /// Checks what clap cannot: a usable advertised address and instance id, and the TTL.
+    ///
+    /// # Errors
+    /// A message naming the flag to fix.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.ttl < registry::register::MIN_TTL {
+            bail!("--ttl {:?} is too short: etcd grants leases of at least 2s", self.ttl);
+        }
+        if self.advertise_addr.is_none() && is_unspecified(&self.host) {
+            bail!(
+                "--host {} listens on every interface, so there is no single address to register: \
+                 pass --advertise-addr host:port (the address clients should dial)",
+                self.host
+            );
+        }
+        if let Some(addr) = &self.advertise_addr {
+            if !registry::endpoint::is_dialable(addr) {
+                bail!("--advertise-addr {addr:?} is not a dialable host:port");
+            }
+        }
+        if let Some(id) = &self.instance_id {
+            registry::key::instance_key(&self.etcd.namespace, &self.etcd.service, id)
+                .context("--instance-id")?;
+        }
+        Ok(())
+    }
+
+    /// The advertised address once the listener is bound (`local` carries the real port).
+    fn advertised(&self, local: SocketAddr) -> String {
+        match &self.advertise_addr {
+            Some(addr) => addr.clone(),
+            None if self.host.contains(':') => format!("[{}]:{}", self.host, local.port()),
+            None => format!("{}:{}", self.host, local.port()),
+        }
+    }
+}
+
+fn is_unspecified(host: &str) -> bool {
+    host.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_unspecified())
+}
+
+/// The default instance id for an advertised address: `127.0.0.1:50051` becomes `127.0.0.1-50051`.
+pub fn default_instance_id(advertised: &str) -> String {
+    advertised
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '-' })
+        .collect::<String>()
+        .trim_matches('-')
+        .to_owned()
+}
+
+/// Runs one server instance until `shutdown` fires, then deregisters and drains.
+///
+/// # Errors
+/// When the port cannot be bound, etcd cannot be reached within `--etcd-timeout`, or serving fails.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let bind = format!("{}:{}", bracket(&config.host), config.port);
+    let listener = TcpListener::bind(&bind)
+        .await
+        .with_context(|| format!("cannot listen on {bind}; is another process using the port?"))?;
+    let local = listener.local_addr().context("reading the bound address")?;
+    let addr = config.advertised(local);
+    let instance_id = config
+        .instance_id
+        .clone()
+        .unwrap_or_else(|| default_instance_id(&addr));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<GreeterServer<greeter::Greeter>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building the reflection service")?;
+
+    let stop_serving = CancellationToken::new();
+    let greeter = greeter::Greeter::new(instance_id.clone(), addr.clone());
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(GreeterServer::new(greeter))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            stop_serving.clone().cancelled_owned(),
+        );
+    let mut server = tokio::spawn(server);
+    info!(listen = %local, %addr, id = %instance_id, "serving");
+
+    let etcd = config
+        .etcd
+        .etcd_config()
+        .context("--etcd-endpoints")?
+        .connect()
+        .await?;
+    let registration = Registration::builder(&config.etcd.service, &instance_id, &addr)
+        .namespace(&config.etcd.namespace)
+        .ttl(config.ttl)
+        .start(&etcd)
+        .context("starting registration")?;
+
+    tokio::select! {
+        registered = registration.wait_registered(config.etcd.etcd_timeout) => {
+            let lease = registered.with_context(|| format!(
+                "could not register {} in etcd at {}; check that etcd is running (scripts/etcd-cluster.sh start)",
+                registration.key(), config.etcd.etcd_endpoints.join(",")
+            ))?;
+            info!(key = registration.key(), lease = format_args!("{lease:x}"), "registered; clients can now find this instance");
+        }
+        _ = shutdown.cancelled() => info!("shutdown requested before registration completed"),
+        served = &mut server => return served_result(served, &bind),
+    }
+
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        served = &mut server => return served_result(served, &bind),
+    }
+
+    info!("shutting down: 1/4 reporting NOT_SERVING");
+    health
+        .set_not_serving::<GreeterServer<greeter::Greeter>>()
+        .await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    info!(key = registration.key(), "shutting down: 2/4 revoking the lease");
+    if let Err(e) = registration.deregister().await {
+        warn!(error = %e, "deregistration failed; the key expires with its lease");
+    }
+    info!(grace = ?config.deregister_grace, "shutting down: 3/4 serving while clients drop this instance");
+    tokio::time::sleep(config.deregister_grace).await;
+    info!(deadline = ?config.drain_timeout, "shutting down: 4/4 draining in-flight calls");
+    stop_serving.cancel();
+    match tokio::time::timeout(config.drain_timeout, &mut server).await {
+        Ok(served) => served_result(served, &bind)?,
+        Err(_) => {
+            server.abort();
+            warn!(deadline = ?config.drain_timeout, "drain deadline passed; remaining calls were cut");
+        }
+    }
+    info!("stopped");
+    Ok(())
+}
+
+fn served_result(
+    served: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
+    bind: &str,
+) -> anyhow::Result<()> {
+    served
+        .with_context(|| format!("the server task on {bind} died"))?
+        .with_context(|| format!("serving on {bind} failed"))
+}
+
+fn bracket(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_consistent() {
+        Config::command().debug_assert();
+    }
+
+    #[test]
+    fn instance_ids_derive_from_the_address() {
+        assert_eq!(default_instance_id("127.0.0.1:50051"), "127.0.0.1-50051");
+        assert_eq!(default_instance_id("[::1]:50051"), "1-50051");
+    }
+
+    #[test]
+    fn validation_names_the_flag() {
+        let parse = |args: &[&str]| Config::try_parse_from([&["server"], args].concat());
+        let wildcard = parse(&["--port", "1", "--host", "0.0.0.0"]).unwrap();
+        assert!(wildcard.validate().unwrap_err().to_string().contains("--advertise-addr"));
+        let short = parse(&["--port", "1", "--ttl", "1s"]).unwrap();
+        assert!(short.validate().unwrap_err().to_string().contains("--ttl"));
+        assert!(parse(&["--port", "70000"]).is_err());
+        assert!(parse(&["--port", "1", "--etcd-endpoints", "nope"]).is_err());
+        assert!(parse(&["--port", "1"]).unwrap().validate().is_ok());
+    }
+}
