@@ -113,12 +113,16 @@ fn is_unspecified(host: &str) -> bool {
 
 /// The default instance id for an advertised address: `127.0.0.1:50051` becomes `127.0.0.1-50051`.
 pub fn default_instance_id(advertised: &str) -> String {
-    advertised
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '-' })
-        .collect::<String>()
-        .trim_matches('-')
-        .to_owned()
+    // Keep what is safe in a key segment; collapse every run of anything else into one '-'.
+    let mut id = String::with_capacity(advertised.len());
+    for c in advertised.chars() {
+        if c.is_ascii_alphanumeric() || c == '.' {
+            id.push(c);
+        } else if !id.is_empty() && !id.ends_with('-') {
+            id.push('-');
+        }
+    }
+    id.trim_end_matches('-').to_owned()
 }
 
 /// Runs one server instance until `shutdown` fires, then deregisters and drains.
@@ -252,6 +256,7 @@ mod tests {
     fn instance_ids_derive_from_the_address() {
         assert_eq!(default_instance_id("127.0.0.1:50051"), "127.0.0.1-50051");
         assert_eq!(default_instance_id("[::1]:50051"), "1-50051");
+        assert_eq!(default_instance_id("node-a.example:443"), "node-a.example-443");
     }
 
     #[test]
