@@ -1,0 +1,63 @@
+//! Test harness for the integration tests of this workspace: a real etcd cluster on loopback,
+//! child processes that cannot outlive a test, free ports, and bounded waits.
+//!
+//! Registration and discovery are only tested for real against a real etcd, including its
+//! failures: a killed leader, a hung member, a cluster that lost its data. This crate makes that
+//! cheap enough to do in every test. It is synchronous and uses only `std` (plus `libc` for
+//! signals and `tempfile` for data directories), so it works the same from a plain `#[test]` and
+//! from inside `#[tokio::test]`.
+//!
+//! Everything here panics on failure with a message naming the member, port or command and what
+//! to do about it: in a test, a panic *is* the error report.
+//!
+//! # Layout
+//!
+//! - [`etcd`]: [`EtcdCluster`], an etcd cluster (three members by default) in a temporary
+//!   directory, with `etcdctl` helpers and fault injection (`kill`, `restart`, `freeze`, `thaw`,
+//!   `wipe`, `leader`).
+//! - [`process`]: [`ChildGuard`] and [`spawn`], for any process a test starts; killed and reaped
+//!   on drop, and killed by the kernel if the test process dies first.
+//! - [`port`]: [`free_port`], a loopback port never handed out twice in one process.
+//! - [`wait`]: [`wait_until`] and [`wait_for`], polling with a deadline instead of sleeping.
+//!
+//! # Requirements
+//!
+//! `etcd` and `etcdctl` (3.4 or later) on `PATH`, or named by `ETCD_BIN` and `ETCDCTL_BIN`.
+//! On Debian/Ubuntu: `sudo apt-get install -y etcd-server etcd-client`. Linux only
+//! (`PR_SET_PDEATHSIG`).
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::process::Command;
+//! use std::time::Duration;
+//!
+//! let mut cluster = testkit::EtcdCluster::start();
+//! let port = testkit::free_port();
+//! let _server = testkit::spawn(
+//!     Command::new("my-server")
+//!         .arg("--listen")
+//!         .arg(format!("127.0.0.1:{port}"))
+//!         .arg("--etcd")
+//!         .arg(cluster.endpoints().join(",")),
+//! );
+//!
+//! // Wait for the server to register itself, then take its etcd member's leader away.
+//! testkit::wait_until(Duration::from_secs(10), "my-server to register", || {
+//!     !cluster.etcdctl_ok(&["get", "--prefix", "services/"]).is_empty()
+//! });
+//! if let Some(leader) = cluster.leader() {
+//!     cluster.kill(leader);
+//! }
+//! // `_server` and `cluster` are killed when they go out of scope, even if an assertion fails.
+//! ```
+
+pub mod etcd;
+pub mod port;
+pub mod process;
+pub mod wait;
+
+pub use etcd::EtcdCluster;
+pub use port::free_port;
+pub use process::{ChildGuard, spawn};
+pub use wait::{wait_for, wait_until};
