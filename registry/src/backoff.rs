@@ -59,7 +59,10 @@ mod tests {
     fn doubles_up_to_the_cap() {
         let mut b = Backoff::new(100 * MS, 1000 * MS);
         let delays: Vec<_> = (0..6).map(|_| b.next_delay_with(1.0)).collect();
-        assert_eq!(delays, [100 * MS, 200 * MS, 400 * MS, 800 * MS, 1000 * MS, 1000 * MS]);
+        assert_eq!(
+            delays,
+            [100 * MS, 200 * MS, 400 * MS, 800 * MS, 1000 * MS, 1000 * MS]
+        );
     }
 
     #[test]
@@ -78,7 +81,10 @@ mod tests {
         let mut base = 100 * MS;
         for _ in 0..50 {
             let d = b.next_delay();
-            assert!(d >= base / 2 && d <= (base * 3 / 2).min(2000 * MS), "{d:?} for base {base:?}");
+            assert!(
+                d >= base / 2 && d <= (base * 3 / 2).min(2000 * MS),
+                "{d:?} for base {base:?}"
+            );
             base = (base * 2).min(2000 * MS);
         }
     }

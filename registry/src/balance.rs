@@ -210,7 +210,11 @@ impl Shared {
     /// Recomputes the rotation from the backends' connection states.
     fn rebuild(&self) {
         let backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
-        let ready: Arc<[Arc<Backend>]> = backends.values().filter(|b| b.is_ready()).cloned().collect();
+        let ready: Arc<[Arc<Backend>]> = backends
+            .values()
+            .filter(|b| b.is_ready())
+            .cloned()
+            .collect();
         *self.ready.write().unwrap_or_else(|p| p.into_inner()) = ready;
     }
 
@@ -225,7 +229,11 @@ impl Shared {
                 return Ok((backend.clone(), channel));
             }
         }
-        let known = self.backends.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let known = self
+            .backends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
         Err(Status::unavailable(if known == 0 {
             format!("no instances of service {:?} are registered", self.service)
         } else {

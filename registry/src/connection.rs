@@ -77,7 +77,9 @@ impl Backend {
     fn live(&self) -> MutexGuard<'_, Option<Live>> {
         // The lock is only held to copy or swap a field; a panic cannot leave the value half-written,
         // so a poisoned lock is safe to keep using.
-        self.live.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -157,7 +159,10 @@ impl tower::Service<Uri> for MonitoredConnector {
         let closed = self.closed.clone();
         Box::pin(async move {
             let authority = uri.authority().ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidInput, format!("{uri} has no host:port"))
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{uri} has no host:port"),
+                )
             })?;
             let stream = TcpStream::connect(authority.as_str()).await?;
             // gRPC messages are small and latency-bound: never wait to coalesce them.

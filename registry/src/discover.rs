@@ -322,7 +322,10 @@ async fn watch_from(
                 let Ok(key) = kv.key_str() else { continue };
                 let Some(id) = key::instance_id(prefix, key) else {
                     if event.event_type() == EventType::Put {
-                        warn!(key, prefix, "skipping a key outside the layout <prefix><instance-id>");
+                        warn!(
+                            key,
+                            prefix, "skipping a key outside the layout <prefix><instance-id>"
+                        );
                     }
                     continue;
                 };
@@ -441,8 +444,16 @@ mod tests {
 
     #[test]
     fn diff_reports_added_removed_and_updated_in_id_order() {
-        let old = map(&[instance("a", "h:1"), instance("b", "h:2"), instance("c", "h:3")]);
-        let new = map(&[instance("a", "h:1"), instance("c", "h:33"), instance("d", "h:4")]);
+        let old = map(&[
+            instance("a", "h:1"),
+            instance("b", "h:2"),
+            instance("c", "h:3"),
+        ]);
+        let new = map(&[
+            instance("a", "h:1"),
+            instance("c", "h:33"),
+            instance("d", "h:4"),
+        ]);
         assert_eq!(
             diff(&old, &new),
             [

@@ -172,9 +172,9 @@ mod tests {
     #[test]
     fn decodes_tolerant_variants() {
         for raw in [
-            r#"{"Addr":"127.0.0.1:1"}"#,                           // no Op, as in etcd's docs
-            r#"{"addr":"127.0.0.1:1","metadata":{"x":1}}"#,        // lower case
-            r#"{"ADDR":"127.0.0.1:1","Op":1,"Extra":[1,2]}"#,      // odd case, unknown field, Op ignored
+            r#"{"Addr":"127.0.0.1:1"}"#, // no Op, as in etcd's docs
+            r#"{"addr":"127.0.0.1:1","metadata":{"x":1}}"#, // lower case
+            r#"{"ADDR":"127.0.0.1:1","Op":1,"Extra":[1,2]}"#, // odd case, unknown field, Op ignored
             r#"{"Op":0,"Addr":"127.0.0.1:1","Metadata":"plain"}"#, // metadata of any type
         ] {
             let e = Endpoint::decode(raw.as_bytes()).unwrap_or_else(|err| panic!("{raw}: {err}"));
@@ -192,9 +192,18 @@ mod tests {
             (b"[1,2]", DecodeError::NotObject),
             (br#"{"Op":0}"#, DecodeError::MissingAddr),
             (br#"{"Addr":5}"#, DecodeError::MissingAddr),
-            (br#"{"Addr":"no-port"}"#, DecodeError::BadAddr("no-port".into())),
-            (br#"{"Addr":"host:99999"}"#, DecodeError::BadAddr("host:99999".into())),
-            (br#"{"Addr":"http://h:1"}"#, DecodeError::BadAddr("http://h:1".into())),
+            (
+                br#"{"Addr":"no-port"}"#,
+                DecodeError::BadAddr("no-port".into()),
+            ),
+            (
+                br#"{"Addr":"host:99999"}"#,
+                DecodeError::BadAddr("host:99999".into()),
+            ),
+            (
+                br#"{"Addr":"http://h:1"}"#,
+                DecodeError::BadAddr("http://h:1".into()),
+            ),
         ];
         for (raw, expected) in cases {
             let err = Endpoint::decode(raw).unwrap_err();
@@ -203,18 +212,41 @@ mod tests {
                 _ => assert_eq!(err, expected, "{}", String::from_utf8_lossy(raw)),
             }
         }
-        let huge = format!(r#"{{"Addr":"h:1","Metadata":"{}"}}"#, "x".repeat(MAX_VALUE_BYTES));
-        assert!(matches!(Endpoint::decode(huge.as_bytes()), Err(DecodeError::TooLarge(_))));
+        let huge = format!(
+            r#"{{"Addr":"h:1","Metadata":"{}"}}"#,
+            "x".repeat(MAX_VALUE_BYTES)
+        );
+        assert!(matches!(
+            Endpoint::decode(huge.as_bytes()),
+            Err(DecodeError::TooLarge(_))
+        ));
     }
 
     #[test]
     fn dialable_addresses() {
-        for ok in ["127.0.0.1:50051", "localhost:1", "[::1]:50051", "svc.ns.example:443"] {
+        for ok in [
+            "127.0.0.1:50051",
+            "localhost:1",
+            "[::1]:50051",
+            "svc.ns.example:443",
+        ] {
             assert!(is_dialable(ok), "{ok}");
         }
-        for bad in ["", ":50051", "host", "host:0", "host:65536", "user@host:1", "a b:1", "h:1/x"] {
+        for bad in [
+            "",
+            ":50051",
+            "host",
+            "host:0",
+            "host:65536",
+            "user@host:1",
+            "a b:1",
+            "h:1/x",
+        ] {
             assert!(!is_dialable(bad), "{bad}");
         }
-        assert!(matches!(Endpoint::new("nope", "id"), Err(Error::InvalidAddr { .. })));
+        assert!(matches!(
+            Endpoint::new("nope", "id"),
+            Err(Error::InvalidAddr { .. })
+        ));
     }
 }

@@ -62,7 +62,9 @@ pub enum Error {
     },
 
     /// An etcd request got no answer in time.
-    #[error("etcd {op} of {key:?} timed out after {timeout:?} (endpoints {endpoints}); is the cluster up and has it a leader?")]
+    #[error(
+        "etcd {op} of {key:?} timed out after {timeout:?} (endpoints {endpoints}); is the cluster up and has it a leader?"
+    )]
     Timeout {
         /// The operation.
         op: &'static str,

@@ -115,7 +115,9 @@ pub struct Etcd {
 
 impl std::fmt::Debug for Etcd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Etcd").field("endpoints", &self.config.endpoints).finish()
+        f.debug_struct("Etcd")
+            .field("endpoints", &self.config.endpoints)
+            .finish()
     }
 }
 
@@ -171,14 +173,27 @@ mod tests {
     #[test]
     fn endpoints_are_normalised() {
         let cfg = EtcdConfig::new(["127.0.0.1:2379", " http://10.0.0.1:23791/ ", ""]).unwrap();
-        assert_eq!(cfg.endpoints, ["http://127.0.0.1:2379", "http://10.0.0.1:23791"]);
+        assert_eq!(
+            cfg.endpoints,
+            ["http://127.0.0.1:2379", "http://10.0.0.1:23791"]
+        );
     }
 
     #[test]
     fn bad_endpoints_are_named() {
         assert!(matches!(EtcdConfig::new([""; 0]), Err(Error::NoEndpoints)));
-        assert!(matches!(EtcdConfig::new([" ", ""]), Err(Error::NoEndpoints)));
-        for bad in ["localhost", "127.0.0.1:0", "ftp://h:1", "https://h:1", "h:1:2", "http://"] {
+        assert!(matches!(
+            EtcdConfig::new([" ", ""]),
+            Err(Error::NoEndpoints)
+        ));
+        for bad in [
+            "localhost",
+            "127.0.0.1:0",
+            "ftp://h:1",
+            "https://h:1",
+            "h:1:2",
+            "http://",
+        ] {
             match EtcdConfig::new([bad]) {
                 Err(Error::InvalidEndpoint { endpoint, .. }) => assert_eq!(endpoint, bad),
                 other => panic!("{bad}: {other:?}"),

@@ -27,7 +27,10 @@ pub fn service_prefix(namespace: &str, service: &str) -> Result<String> {
 /// [`Error::InvalidName`] if any part cannot be used in a key.
 pub fn instance_key(namespace: &str, service: &str, instance_id: &str) -> Result<String> {
     check_segment("instance id", instance_id)?;
-    Ok(format!("{}{instance_id}", service_prefix(namespace, service)?))
+    Ok(format!(
+        "{}{instance_id}",
+        service_prefix(namespace, service)?
+    ))
 }
 
 /// The instance id in `key`, if `key` is `<prefix><id>` with a well-formed id; `None` for keys
@@ -84,12 +87,18 @@ mod tests {
 
     #[test]
     fn layout_matches_the_go_naming_package() {
-        assert_eq!(service_prefix("services", "helloworld").unwrap(), "services/helloworld/");
+        assert_eq!(
+            service_prefix("services", "helloworld").unwrap(),
+            "services/helloworld/"
+        );
         assert_eq!(
             instance_key("services", "helloworld", "127.0.0.1-50051").unwrap(),
             "services/helloworld/127.0.0.1-50051"
         );
-        assert_eq!(service_prefix("prod/services", "hello").unwrap(), "prod/services/hello/");
+        assert_eq!(
+            service_prefix("prod/services", "hello").unwrap(),
+            "prod/services/hello/"
+        );
     }
 
     #[test]
@@ -97,7 +106,10 @@ mod tests {
         let prefix = "services/helloworld/";
         assert_eq!(instance_id(prefix, "services/helloworld/a-1"), Some("a-1"));
         // The Go manager conventionally uses the address itself as the id.
-        assert_eq!(instance_id(prefix, "services/helloworld/10.0.0.5:50051"), Some("10.0.0.5:50051"));
+        assert_eq!(
+            instance_id(prefix, "services/helloworld/10.0.0.5:50051"),
+            Some("10.0.0.5:50051")
+        );
         assert_eq!(instance_id(prefix, "services/helloworld/"), None);
         assert_eq!(instance_id(prefix, "services/helloworld/a/b"), None);
         assert_eq!(instance_id(prefix, "services/helloworld-canary/a"), None);
@@ -115,7 +127,10 @@ mod tests {
             ("services", "hello", ""),
         ] {
             let err = instance_key(ns, svc, id).unwrap_err();
-            assert!(matches!(err, Error::InvalidName { .. }), "{ns:?} {svc:?} {id:?}: {err}");
+            assert!(
+                matches!(err, Error::InvalidName { .. }),
+                "{ns:?} {svc:?} {id:?}: {err}"
+            );
         }
     }
 }

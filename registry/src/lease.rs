@@ -96,7 +96,11 @@ pub(crate) async fn keep_alive(
         expires = opened_at + ttl;
         backoff.reset();
         if last_problem.take().is_some() {
-            warn!(key, lease = format_args!("{id:x}"), "keep-alive stream reopened; lease kept");
+            warn!(
+                key,
+                lease = format_args!("{id:x}"),
+                "keep-alive stream reopened; lease kept"
+            );
         }
 
         let mut last_sent = opened_at;
@@ -137,7 +141,9 @@ pub(crate) fn ttl_seconds(ttl: Duration) -> i64 {
 
 fn expired_reason(last_problem: &Option<String>) -> String {
     match last_problem {
-        Some(problem) => format!("no keep-alive reply before the lease's TTL ran out (last problem: {problem})"),
+        Some(problem) => {
+            format!("no keep-alive reply before the lease's TTL ran out (last problem: {problem})")
+        }
         None => "no keep-alive reply before the lease's TTL ran out".to_owned(),
     }
 }

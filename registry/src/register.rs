@@ -225,7 +225,12 @@ async fn run(
                 }
             }
         };
-        info!(key, lease = format_args!("{id:x}"), ttl_s = ttl.as_secs(), "registered");
+        info!(
+            key,
+            lease = format_args!("{id:x}"),
+            ttl_s = ttl.as_secs(),
+            "registered"
+        );
         backoff.reset();
         last_problem = None;
         lease_id = Some(id);
@@ -245,8 +250,14 @@ async fn run(
         Some(id) => {
             let revoked = lease::revoke(&etcd, id, &key).await;
             match &revoked {
-                Ok(()) => info!(key, lease = format_args!("{id:x}"), "deregistered: lease revoked, key deleted"),
-                Err(e) => warn!(key, error = %crate::error::chain(e), ttl_s = ttl.as_secs(), "could not revoke the lease; the key expires within one TTL"),
+                Ok(()) => info!(
+                    key,
+                    lease = format_args!("{id:x}"),
+                    "deregistered: lease revoked, key deleted"
+                ),
+                Err(e) => {
+                    warn!(key, error = %crate::error::chain(e), ttl_s = ttl.as_secs(), "could not revoke the lease; the key expires within one TTL")
+                }
             }
             revoked
         }
