@@ -75,7 +75,10 @@ impl Config {
     /// A message naming the flag to fix.
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.ttl < registry::register::MIN_TTL {
-            bail!("--ttl {:?} is too short: etcd grants leases of at least 2s", self.ttl);
+            bail!(
+                "--ttl {:?} is too short: etcd grants leases of at least 2s",
+                self.ttl
+            );
         }
         if self.advertise_addr.is_none() && is_unspecified(&self.host) {
             bail!(
@@ -206,7 +209,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;
-    info!(key = registration.key(), "shutting down: 2/4 revoking the lease");
+    info!(
+        key = registration.key(),
+        "shutting down: 2/4 revoking the lease"
+    );
     if let Err(e) = registration.deregister().await {
         warn!(error = %e, "deregistration failed; the key expires with its lease");
     }
@@ -256,14 +262,23 @@ mod tests {
     fn instance_ids_derive_from_the_address() {
         assert_eq!(default_instance_id("127.0.0.1:50051"), "127.0.0.1-50051");
         assert_eq!(default_instance_id("[::1]:50051"), "1-50051");
-        assert_eq!(default_instance_id("node-a.example:443"), "node-a.example-443");
+        assert_eq!(
+            default_instance_id("node-a.example:443"),
+            "node-a.example-443"
+        );
     }
 
     #[test]
     fn validation_names_the_flag() {
         let parse = |args: &[&str]| Config::try_parse_from([&["server"], args].concat());
         let wildcard = parse(&["--port", "1", "--host", "0.0.0.0"]).unwrap();
-        assert!(wildcard.validate().unwrap_err().to_string().contains("--advertise-addr"));
+        assert!(
+            wildcard
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--advertise-addr")
+        );
         let short = parse(&["--port", "1", "--ttl", "1s"]).unwrap();
         assert!(short.validate().unwrap_err().to_string().contains("--ttl"));
         assert!(parse(&["--port", "70000"]).is_err());

@@ -12,10 +12,14 @@ async fn main() -> ExitCode {
     let config = Config::parse();
     if let Err(e) = config.validate() {
         // Exit code 2 and clap's formatting, like any other bad flag.
-        Config::command().error(ErrorKind::ValueValidation, format!("{e:#}")).exit();
+        Config::command()
+            .error(ErrorKind::ValueValidation, format!("{e:#}"))
+            .exit();
     }
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
