@@ -20,7 +20,10 @@ use tokio_util::sync::CancellationToken;
 
 /// Flags of the `client` binary.
 #[derive(Debug, Clone, Parser)]
-#[command(version, about = "Calls helloworld.Greeter instances found in etcd, round robin.")]
+#[command(
+    version,
+    about = "Calls helloworld.Greeter instances found in etcd, round robin."
+)]
 pub struct Config {
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -187,7 +190,10 @@ async fn call(
                 reply.instance_id,
                 latency.as_secs_f64() * 1e3
             );
-            *report.served.entry((sent_to, reply.instance_id)).or_default() += 1;
+            *report
+                .served
+                .entry((sent_to, reply.instance_id))
+                .or_default() += 1;
         }
         Err(status) => {
             println!(
@@ -228,7 +234,12 @@ mod tests {
         assert_eq!(report.total(), 6);
         let table = report.table();
         assert!(table.contains("total 6 calls, 1 failed"), "{table}");
-        assert!(table.lines().any(|l| l.starts_with('b') && l.ends_with(" 3")), "{table}");
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with('b') && l.ends_with(" 3")),
+            "{table}"
+        );
     }
 
     #[test]

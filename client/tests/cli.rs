@@ -1,0 +1,179 @@
+//! The `client` binary against in-process servers (the `server` library, on real sockets) and a real
+//! etcd cluster: what it prints and how it exits.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use clap::Parser;
+use testkit::{EtcdCluster, free_port, wait_until};
+use tokio_util::sync::CancellationToken;
+
+/// An in-process server instance; stopped gracefully (deregistered) on `stop`.
+struct Server {
+    addr: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    fn start(cluster: &EtcdCluster) -> Self {
+        let port = free_port();
+        let config = server::Config::try_parse_from([
+            "server",
+            "--port",
+            &port.to_string(),
+            "--etcd-endpoints",
+            &cluster.endpoints().join(","),
+            "--deregister-grace",
+            "0s",
+        ])
+        .unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server::run(config, shutdown.clone()));
+        let addr = format!("127.0.0.1:{port}");
+        let key = format!("services/helloworld/127.0.0.1-{port}");
+        wait_until(
+            Duration::from_secs(15),
+            &format!("{key} to register"),
+            || {
+                !cluster
+                    .etcdctl_ok(&["get", &key, "--keys-only"])
+                    .trim()
+                    .is_empty()
+            },
+        );
+        Self {
+            addr,
+            shutdown,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+fn client(cluster: &EtcdCluster) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_client"));
+    cmd.args(["--etcd-endpoints", &cluster.endpoints().join(",")]);
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_spreads_calls_evenly_and_prints_who_served_each() {
+    let cluster = EtcdCluster::start();
+    let servers: Vec<_> = (0..3).map(|_| Server::start(&cluster)).collect();
+
+    let output = client(&cluster)
+        .args(["--requests", "9", "--interval", "10ms"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let calls: Vec<_> = stdout.lines().filter(|l| l.starts_with("call ")).collect();
+    assert_eq!(calls.len(), 9, "{stdout}");
+    for server in &servers {
+        let id = server.addr.replace(':', "-");
+        // The address the call was sent to and the id in the reply agree, three times each.
+        let served = calls
+            .iter()
+            .filter(|l| l.contains(&format!(" {} ", server.addr)) && l.contains(&id))
+            .count();
+        assert_eq!(served, 3, "{id}: {stdout}");
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(&id) && l.trim_end().ends_with(" 3")),
+            "no table row for {id}: {stdout}"
+        );
+    }
+    assert!(stdout.contains("total 9 calls, 0 failed"), "{stdout}");
+    for server in servers {
+        server.stop().await;
+    }
+}
+
+#[test]
+fn with_nothing_registered_the_client_gives_up_after_wait() {
+    let cluster = EtcdCluster::start();
+    let output = client(&cluster).args(["--wait", "1s"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no instance of \"helloworld\""), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duration_mode_reports_instances_joining_and_leaving_without_failed_calls() {
+    let cluster = EtcdCluster::start();
+    let first = Server::start(&cluster);
+    let second = Server::start(&cluster);
+
+    let mut child = testkit::spawn(
+        client(&cluster)
+            .args(["--duration", "30s", "--interval", "20ms"])
+            .stdout(Stdio::piped()),
+    );
+    let stdout = child.child_mut().stdout.take().unwrap();
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        })
+    };
+    let seen = |needle: String| {
+        let lines = lines.clone();
+        move || lines.lock().unwrap().iter().any(|l| l.contains(&needle))
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "the first calls",
+        seen("call    3 ".into()),
+    );
+
+    let third = Server::start(&cluster);
+    let third_id = third.addr.replace(':', "-");
+    wait_until(
+        Duration::from_secs(5),
+        "the join line",
+        seen(format!("+ instance {third_id} joined")),
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "a call to the new instance",
+        seen(format!(" {} ", third.addr)),
+    );
+
+    let second_id = second.addr.replace(':', "-");
+    second.stop().await;
+    wait_until(
+        Duration::from_secs(5),
+        "the leave line",
+        seen(format!("- instance {second_id} left")),
+    );
+
+    // Ctrl-C ends the run early; the client then prints its table and reports failures.
+    child.signal(libc::SIGINT);
+    let status = child
+        .wait_timeout(Duration::from_secs(10))
+        .expect("client did not exit on SIGINT");
+    reader.join().unwrap();
+    let text = lines.lock().unwrap().join("\n");
+    assert!(status.success(), "{text}");
+    assert!(text.contains(", 0 failed"), "{text}");
+    first.stop().await;
+    third.stop().await;
+}
