@@ -164,10 +164,13 @@ fn without_etcd_the_server_gives_up_after_etcd_timeout() {
     eprintln!("gave up after {:?}", started.elapsed());
 }
 
-/// Calls in a loop from a background thread, recording where each call went.
+/// When each call completed and which address served it (or how it failed).
+type CallLog = Vec<(Instant, Result<String, tonic::Code>)>;
+
+/// Calls in a loop from a background task, recording where each call went.
 struct Load {
     stop: Arc<std::sync::atomic::AtomicBool>,
-    calls: Arc<Mutex<Vec<(Instant, Result<String, tonic::Code>)>>>,
+    calls: Arc<Mutex<CallLog>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -207,7 +210,7 @@ impl Load {
             .any(|(_, r)| r.as_ref().is_ok_and(|a| a == addr))
     }
 
-    async fn finish(self) -> Vec<(Instant, Result<String, tonic::Code>)> {
+    async fn finish(self) -> CallLog {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.task.await.unwrap();
         Arc::try_unwrap(self.calls).unwrap().into_inner().unwrap()
