@@ -304,3 +304,116 @@ async fn the_client_stops_calling_a_killed_server_within_a_second() {
     // At most the calls in flight at the moment of the kill can fail.
     assert!(failed <= 2, "{failed} calls failed");
 }
+
+/// Service names listed by reflection v1 and v1alpha.
+async fn reflected_services(channel: tonic::transport::Channel) -> (Vec<String>, Vec<String>) {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut v1_client = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let mut replies = v1_client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let v1_names = match replies
+        .message()
+        .await
+        .unwrap()
+        .and_then(|r| r.message_response)
+    {
+        Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected v1 reflection reply {other:?}"),
+    };
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut alpha_client = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let mut replies = alpha_client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let alpha_names = match replies
+        .message()
+        .await
+        .unwrap()
+        .and_then(|r| r.message_response)
+    {
+        Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected v1alpha reflection reply {other:?}"),
+    };
+    (v1_names, alpha_names)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_are_served_and_health_reports_the_drain() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+
+    let cluster = EtcdCluster::start();
+    let logs = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::start(&cluster, logs.path(), &["--deregister-grace", "3s"]);
+    wait_registered(&cluster, &server);
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    let status = |service: &str| {
+        let mut health = health.clone();
+        let request = HealthCheckRequest {
+            service: service.into(),
+        };
+        async move { health.check(request).await.unwrap().into_inner().status() }
+    };
+    assert_eq!(status("helloworld.Greeter").await, ServingStatus::Serving);
+    assert_eq!(status("").await, ServingStatus::Serving);
+
+    let (v1, v1alpha) = reflected_services(channel).await;
+    for names in [&v1, &v1alpha] {
+        assert!(names.iter().any(|n| n == "helloworld.Greeter"), "{names:?}");
+        assert!(
+            names.iter().any(|n| n == "grpc.health.v1.Health"),
+            "{names:?}"
+        );
+    }
+
+    // During the grace period the server still answers, and says it is going away.
+    server.child.signal(libc::SIGTERM);
+    let signalled = Instant::now();
+    loop {
+        let reply = health
+            .check(HealthCheckRequest {
+                service: "helloworld.Greeter".into(),
+            })
+            .await
+            .unwrap();
+        if reply.into_inner().status() == ServingStatus::NotServing {
+            break;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(2),
+            "still SERVING 2 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = server
+        .child
+        .wait_timeout(Duration::from_secs(15))
+        .expect("no exit after SIGTERM");
+    assert!(status.success(), "{}", server.log_text());
+}
