@@ -29,7 +29,7 @@ pub struct Config {
     #[allow(missing_docs)]
     pub etcd: EtcdArgs,
 
-    /// How long to wait for the first instance before giving up.
+    /// How long to wait for the first instance (once etcd answered) before giving up.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub wait: Duration,
 
@@ -105,18 +105,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     let channel = BalancedChannel::new(discovery.clone(), options);
 
-    let started = Instant::now();
     let ready = async {
-        discovery.wait_for_instances(1, config.wait).await?;
-        channel
-            .wait_ready(1, config.wait.saturating_sub(started.elapsed()))
+        discovery
+            .wait_synced(config.etcd.etcd_timeout)
             .await
+            .with_context(|| format!("cannot list instances from etcd at {endpoints}"))?;
+        let started = Instant::now();
+        async {
+            discovery.wait_for_instances(1, config.wait).await?;
+            let left = config.wait.saturating_sub(started.elapsed());
+            channel.wait_ready(1, left).await
+        }
+        .await
+        .with_context(|| {
+                format!(
+                    "no instance of {:?} to call (etcd {endpoints}); start one with: server --port 50051",
+                    config.etcd.service
+                )
+            })
     };
     tokio::select! {
-        ready = ready => ready.with_context(|| format!(
-            "no instance of {:?} to call (etcd {endpoints}); start one with: server --port 50051",
-            config.etcd.service
-        ))?,
+        ready = ready => ready?,
         _ = shutdown.cancelled() => return Ok(Report::default()),
     }
 

@@ -177,3 +177,24 @@ async fn duration_mode_reports_instances_joining_and_leaving_without_failed_call
     first.stop().await;
     third.stop().await;
 }
+
+#[test]
+fn without_etcd_the_client_gives_up_after_etcd_timeout() {
+    let dead_etcd = format!("127.0.0.1:{}", free_port());
+    let started = std::time::Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_client"))
+        .args(["--etcd-endpoints", &dead_etcd, "--etcd-timeout", "1s"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot list instances from etcd") && stderr.contains(&dead_etcd),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}

@@ -26,7 +26,7 @@ pub struct EtcdArgs {
     pub etcd_endpoints: Vec<String>,
 
     /// Service name: instances live under <namespace>/<service>/.
-    #[arg(long, env = "SERVICE", default_value = "helloworld", value_parser = parse_service)]
+    #[arg(long, env = "REGISTRY_SERVICE", default_value = "helloworld", value_parser = parse_service)]
     pub service: String,
 
     /// Key namespace (a Go client dials etcd:///<namespace>/<service>).

@@ -146,15 +146,35 @@ impl Discovery {
         self.membership.clone()
     }
 
+    /// Waits until the first list has succeeded, so the membership reflects etcd rather than
+    /// "nothing known yet".
+    ///
+    /// # Errors
+    /// [`Error::GaveUp`] after `timeout`, with the last problem talking to etcd.
+    pub async fn wait_synced(&self, timeout: Duration) -> Result<Membership> {
+        self.wait_until(timeout, "the first list", |m| m.synced)
+            .await
+    }
+
     /// Waits until at least `min` instances are known.
     ///
     /// # Errors
     /// [`Error::GaveUp`] after `timeout`, saying whether etcd was unreachable or simply had no
     /// instances under the prefix.
     pub async fn wait_for_instances(&self, min: usize, timeout: Duration) -> Result<Membership> {
+        let what = format!("{min} instance(s)");
+        self.wait_until(timeout, &what, |m| m.instances.len() >= min)
+            .await
+    }
+
+    async fn wait_until(
+        &self,
+        timeout: Duration,
+        what: &str,
+        done: impl FnMut(&Membership) -> bool,
+    ) -> Result<Membership> {
         let mut rx = self.membership.clone();
-        let reached = rx.wait_for(|m| m.instances.len() >= min);
-        if let Ok(Ok(m)) = tokio::time::timeout(timeout, reached).await {
+        if let Ok(Ok(m)) = tokio::time::timeout(timeout, rx.wait_for(done)).await {
             return Ok(m.clone());
         }
         let m = self.membership();
@@ -164,7 +184,7 @@ impl Discovery {
             (None, false) => "no answer from etcd yet".to_owned(),
         };
         Err(Error::GaveUp {
-            what: format!("{min} instance(s) of service {:?} ({why})", self.service),
+            what: format!("{what} of service {:?} ({why})", self.service),
             waited: timeout,
         })
     }

@@ -33,25 +33,25 @@ pub mod greeter;
 #[command(version, about = "A helloworld Greeter that registers itself in etcd.")]
 pub struct Config {
     /// Host or IP to listen on.
-    #[arg(long, env = "HOST", default_value = "127.0.0.1")]
+    #[arg(long, env = "SERVER_HOST", default_value = "127.0.0.1")]
     pub host: String,
 
     /// Port to listen on (0 picks a free port, registered as bound).
-    #[arg(long, env = "PORT")]
+    #[arg(long, env = "SERVER_PORT")]
     pub port: u16,
 
     /// Address clients should dial, host:port [default: <host>:<port>; required when listening on
     /// 0.0.0.0 or ::].
-    #[arg(long, env = "ADVERTISE_ADDR")]
+    #[arg(long, env = "SERVER_ADVERTISE_ADDR")]
     pub advertise_addr: Option<String>,
 
     /// Instance id, the last segment of the etcd key [default: <host>-<port> of the advertised
     /// address].
-    #[arg(long, env = "INSTANCE_ID")]
+    #[arg(long, env = "SERVER_INSTANCE_ID")]
     pub instance_id: Option<String>,
 
     /// Lease TTL: how long the key outlives a crashed server (at least 2s).
-    #[arg(long, env = "TTL", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "REGISTRY_TTL", default_value = "10s", value_parser = parse_duration)]
     pub ttl: Duration,
 
     /// After revoking the lease on shutdown, keep serving this long so clients can act on the
