@@ -112,9 +112,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .with_context(|| format!("cannot list instances from etcd at {endpoints}"))?;
         let started = Instant::now();
         async {
-            discovery.wait_for_instances(1, config.wait).await?;
+            let known = discovery.wait_for_instances(1, config.wait).await?;
             let left = config.wait.saturating_sub(started.elapsed());
-            channel.wait_ready(1, left).await
+            channel.wait_ready(1, left).await?;
+            // Give the other instances found in the same list a moment to connect too, so the
+            // first calls already rotate over all of them; proceed without the stragglers.
+            let all = known.instances.len();
+            let _ = channel.wait_ready(all, left.min(Duration::from_secs(1))).await;
+            anyhow::Ok(())
         }
         .await
         .with_context(|| {
