@@ -28,14 +28,22 @@ use std::{
 };
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tonic::{Status, body::Body, transport::Endpoint};
+use tonic::{
+    Status,
+    body::Body,
+    transport::{Channel, Endpoint},
+};
 use tower::ServiceExt;
+use tracing::debug;
 
 use crate::{
+    backoff::Backoff,
     connection::{self, Backend},
     discover::{Discovery, InstanceMap, Membership},
     error::chain,
+    retry::{Replay, RetryBudget, RetryPolicy, grpc_timeout, is_unavailable_response, never_sent},
 };
 
 /// Boxed error type of the balanced channel's `Service` impl (what tonic's generated clients expect).
@@ -48,7 +56,7 @@ pub type ResponseFuture =
 /// Tuning of the balanced channel.
 #[derive(Debug, Clone)]
 pub struct BalanceOptions {
-    /// Deadline of every call that does not set a shorter one (`grpc-timeout`).
+    /// Deadline of every call that does not set a shorter one (`grpc-timeout`), retries included.
     pub call_timeout: Duration,
     /// Deadline for establishing a connection to one instance.
     pub connect_timeout: Duration,
@@ -57,6 +65,8 @@ pub struct BalanceOptions {
     pub keep_alive_interval: Duration,
     /// How long a keep-alive ping may go unanswered.
     pub keep_alive_timeout: Duration,
+    /// Which failed calls are sent again, to another instance.
+    pub retry: RetryPolicy,
 }
 
 impl Default for BalanceOptions {
@@ -64,8 +74,12 @@ impl Default for BalanceOptions {
         Self {
             call_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(1),
-            keep_alive_interval: Duration::from_secs(5),
-            keep_alive_timeout: Duration::from_secs(3),
+            // Pings go out only while calls are in flight (never on idle connections, which
+            // grpc-go and grpc-core servers would punish with GOAWAY "too_many_pings"), so a
+            // frozen instance is dropped within about two seconds of a call waiting on it.
+            keep_alive_interval: Duration::from_secs(1),
+            keep_alive_timeout: Duration::from_secs(1),
+            retry: RetryPolicy::default(),
         }
     }
 }
@@ -112,6 +126,9 @@ struct Owner {
 /// State shared by the channel clones, the updater and the maintainers.
 struct Shared {
     service: Arc<str>,
+    call_timeout: Duration,
+    retry: RetryPolicy,
+    budget: RetryBudget,
     /// Every backend, by address; the updater is the only writer.
     backends: Mutex<BTreeMap<Arc<str>, Arc<Backend>>>,
     /// The connected backends, in address order: what the picker rotates over.
@@ -124,6 +141,9 @@ impl BalancedChannel {
     pub fn new(discovery: Discovery, options: BalanceOptions) -> Self {
         let shared = Arc::new(Shared {
             service: discovery.service().into(),
+            call_timeout: options.call_timeout,
+            budget: RetryBudget::new(&options.retry),
+            retry: options.retry.clone(),
             backends: Mutex::new(BTreeMap::new()),
             ready: RwLock::new(Arc::from([])),
             next: AtomicUsize::new(0),
@@ -218,30 +238,102 @@ impl Shared {
         *self.ready.write().unwrap_or_else(|p| p.into_inner()) = ready;
     }
 
-    /// The next backend in rotation and its channel.
-    fn pick(&self) -> Result<(Arc<Backend>, tonic::transport::Channel), Status> {
+    /// The next backend in rotation and its channel, preferring one not in `avoid` (the instances
+    /// a retried call already failed on).
+    fn pick(&self, avoid: &[Arc<str>]) -> Result<(Arc<Backend>, Channel), Status> {
         let ready = self.ready_list();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut fallback = None;
         // A backend can drop out between the rebuild and now; then take the one after it.
         for offset in 0..ready.len() {
             let backend = &ready[round_robin(start + offset, ready.len())];
-            if let Some(channel) = backend.channel() {
-                return Ok((backend.clone(), channel));
+            let Some(channel) = backend.channel() else {
+                continue;
+            };
+            if avoid.contains(&backend.addr) {
+                fallback.get_or_insert_with(|| (backend.clone(), channel));
+                continue;
             }
+            return Ok((backend.clone(), channel));
         }
+        fallback.ok_or_else(|| self.unavailable())
+    }
+
+    fn unavailable(&self) -> Status {
         let known = self
             .backends
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .len();
-        Err(Status::unavailable(if known == 0 {
+        Status::unavailable(if known == 0 {
             format!("no instances of service {:?} are registered", self.service)
         } else {
             format!(
                 "none of the {known} instance(s) of service {:?} is reachable right now",
                 self.service
             )
-        }))
+        })
+    }
+
+    /// One call: pick, send, and on a failure that is safe to retry, send again elsewhere, all
+    /// within the call's deadline.
+    async fn call(
+        self: Arc<Self>,
+        request: http::Request<Body>,
+    ) -> Result<http::Response<Body>, BoxError> {
+        let timeout =
+            grpc_timeout(&request).map_or(self.call_timeout, |t| t.min(self.call_timeout));
+        let deadline = Instant::now() + timeout;
+        if !self.retry.enabled() {
+            let (backend, channel) = self.pick(&[])?;
+            return match tokio::time::timeout_at(deadline, channel.oneshot(request)).await {
+                Ok(Ok(response)) => Ok(served_by(response, &backend)),
+                Ok(Err(error)) => Err(transport_failure(&backend, &error).into()),
+                Err(_) => Err(deadline_exceeded(&backend, timeout).into()),
+            };
+        }
+
+        let idempotent = self.retry.is_idempotent(request.uri().path());
+        let (mut parts, body) = request.into_parts();
+        let body = Replay::new(body, self.retry.max_replay_bytes);
+        let mut backoff = Backoff::new(self.retry.backoff_initial, self.retry.backoff_max);
+        let mut tried: Vec<Arc<str>> = Vec::new();
+        self.budget.deposit();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (backend, channel) = self.pick(&tried)?;
+            // Tell the server how long it has left, so it can give up when we do.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Ok(value) = http::HeaderValue::from_str(&format!("{}m", left.as_millis().max(1)))
+            {
+                parts.headers.insert("grpc-timeout", value);
+            }
+            let request = http::Request::from_parts(parts.clone(), body.attempt());
+            let (safe, failure) =
+                match tokio::time::timeout_at(deadline, channel.oneshot(request)).await {
+                    Err(_) => return Err(deadline_exceeded(&backend, timeout).into()),
+                    Ok(Ok(response)) if idempotent && is_unavailable_response(&response) => {
+                        (true, Ok(served_by(response, &backend)))
+                    }
+                    Ok(Ok(response)) => return Ok(served_by(response, &backend)),
+                    Ok(Err(error)) => (
+                        idempotent || never_sent(&error),
+                        Err(transport_failure(&backend, &error)),
+                    ),
+                };
+            let retry = safe
+                && attempt < self.retry.max_attempts
+                && body.replayable()
+                && Instant::now() < deadline
+                && self.budget.try_withdraw();
+            if !retry {
+                return failure.map_err(BoxError::from);
+            }
+            debug!(service = %self.service, addr = %backend.addr, attempt, "call failed before being processed; retrying on another instance");
+            tried.push(backend.addr.clone());
+            tokio::time::sleep_until((Instant::now() + backoff.next_delay()).min(deadline)).await;
+        }
     }
 }
 
@@ -262,44 +354,37 @@ impl tower::Service<http::Request<Body>> for BalancedChannel {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> ResponseFuture {
-        let (backend, channel) = match self.shared.pick() {
-            Ok(picked) => picked,
-            Err(status) => return Box::pin(std::future::ready(Err(status.into()))),
-        };
-        Box::pin(async move {
-            match channel.oneshot(request).await {
-                Ok(mut response) => {
-                    response.extensions_mut().insert(ServedBy {
-                        addr: backend.addr.clone(),
-                        instance_id: backend.instance_id.clone(),
-                    });
-                    Ok(response)
-                }
-                Err(error) => Err(call_error(&backend, error).into()),
-            }
-        })
+        Box::pin(self.shared.clone().call(request))
     }
 }
 
-/// The one place transport failures become gRPC statuses, naming the instance.
-fn call_error(backend: &Backend, error: tonic::transport::Error) -> Status {
-    let is = |check: &dyn Fn(&(dyn std::error::Error + 'static)) -> bool| {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
-        while let Some(e) = source {
-            if check(e) {
-                return true;
-            }
-            source = e.source();
-        }
-        false
-    };
-    let at = format!("instance {} ({})", backend.addr, backend.instance_id);
-    if is(&|e| e.is::<tonic::TimeoutExpired>()) {
-        return Status::deadline_exceeded(format!("call to {at} exceeded its deadline"));
-    }
-    // Anything else at the transport level means the connection is unusable: stop picking it now.
+/// Marks a response with the instance that served it.
+fn served_by(mut response: http::Response<Body>, backend: &Backend) -> http::Response<Body> {
+    response.extensions_mut().insert(ServedBy {
+        addr: backend.addr.clone(),
+        instance_id: backend.instance_id.clone(),
+    });
+    response
+}
+
+/// The one place transport failures become gRPC statuses, naming the instance. Any failure at the
+/// transport level means the connection is unusable, so the instance leaves the rotation now
+/// rather than when its socket reports it.
+fn transport_failure(backend: &Backend, error: &tonic::transport::Error) -> Status {
     backend.report_broken();
-    Status::unavailable(format!("{at} failed: {}", chain(&error)))
+    Status::unavailable(format!(
+        "instance {} ({}) failed: {}",
+        backend.addr,
+        backend.instance_id,
+        chain(error)
+    ))
+}
+
+fn deadline_exceeded(backend: &Backend, timeout: Duration) -> Status {
+    Status::deadline_exceeded(format!(
+        "no answer from instance {} ({}) within the call's {timeout:?} deadline",
+        backend.addr, backend.instance_id
+    ))
 }
 
 /// The updater task: turns membership snapshots into backends.
@@ -375,8 +460,8 @@ fn reconcile(
 fn endpoint(addr: &str, options: &BalanceOptions) -> Option<Endpoint> {
     match Endpoint::from_shared(format!("http://{addr}")) {
         Ok(endpoint) => Some(
+            // No `.timeout()`: deadlines are enforced per call, across retries, in `Shared::call`.
             endpoint
-                .timeout(options.call_timeout)
                 .connect_timeout(options.connect_timeout)
                 .http2_keep_alive_interval(options.keep_alive_interval)
                 .keep_alive_timeout(options.keep_alive_timeout),

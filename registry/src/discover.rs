@@ -4,10 +4,13 @@
 //! 1. a linearizable `get` of the prefix gives the full set *and* the revision it reflects;
 //! 2. a watch from exactly `revision + 1` then delivers every later change, in order.
 //!
-//! Watching "from now" after the get would lose whatever happened in between. When the watch fails,
-//! is cancelled, or its start revision has been compacted away, the task lists again and publishes the
-//! difference, then watches from the new revision. While etcd is unreachable the last known set is
-//! kept: a registry outage must not turn into a service outage.
+//! Watching "from now" after the get would lose whatever happened in between. When the watch stream
+//! breaks (a member died, the network blinked), the watch is resumed from the last revision received,
+//! and etcd replays what happened meanwhile. When it cannot be resumed (the revision was compacted
+//! away, etcd cancelled the watch, or the endpoints now lead to a rebuilt cluster whose revisions mean
+//! nothing to us) the task lists again, publishes the difference and watches from the new revision.
+//! While etcd is unreachable the last known set is kept: a registry outage must not turn into a
+//! service outage.
 //!
 //! Subscribers get [`Membership`] snapshots through a `tokio::sync::watch` channel; the task applies
 //! changes as they arrive, not when a request happens to need them.
@@ -190,31 +193,43 @@ impl Discovery {
     }
 }
 
-/// Why a watch session ended without cancellation.
+/// Why a watch session ended.
 enum WatchEnd {
     /// The owner went away.
     Cancelled,
-    /// The watch must be restarted from a fresh list; `failed` asks for a backoff first.
-    Relist { reason: String, failed: bool },
+    /// The stream broke or could not be opened: resume from the last revision seen, after a
+    /// backoff. etcd replays everything after that revision, so nothing is missed.
+    Resume { reason: String },
+    /// The watch cannot be resumed (its revision was compacted, etcd cancelled it, or the cluster
+    /// was replaced): list again and publish the difference.
+    Relist { reason: String },
 }
 
-/// The discovery task: list, watch, and on any trouble list again.
+/// Where a watch resumes from, and which cluster that revision belongs to.
+struct Position {
+    revision: i64,
+    cluster_id: u64,
+}
+
+/// The discovery task: list, watch, resume the watch after failures, list again when it cannot.
 async fn run(
     etcd: Etcd,
     prefix: Arc<str>,
     tx: watch::Sender<Membership>,
     cancel: CancellationToken,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
     loop {
         let listed = tokio::select! {
             _ = cancel.cancelled() => return,
             listed = list(&etcd, &prefix) => listed,
         };
-        let revision = match listed {
-            Ok((instances, revision)) => {
-                publish(&tx, &prefix, revision, |current| *current = instances);
-                revision
+        let mut position = match listed {
+            Ok((instances, position)) => {
+                publish(&tx, &prefix, position.revision, |current| {
+                    *current = instances
+                });
+                position
             }
             Err(e) => {
                 report_problem(&tx, &prefix, &e);
@@ -225,15 +240,19 @@ async fn run(
             }
         };
 
-        match watch_from(&etcd, &prefix, revision, &tx, &cancel, &mut backoff).await {
-            WatchEnd::Cancelled => return,
-            WatchEnd::Relist { reason, failed } => {
-                info!(prefix = %prefix, %reason, "re-listing");
-                if failed {
+        loop {
+            match watch_from(&etcd, &prefix, &mut position, &tx, &cancel, &mut backoff).await {
+                WatchEnd::Cancelled => return,
+                WatchEnd::Resume { reason } => {
+                    debug!(prefix = %prefix, %reason, revision = position.revision, "resuming the watch");
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
                     }
+                }
+                WatchEnd::Relist { reason } => {
+                    info!(prefix = %prefix, %reason, "re-listing");
+                    break;
                 }
             }
         }
@@ -241,35 +260,39 @@ async fn run(
 }
 
 /// Lists the prefix with a linearizable get: every instance plus the revision of that view.
-async fn list(etcd: &Etcd, prefix: &str) -> Result<(InstanceMap, i64)> {
+async fn list(etcd: &Etcd, prefix: &str) -> Result<(InstanceMap, Position)> {
     let p = prefix.to_owned();
     let resp = etcd
         .call("get", prefix, |mut c| async move {
             c.get(p, Some(GetOptions::new().with_prefix())).await
         })
         .await?;
-    let revision = resp.header().map_or(0, |h| h.revision());
+    let position = Position {
+        revision: resp.header().map_or(0, |h| h.revision()),
+        cluster_id: resp.header().map_or(0, |h| h.cluster_id()),
+    };
     let instances = resp
         .kvs()
         .iter()
         .filter_map(|kv| decode(prefix, kv))
         .map(|i| (i.id.clone(), i))
         .collect();
-    Ok((instances, revision))
+    Ok((instances, position))
 }
 
-/// Watches the prefix from `revision + 1`, applying every event to the published membership.
+/// Watches the prefix from `position.revision + 1`, applying every event to the published
+/// membership and advancing `position` only past events actually received.
 async fn watch_from(
     etcd: &Etcd,
     prefix: &str,
-    revision: i64,
+    position: &mut Position,
     tx: &watch::Sender<Membership>,
     cancel: &CancellationToken,
     backoff: &mut Backoff,
 ) -> WatchEnd {
     let options = WatchOptions::new()
         .with_prefix()
-        .with_start_revision(revision + 1)
+        .with_start_revision(position.revision + 1)
         .with_progress_notify();
     let p = prefix.to_owned();
     let opened = tokio::select! {
@@ -280,9 +303,8 @@ async fn watch_from(
         Ok(stream) => stream,
         Err(e) => {
             report_problem(tx, prefix, &e);
-            return WatchEnd::Relist {
+            return WatchEnd::Resume {
                 reason: "the watch could not be opened".into(),
-                failed: true,
             };
         }
     };
@@ -295,9 +317,8 @@ async fn watch_from(
         let resp = match message {
             Ok(Some(resp)) => resp,
             Ok(None) => {
-                return WatchEnd::Relist {
+                return WatchEnd::Resume {
                     reason: "etcd closed the watch stream".into(),
-                    failed: true,
                 };
             }
             Err(e) => {
@@ -308,35 +329,62 @@ async fn watch_from(
                     source: e,
                 };
                 report_problem(tx, prefix, &e);
-                return WatchEnd::Relist {
+                return WatchEnd::Resume {
                     reason: "the watch stream failed".into(),
-                    failed: true,
                 };
             }
         };
         if resp.canceled() {
-            let reason = if resp.compact_revision() > 0 {
-                format!(
-                    "revision {} was compacted (oldest kept: {}); events were missed",
-                    revision + 1,
-                    resp.compact_revision()
-                )
-            } else {
-                format!("etcd cancelled the watch: {:?}", resp.cancel_reason())
-            };
             return WatchEnd::Relist {
-                reason,
-                failed: resp.compact_revision() == 0,
+                reason: if resp.compact_revision() > 0 {
+                    format!(
+                        "revision {} was compacted (oldest kept: {}); events were missed",
+                        position.revision + 1,
+                        resp.compact_revision()
+                    )
+                } else {
+                    format!("etcd cancelled the watch: {:?}", resp.cancel_reason())
+                },
+            };
+        }
+        let (header_revision, cluster_id) = resp
+            .header()
+            .map_or((0, 0), |h| (h.revision(), h.cluster_id()));
+        if cluster_id != position.cluster_id {
+            // The endpoints now lead to a different cluster (rebuilt from scratch, restored from a
+            // snapshot): its revisions say nothing about ours.
+            return WatchEnd::Relist {
+                reason: format!(
+                    "etcd cluster id changed from {:x} to {cluster_id:x}",
+                    position.cluster_id
+                ),
             };
         }
         if resp.created() {
+            if header_revision < position.revision {
+                return WatchEnd::Relist {
+                    reason: format!(
+                        "etcd's revision went back from {} to {header_revision}",
+                        position.revision
+                    ),
+                };
+            }
             // The watch is established: whatever went wrong before is over.
             backoff.reset();
             clear_problem(tx, prefix);
         }
-        let header_revision = resp.header().map_or(0, |h| h.revision());
         let events = resp.events();
-        publish(tx, prefix, header_revision, |instances| {
+        match events.last().and_then(|e| e.kv()) {
+            Some(kv) => position.revision = position.revision.max(kv.mod_revision()),
+            // A progress notification: every event up to the header's revision has been sent.
+            // (Not so for the `created` response of a watch still catching up.)
+            None if !resp.created() => position.revision = position.revision.max(header_revision),
+            None => {}
+        }
+        if events.is_empty() {
+            continue;
+        }
+        publish(tx, prefix, position.revision, |instances| {
             for event in events {
                 let Some(kv) = event.kv() else { continue };
                 let Ok(key) = kv.key_str() else { continue };
@@ -411,7 +459,7 @@ fn publish(
             }
         }
         let first_sync = !m.synced;
-        m.revision = m.revision.max(revision);
+        m.revision = revision;
         m.synced = true;
         if changes.is_empty() && !first_sync {
             debug!(prefix, revision, "no membership change");

@@ -17,6 +17,7 @@
 //! - `lease`: the keep-alive loop that tells a broken stream from a lost lease.
 //! - [`discover`]: [`Discovery`], list-then-watch into a live [`Membership`].
 //! - [`balance`]: [`BalancedChannel`], round robin over connected instances for generated clients.
+//! - [`retry`]: which failed calls are safe to send again, the retry budget, request replay.
 //! - `connection`: one HTTP/2 connection per instance, ejected the moment its socket closes.
 //! - `cli` (feature `cli`, on by default): clap arguments shared by binaries.
 //! - [`backoff`]: capped exponential backoff with jitter.
@@ -55,6 +56,7 @@ pub mod etcd;
 pub mod key;
 mod lease;
 pub mod register;
+pub mod retry;
 
 pub use balance::{BalanceOptions, BalancedChannel, ServedBy};
 pub use discover::{Change, Discovery, Instance, Membership};
@@ -62,3 +64,4 @@ pub use endpoint::Endpoint;
 pub use error::{Error, Result};
 pub use etcd::{Etcd, EtcdConfig};
 pub use register::{Registration, RegistrationState};
+pub use retry::RetryPolicy;

@@ -12,10 +12,10 @@
 
 use std::time::Duration;
 
-use etcd_client::PutOptions;
+use etcd_client::{EventType, PutOptions, WatchOptions};
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     backoff::Backoff,
@@ -200,7 +200,8 @@ async fn run(
     state: watch::Sender<RegistrationState>,
     cancel: CancellationToken,
 ) -> Result<()> {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    // A 1 s cap: after an outage the key is back within about a second of etcd answering again.
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
     let mut lease_id = None;
     let mut last_problem: Option<String> = None;
 
@@ -209,8 +210,8 @@ async fn run(
             _ = cancel.cancelled() => break,
             attempt = grant_and_put(&etcd, &key, &value, ttl) => attempt,
         };
-        let id = match attempt {
-            Ok(id) => id,
+        let (id, put_revision) = match attempt {
+            Ok(registered) => registered,
             Err(e) => {
                 let reason = e.to_string();
                 // One warning per distinct problem, not one per attempt.
@@ -236,7 +237,13 @@ async fn run(
         lease_id = Some(id);
         state.send_replace(RegistrationState::Registered { lease_id: id });
 
-        match lease::keep_alive(&etcd, id, ttl, &key, &cancel).await {
+        // Keep the lease alive and, at the same time, keep the key there: either ends only when
+        // the lease is gone (or we are cancelled).
+        let end = tokio::select! {
+            end = lease::keep_alive(&etcd, id, ttl, &key, &cancel) => end,
+            end = guard_key(&etcd, &key, &value, id, put_revision, &cancel) => end,
+        };
+        match end {
             LeaseEnd::Cancelled => break,
             LeaseEnd::Lost(reason) => {
                 warn!(key, lease = format_args!("{id:x}"), %reason, "lease lost; registering again with a new lease");
@@ -267,14 +274,141 @@ async fn run(
     result
 }
 
-/// Grants a fresh lease and puts the key with it. A lease granted by an attempt whose put then failed
-/// is simply left to expire: it has no keys, so it costs nothing.
-async fn grant_and_put(etcd: &Etcd, key: &str, value: &str, ttl: Duration) -> Result<i64> {
+/// Grants a fresh lease and puts the key with it, returning the lease and the put's revision. A lease
+/// granted by an attempt whose put then failed is simply left to expire: it has no keys, so it costs
+/// nothing.
+async fn grant_and_put(etcd: &Etcd, key: &str, value: &str, ttl: Duration) -> Result<(i64, i64)> {
     let id = lease::grant(etcd, ttl, key).await?;
+    let revision = put(etcd, key, value, id).await?;
+    Ok((id, revision))
+}
+
+/// Puts `key` attached to lease `id`; returns the revision of the put.
+async fn put(etcd: &Etcd, key: &str, value: &str, id: i64) -> Result<i64> {
     let (k, v) = (key.to_owned(), value.to_owned());
-    etcd.call("put", key, |mut c| async move {
-        c.put(k, v, Some(PutOptions::new().with_lease(id))).await
-    })
-    .await?;
-    Ok(id)
+    let resp = etcd
+        .call("put", key, |mut c| async move {
+            c.put(k, v, Some(PutOptions::new().with_lease(id))).await
+        })
+        .await?;
+    Ok(resp.header().map_or(0, |h| h.revision()))
+}
+
+/// Watches our own key from just after `revision` and puts it back, on the same lease, whenever
+/// something deletes it while the lease lives: an operator's `etcdctl del`, a buggy script. (go-zero
+/// does the same.) Returns when cancelled, or when putting it back shows the lease is gone, which
+/// is also how an expired lease is noticed the moment etcd deletes the key.
+async fn guard_key(
+    etcd: &Etcd,
+    key: &str,
+    value: &str,
+    id: i64,
+    mut revision: i64,
+    cancel: &CancellationToken,
+) -> LeaseEnd {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+    loop {
+        let (k, options) = (
+            key.to_owned(),
+            WatchOptions::new().with_start_revision(revision + 1),
+        );
+        let opened = tokio::select! {
+            _ = cancel.cancelled() => return LeaseEnd::Cancelled,
+            opened = etcd.call("watch", key, |mut c| async move { c.watch(k, Some(options)).await }) => opened,
+        };
+        if let Ok(mut stream) = opened {
+            loop {
+                let message = tokio::select! {
+                    _ = cancel.cancelled() => return LeaseEnd::Cancelled,
+                    message = stream.message() => message,
+                };
+                // A broken stream (or a watch we cannot follow) is resumed from `revision` below;
+                // the lease keep-alive, not this guard, decides whether the lease survived.
+                let Ok(Some(resp)) = message else { break };
+                if resp.canceled() {
+                    // Our start revision was compacted away: look at the key itself instead.
+                    match key_present(etcd, key).await {
+                        Ok((true, now)) => revision = now,
+                        Ok((false, _)) => match restore(etcd, key, value, id, cancel).await {
+                            Ok(now) => revision = now,
+                            Err(end) => return end,
+                        },
+                        Err(_) => {}
+                    }
+                    break;
+                }
+                backoff.reset();
+                for event in resp.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    revision = revision.max(kv.mod_revision());
+                    if event.event_type() == EventType::Delete {
+                        warn!(
+                            key,
+                            lease = format_args!("{id:x}"),
+                            revision = kv.mod_revision(),
+                            "our key was deleted while its lease is alive (by an operator?); putting it back"
+                        );
+                        match restore(etcd, key, value, id, cancel).await {
+                            Ok(now) => revision = now,
+                            Err(end) => return end,
+                        }
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return LeaseEnd::Cancelled,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+/// Puts the key back on lease `id`, retrying transient failures; `Err` ends the guard.
+async fn restore(
+    etcd: &Etcd,
+    key: &str,
+    value: &str,
+    id: i64,
+    cancel: &CancellationToken,
+) -> Result<i64, LeaseEnd> {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        let attempt = tokio::select! {
+            _ = cancel.cancelled() => return Err(LeaseEnd::Cancelled),
+            attempt = put(etcd, key, value, id) => attempt,
+        };
+        match attempt {
+            Ok(revision) => {
+                info!(
+                    key,
+                    lease = format_args!("{id:x}"),
+                    revision,
+                    "key put back"
+                );
+                return Ok(revision);
+            }
+            Err(e) if lease::is_lease_not_found(&e) => {
+                return Err(LeaseEnd::Lost(format!(
+                    "the key was deleted and lease {id:x} is gone"
+                )));
+            }
+            Err(e) => {
+                debug!(key, error = %crate::error::chain(&e), "putting the key back failed; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return Err(LeaseEnd::Cancelled),
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Whether `key` exists, and the revision of that answer.
+async fn key_present(etcd: &Etcd, key: &str) -> Result<(bool, i64)> {
+    let k = key.to_owned();
+    let resp = etcd
+        .call("get", key, |mut c| async move { c.get(k, None).await })
+        .await?;
+    let revision = resp.header().map_or(0, |h| h.revision());
+    Ok((!resp.kvs().is_empty(), revision))
 }

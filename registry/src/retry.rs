@@ -1,0 +1,468 @@
+//! Retries that cannot hurt: which failed calls may be sent again, how often, and how the request is
+//! replayed.
+//!
+//! A call is retried only when that is safe:
+//! - the request never reached a server: the connection was refused, or the server refused the
+//!   stream before processing it (HTTP/2 `REFUSED_STREAM`, a request cancelled before it was
+//!   written, as happens when a connection closes under a GOAWAY);
+//! - or the method is declared idempotent and the failure is `UNAVAILABLE` (a reset connection, a
+//!   server that answered UNAVAILABLE), so running it twice does no harm.
+//!
+//! Each retry goes to a different instance when there is one, waits a jittered backoff, and must fit
+//! within the call's deadline. A [`RetryPolicy`]'s budget caps retries at a fraction of the calls
+//! (plus a small floor per second), so during an outage retries cannot multiply the load.
+//!
+//! `http::Request` bodies are streams and cannot be cloned, so the body is recorded as the first
+//! attempt sends it ([`Replay`]) and replayed to the next attempt; bodies larger than
+//! [`RetryPolicy::max_replay_bytes`] are never retried once that much has been sent.
+
+use std::{
+    pin::Pin,
+    sync::{Arc, Mutex, MutexGuard},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body::Frame;
+use tokio::time::Instant;
+use tonic::{Status, body::Body};
+
+/// Which calls may be retried, how many times, and within what budget.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts per call, the first included; `1` disables retries.
+    pub max_attempts: u32,
+    /// Methods safe to run twice, as gRPC paths (`/helloworld.Greeter/SayHello`), or whole services
+    /// with a trailing slash (`/helloworld.Greeter/`).
+    pub idempotent: Vec<String>,
+    /// First backoff between attempts (then doubled, jittered, capped at `backoff_max`).
+    pub backoff_initial: Duration,
+    /// Largest backoff between attempts.
+    pub backoff_max: Duration,
+    /// Retries allowed as a fraction of calls made (0.2: retries add at most 20 % load).
+    pub budget_ratio: f64,
+    /// Retries per second allowed regardless of the ratio, so a quiet client can still retry.
+    pub budget_min_per_second: f64,
+    /// Request bodies are recorded for replay up to this size; a larger request is not retried.
+    pub max_replay_bytes: usize,
+}
+
+impl Default for RetryPolicy {
+    /// Three attempts, no method declared idempotent (so only calls that never reached a server
+    /// are retried), 10-100 ms backoff, a 20 % budget with a floor of 10 retries per second.
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            idempotent: Vec::new(),
+            backoff_initial: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(100),
+            budget_ratio: 0.2,
+            budget_min_per_second: 10.0,
+            max_replay_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// No retries at all.
+    pub fn disabled() -> Self {
+        Self {
+            max_attempts: 1,
+            ..Self::default()
+        }
+    }
+
+    /// Declares a method (`/pkg.Service/Method`) or a whole service (`/pkg.Service/`) idempotent.
+    pub fn idempotent(mut self, path: impl Into<String>) -> Self {
+        self.idempotent.push(path.into());
+        self
+    }
+
+    /// Whether the gRPC method at `path` was declared idempotent.
+    pub fn is_idempotent(&self, path: &str) -> bool {
+        self.idempotent.iter().any(|declared| {
+            declared == path || (declared.ends_with('/') && path.starts_with(declared.as_str()))
+        })
+    }
+
+    pub(crate) fn enabled(&self) -> bool {
+        self.max_attempts > 1
+    }
+}
+
+/// A token bucket of retries: each call deposits `ratio` tokens, time deposits
+/// `min_per_second` tokens per second, each retry takes one. The balance is capped at ten seconds'
+/// worth of the floor, so a long quiet spell cannot save up a retry storm.
+#[derive(Debug)]
+pub(crate) struct RetryBudget {
+    ratio: f64,
+    min_per_second: f64,
+    cap: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl RetryBudget {
+    pub(crate) fn new(policy: &RetryPolicy) -> Self {
+        let cap = (policy.budget_min_per_second * 10.0).max(1.0);
+        Self {
+            ratio: policy.budget_ratio.max(0.0),
+            min_per_second: policy.budget_min_per_second.max(0.0),
+            cap,
+            state: Mutex::new((cap, Instant::now())),
+        }
+    }
+
+    /// Records a call.
+    pub(crate) fn deposit(&self) {
+        self.deposit_at(Instant::now());
+    }
+
+    /// Takes one retry from the budget, if there is one.
+    pub(crate) fn try_withdraw(&self) -> bool {
+        self.try_withdraw_at(Instant::now())
+    }
+
+    fn deposit_at(&self, now: Instant) {
+        let mut state = self.refill(now);
+        state.0 = (state.0 + self.ratio).min(self.cap);
+    }
+
+    fn try_withdraw_at(&self, now: Instant) -> bool {
+        let mut state = self.refill(now);
+        if state.0 >= 1.0 {
+            state.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn refill(&self, now: Instant) -> MutexGuard<'_, (f64, Instant)> {
+        // Only arithmetic happens under the lock; a poisoned value is still a valid number.
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let elapsed = now.saturating_duration_since(state.1).as_secs_f64();
+        state.0 = (state.0 + elapsed * self.min_per_second).min(self.cap);
+        state.1 = now;
+        state
+    }
+}
+
+/// True when `error` proves the request was never processed by any server, so sending it again
+/// cannot run it twice.
+pub(crate) fn never_sent(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        if let Some(e) = e.downcast_ref::<hyper::Error>() {
+            if e.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(e) = e.downcast_ref::<h2::Error>() {
+            if e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// True for a response that carries only a gRPC `UNAVAILABLE` status (a "trailers-only" response:
+/// the status is in the headers and there is no message).
+pub(crate) fn is_unavailable_response<B>(response: &http::Response<B>) -> bool {
+    response
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|status| status.as_bytes() == b"14")
+}
+
+/// The deadline a call carries in its `grpc-timeout` header, if any (`"100m"`, `"5S"`, `"1H"`).
+pub(crate) fn grpc_timeout<B>(request: &http::Request<B>) -> Option<Duration> {
+    let value = request.headers().get("grpc-timeout")?.to_str().ok()?;
+    let (amount, unit) = value.split_at(value.len().checked_sub(1)?);
+    // The spec allows at most 8 digits.
+    if amount.is_empty() || amount.len() > 8 {
+        return None;
+    }
+    let amount: u64 = amount.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// A request body recorded as it is sent, so a later attempt can send it again.
+#[derive(Debug, Clone)]
+pub(crate) struct Replay {
+    state: Arc<Mutex<ReplayState>>,
+}
+
+#[derive(Debug)]
+struct ReplayState {
+    /// The original body, until it ends.
+    inner: Option<Body>,
+    /// The data frames taken from `inner` so far.
+    recorded: Vec<Bytes>,
+    recorded_bytes: usize,
+    limit: usize,
+    /// More than `limit` bytes were sent: the recording is incomplete, no replay is possible.
+    overflowed: bool,
+    trailers: Option<http::HeaderMap>,
+    /// Which attempt owns the body; bodies of earlier attempts stop.
+    generation: u64,
+}
+
+impl Replay {
+    pub(crate) fn new(body: Body, limit: usize) -> Self {
+        Self {
+            state: Arc::new(Mutex::new(ReplayState {
+                inner: Some(body),
+                recorded: Vec::new(),
+                recorded_bytes: 0,
+                limit,
+                overflowed: false,
+                trailers: None,
+                generation: 0,
+            })),
+        }
+    }
+
+    /// The body for the next attempt: everything sent so far, then the rest of the original.
+    pub(crate) fn attempt(&self) -> Body {
+        let generation = {
+            let mut state = self.lock();
+            state.generation += 1;
+            state.generation
+        };
+        Body::new(AttemptBody {
+            replay: self.clone(),
+            generation,
+            next: 0,
+            trailers_sent: false,
+        })
+    }
+
+    /// Whether another attempt could send the whole body again.
+    pub(crate) fn replayable(&self) -> bool {
+        !self.lock().overflowed
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ReplayState> {
+        // Polling happens under the lock but never panics midway through an update.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One attempt's view of a [`Replay`].
+struct AttemptBody {
+    replay: Replay,
+    generation: u64,
+    /// Index of the next recorded frame to send.
+    next: usize,
+    trailers_sent: bool,
+}
+
+impl http_body::Body for AttemptBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let replay = self.replay.clone();
+        let mut state = replay.lock();
+        if state.generation != self.generation {
+            // A later attempt took over; this one has already failed.
+            return Poll::Ready(Some(Err(Status::cancelled("superseded by a retry"))));
+        }
+        if let Some(data) = state.recorded.get(self.next) {
+            let data = data.clone();
+            self.next += 1;
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        let Some(inner) = state.inner.as_mut() else {
+            if let (Some(trailers), false) = (&state.trailers, self.trailers_sent) {
+                let trailers = trailers.clone();
+                self.trailers_sent = true;
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            }
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                state.inner = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(status))) => Poll::Ready(Some(Err(status))),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if !state.overflowed {
+                        if state.recorded_bytes + data.len() <= state.limit {
+                            state.recorded_bytes += data.len();
+                            state.recorded.push(data.clone());
+                            self.next += 1;
+                        } else {
+                            state.overflowed = true;
+                            state.recorded.clear();
+                        }
+                    }
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    state.trailers = Some(trailers.clone());
+                    self.trailers_sent = true;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body::Body as _;
+
+    #[test]
+    fn idempotent_methods_match_exactly_or_by_service() {
+        let policy = RetryPolicy::default()
+            .idempotent("/helloworld.Greeter/SayHello")
+            .idempotent("/pkg.Reads/");
+        assert!(policy.is_idempotent("/helloworld.Greeter/SayHello"));
+        assert!(!policy.is_idempotent("/helloworld.Greeter/SayGoodbye"));
+        assert!(policy.is_idempotent("/pkg.Reads/Get"));
+        assert!(!policy.is_idempotent("/pkg.ReadsMore/Get"));
+        assert!(!RetryPolicy::disabled().enabled());
+    }
+
+    #[test]
+    fn budget_allows_the_floor_then_the_ratio() {
+        let policy = RetryPolicy {
+            budget_ratio: 0.5,
+            budget_min_per_second: 1.0,
+            ..RetryPolicy::default()
+        };
+        let budget = RetryBudget::new(&policy);
+        let t0 = Instant::now();
+        // Starts full: ten seconds' worth of the floor.
+        for _ in 0..10 {
+            assert!(budget.try_withdraw_at(t0));
+        }
+        assert!(!budget.try_withdraw_at(t0));
+        // Two calls earn one retry.
+        budget.deposit_at(t0);
+        assert!(!budget.try_withdraw_at(t0));
+        budget.deposit_at(t0);
+        assert!(budget.try_withdraw_at(t0));
+        // A second of time earns one more, never more than the cap.
+        assert!(budget.try_withdraw_at(t0 + Duration::from_secs(1)));
+        assert!(!budget.try_withdraw_at(t0 + Duration::from_secs(1)));
+        let much_later = t0 + Duration::from_secs(3600);
+        assert_eq!(
+            (0..20)
+                .filter(|_| budget.try_withdraw_at(much_later))
+                .count(),
+            10
+        );
+    }
+
+    #[test]
+    fn grpc_timeouts_are_parsed() {
+        let with = |v: &str| {
+            let request = http::Request::builder()
+                .header("grpc-timeout", v)
+                .body(())
+                .unwrap();
+            grpc_timeout(&request)
+        };
+        assert_eq!(with("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(with("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(with("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(with("250u"), Some(Duration::from_micros(250)));
+        assert_eq!(with("123456789m"), None);
+        assert_eq!(with("m"), None);
+        assert_eq!(with("5x"), None);
+        assert_eq!(grpc_timeout(&http::Request::new(())), None);
+    }
+
+    #[test]
+    fn trailers_only_unavailable_is_recognised() {
+        let response = |status: &str| {
+            http::Response::builder()
+                .header("grpc-status", status)
+                .body(())
+                .unwrap()
+        };
+        assert!(is_unavailable_response(&response("14")));
+        assert!(!is_unavailable_response(&response("0")));
+        assert!(!is_unavailable_response(&http::Response::new(())));
+    }
+
+    async fn collect(mut body: Body) -> Result<Vec<u8>, Status> {
+        let mut out = Vec::new();
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        {
+            if let Ok(data) = frame?.into_data() {
+                out.extend_from_slice(&data);
+            }
+        }
+        Ok(out)
+    }
+
+    fn chunks(parts: &[&'static [u8]]) -> Body {
+        let frames: Vec<Result<Frame<Bytes>, Status>> = parts
+            .iter()
+            .map(|p| Ok(Frame::data(Bytes::from_static(p))))
+            .collect();
+        Body::new(frames_body(frames))
+    }
+
+    /// A body yielding the given frames (no extra dependency for a test).
+    fn frames_body(
+        frames: Vec<Result<Frame<Bytes>, Status>>,
+    ) -> impl http_body::Body<Data = Bytes, Error = Status> + Send + 'static {
+        struct Frames(std::collections::VecDeque<Result<Frame<Bytes>, Status>>);
+        impl http_body::Body for Frames {
+            type Data = Bytes;
+            type Error = Status;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+                Poll::Ready(self.0.pop_front())
+            }
+        }
+        Frames(frames.into())
+    }
+
+    #[tokio::test]
+    async fn a_body_is_replayed_whole_after_a_partial_or_complete_send() {
+        let replay = Replay::new(chunks(&[b"ab", b"cd", b"ef"]), 1024);
+        let mut first = replay.attempt();
+        // The first attempt sends one frame, then "fails".
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut first).poll_frame(cx)).await;
+        assert_eq!(frame.unwrap().unwrap().into_data().unwrap(), "ab");
+        assert!(replay.replayable());
+        let second = replay.attempt();
+        // The abandoned attempt can no longer take frames.
+        assert!(collect(first).await.is_err());
+        assert_eq!(collect(second).await.unwrap(), b"abcdef");
+        assert_eq!(collect(replay.attempt()).await.unwrap(), b"abcdef");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_not_replayable() {
+        let replay = Replay::new(chunks(&[b"0123456789", b"0123456789"]), 15);
+        assert_eq!(collect(replay.attempt()).await.unwrap().len(), 20);
+        assert!(!replay.replayable());
+    }
+}
