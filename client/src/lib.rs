@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 use proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
 use registry::{
-    BalanceOptions, BalancedChannel, Change, Discovery, ServedBy,
+    BalanceOptions, BalancedChannel, Change, Discovery, RetryPolicy, ServedBy,
     cli::{EtcdArgs, parse_duration},
     discover::diff,
 };
@@ -56,7 +56,16 @@ pub struct Config {
     /// The name to greet.
     #[arg(long, default_value = "world")]
     pub name: String,
+
+    /// Attempts per call, the first included; failed calls are retried on another instance when
+    /// that is safe (SayHello is idempotent). 1 disables retries.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
+    pub max_attempts: u32,
 }
+
+/// The gRPC path of SayHello, declared idempotent: greeting twice does no harm, so a call that
+/// failed with UNAVAILABLE may be sent again to another instance.
+pub const SAY_HELLO: &str = "/helloworld.Greeter/SayHello";
 
 /// What happened over a run.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -101,6 +110,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let discovery = Discovery::start(&etcd, &config.etcd.namespace, &config.etcd.service)?;
     let options = BalanceOptions {
         call_timeout: config.timeout,
+        retry: RetryPolicy {
+            max_attempts: config.max_attempts,
+            ..RetryPolicy::default()
+        }
+        .idempotent(SAY_HELLO),
         ..BalanceOptions::default()
     };
     let channel = BalancedChannel::new(discovery.clone(), options);
@@ -262,6 +276,7 @@ mod tests {
         assert!(parse(&["--interval", "soon"]).is_err());
         assert!(parse(&["--duration", "1s", "--forever"]).is_err());
         assert!(parse(&["--etcd-endpoints", "h:0"]).is_err());
+        assert!(parse(&["--max-attempts", "0"]).is_err());
         assert!(parse(&[]).is_ok());
     }
 }

@@ -2,9 +2,10 @@
 //! registration and discovery share.
 //!
 //! Three options matter for failure handling, and all are on by default:
-//! - HTTP/2 keep-alive pings, so a member that froze or vanished behind a dead network is noticed
-//!   within `keep_alive_interval + keep_alive_timeout` and its streams fail instead of hanging
-//!   (etcd-client #48, etcd #8691);
+//! - HTTP/2 keep-alive pings while streams are open, so a member that froze or vanished behind a
+//!   dead network is noticed within `keep_alive_interval + keep_alive_timeout` and its watch and
+//!   keep-alive streams fail instead of hanging (etcd-client #48, etcd #8691). Not more often than
+//!   etcd allows: see [`EtcdConfig::new`];
 //! - `require_leader`, so a member cut off from the quorum fails watches and requests at once
 //!   instead of serving a stale view;
 //! - a deadline on every unary request ([`Etcd::call`]), so nothing waits forever.
@@ -53,7 +54,10 @@ impl EtcdConfig {
             endpoints,
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(5),
-            keep_alive_interval: Duration::from_secs(2),
+            // etcd (grpc-go) answers pings more often than every 5 s on a connection with streams,
+            // and any ping on a connection without streams, with GOAWAY "too_many_pings"
+            // (`--grpc-keepalive-min-time`). 6 s + 3 s still notices a frozen member within 9 s.
+            keep_alive_interval: Duration::from_secs(6),
             keep_alive_timeout: Duration::from_secs(3),
         })
     }
@@ -67,7 +71,7 @@ impl EtcdConfig {
         let options = ConnectOptions::new()
             .with_connect_timeout(self.connect_timeout)
             .with_keep_alive(self.keep_alive_interval, self.keep_alive_timeout)
-            .with_keep_alive_while_idle(true)
+            .with_keep_alive_while_idle(false)
             .with_require_leader(true);
         let client = Client::connect(&self.endpoints, Some(options))
             .await
