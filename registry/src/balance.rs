@@ -11,8 +11,10 @@
 //!   every change, and rotates through it with one atomic counter, so a call costs a read lock, an
 //!   increment and a channel clone.
 //!
-//! A call never waits for an instance to appear: with none usable it fails at once with
-//! `UNAVAILABLE` naming the service. Every call has a deadline.
+//! A call never waits for an instance to appear: with none registered, or none reachable, it fails
+//! at once with `UNAVAILABLE` naming the service. Only while the channel is still starting (first
+//! list not done, or an instance still making its first connection) does a call wait, and never
+//! past its deadline.
 
 use std::{
     collections::BTreeMap,
@@ -27,7 +29,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::{
@@ -74,11 +76,13 @@ impl Default for BalanceOptions {
         Self {
             call_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(1),
-            // Pings go out only while calls are in flight (never on idle connections, which
-            // grpc-go and grpc-core servers would punish with GOAWAY "too_many_pings"), so a
-            // frozen instance is dropped within about two seconds of a call waiting on it.
+            // hyper pings only when nothing has been read for `keep_alive_interval` while calls
+            // are in flight (never on idle connections, which grpc-go and grpc-core servers
+            // punish with GOAWAY "too_many_pings"), so a frozen instance is dropped about 1.5 s
+            // after it stops answering. Against grpc-core servers whose calls stay silent for
+            // seconds, raise the interval: such servers also count pings during a silent call.
             keep_alive_interval: Duration::from_secs(1),
-            keep_alive_timeout: Duration::from_secs(1),
+            keep_alive_timeout: Duration::from_millis(500),
             retry: RetryPolicy::default(),
         }
     }
@@ -126,6 +130,10 @@ struct Owner {
 /// State shared by the channel clones, the updater and the maintainers.
 struct Shared {
     service: Arc<str>,
+    /// Discovery's snapshots: whether the first list has completed.
+    membership: watch::Receiver<Membership>,
+    /// Woken on every change of the rotation, for calls waiting for a first connection.
+    changed: Notify,
     call_timeout: Duration,
     retry: RetryPolicy,
     budget: RetryBudget,
@@ -141,6 +149,8 @@ impl BalancedChannel {
     pub fn new(discovery: Discovery, options: BalanceOptions) -> Self {
         let shared = Arc::new(Shared {
             service: discovery.service().into(),
+            membership: discovery.subscribe(),
+            changed: Notify::new(),
             call_timeout: options.call_timeout,
             budget: RetryBudget::new(&options.retry),
             retry: options.retry.clone(),
@@ -236,6 +246,45 @@ impl Shared {
             .cloned()
             .collect();
         *self.ready.write().unwrap_or_else(|p| p.into_inner()) = ready;
+        drop(backends);
+        self.changed.notify_waiters();
+    }
+
+    /// Like [`Shared::pick`], but while the answer may still change for the better (discovery has
+    /// not completed its first list, or an instance is still making its first connection) waits for
+    /// it, until `deadline`. This is gRPC's behaviour for a channel that is still connecting;
+    /// once everything known has been tried, a call fails at once.
+    async fn pick_or_wait(
+        &self,
+        avoid: &[Arc<str>],
+        deadline: Instant,
+    ) -> Result<(Arc<Backend>, Channel), Status> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Register interest before looking, so a change in between is not missed.
+            changed.as_mut().enable();
+            let status = match self.pick(avoid) {
+                Ok(picked) => return Ok(picked),
+                Err(status) => status,
+            };
+            let still_connecting = !self.membership.borrow().synced
+                || self
+                    .backends
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .any(|b| b.is_connecting());
+            if !still_connecting {
+                return Err(status);
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(Status::deadline_exceeded(format!(
+                    "no instance of service {:?} became reachable before the call's deadline",
+                    self.service
+                )));
+            }
+        }
     }
 
     /// The next backend in rotation and its channel, preferring one not in `avoid` (the instances
@@ -285,7 +334,7 @@ impl Shared {
             grpc_timeout(&request).map_or(self.call_timeout, |t| t.min(self.call_timeout));
         let deadline = Instant::now() + timeout;
         if !self.retry.enabled() {
-            let (backend, channel) = self.pick(&[])?;
+            let (backend, channel) = self.pick_or_wait(&[], deadline).await?;
             return match tokio::time::timeout_at(deadline, channel.oneshot(request)).await {
                 Ok(Ok(response)) => Ok(served_by(response, &backend)),
                 Ok(Err(error)) => Err(transport_failure(&backend, &error).into()),
@@ -302,7 +351,7 @@ impl Shared {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (backend, channel) = self.pick(&tried)?;
+            let (backend, channel) = self.pick_or_wait(&tried, deadline).await?;
             // Tell the server how long it has left, so it can give up when we do.
             let left = deadline.saturating_duration_since(Instant::now());
             if let Ok(value) = http::HeaderValue::from_str(&format!("{}m", left.as_millis().max(1)))

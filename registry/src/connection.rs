@@ -13,7 +13,10 @@ use std::{
     future::Future,
     io,
     pin::Pin,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -24,7 +27,13 @@ use tokio::{
     net::TcpStream,
 };
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{
+    Code,
+    transport::{Channel, Endpoint, Uri},
+};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 use tracing::{debug, info, warn};
 
 use crate::{backoff::Backoff, error::chain};
@@ -35,6 +44,9 @@ pub(crate) struct Backend {
     pub(crate) addr: Arc<str>,
     pub(crate) instance_id: Arc<str>,
     live: Mutex<Option<Live>>,
+    /// Set once the first connection attempt has finished, either way. Until then the backend is
+    /// "connecting" and calls may wait for it rather than fail.
+    attempted: AtomicBool,
 }
 
 /// A connected channel and the token its socket fires when it closes.
@@ -50,6 +62,7 @@ impl Backend {
             addr,
             instance_id,
             live: Mutex::new(None),
+            attempted: AtomicBool::new(false),
         }
     }
 
@@ -60,6 +73,11 @@ impl Backend {
 
     pub(crate) fn is_ready(&self) -> bool {
         self.live().is_some()
+    }
+
+    /// True until the first connection attempt has finished.
+    pub(crate) fn is_connecting(&self) -> bool {
+        !self.attempted.load(Ordering::Acquire)
     }
 
     /// A call failed at the transport level: stop picking this instance now and let the maintainer
@@ -94,15 +112,27 @@ pub(crate) async fn maintain(
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
     let mut last_problem: Option<String> = None;
+    let probe_timeout = endpoint
+        .get_connect_timeout()
+        .unwrap_or(Duration::from_secs(1));
     loop {
         let closed = CancellationToken::new();
         let connector = MonitoredConnector {
             closed: closed.clone(),
         };
+        let connected = async {
+            let channel = endpoint
+                .connect_with_connector(connector)
+                .await
+                .map_err(|e| chain(&e))?;
+            probe(&channel, probe_timeout).await?;
+            Ok::<_, String>(channel)
+        };
         let connected = tokio::select! {
             _ = stop.cancelled() => break,
-            connected = endpoint.connect_with_connector(connector) => connected,
+            connected = connected => connected,
         };
+        let first = !backend.attempted.swap(true, Ordering::AcqRel);
         match connected {
             Ok(channel) => {
                 info!(addr = %backend.addr, id = %backend.instance_id, "connected; instance in rotation");
@@ -121,13 +151,16 @@ pub(crate) async fn maintain(
                 on_change();
                 warn!(addr = %backend.addr, id = %backend.instance_id, "connection lost; instance out of rotation until it reconnects");
             }
-            Err(e) => {
-                let problem = chain(&e);
+            Err(problem) => {
                 if last_problem.as_deref() != Some(problem.as_str()) {
                     warn!(addr = %backend.addr, id = %backend.instance_id, %problem, "cannot connect; retrying with backoff");
                     last_problem = Some(problem);
                 } else {
                     debug!(addr = %backend.addr, "still cannot connect");
+                }
+                if first {
+                    // Calls waiting for this backend's first connection can stop waiting.
+                    on_change();
                 }
                 tokio::select! {
                     _ = stop.cancelled() => break,
@@ -138,6 +171,29 @@ pub(crate) async fn maintain(
     }
     backend.set(None);
     debug!(addr = %backend.addr, "connection maintainer stopped");
+}
+
+/// Proves a new connection is answered before the instance enters the rotation. Connecting alone
+/// proves little: the kernel completes the TCP handshake for a frozen (SIGSTOPped) process, and the
+/// HTTP/2 handshake does not wait for the server. One `grpc.health.v1.Health/Check` does: any gRPC
+/// answer (even UNIMPLEMENTED, from a server without a health service) means the server is
+/// processing requests; NOT_SERVING means it asked not to be used.
+async fn probe(channel: &Channel, timeout: Duration) -> Result<(), String> {
+    let mut health = HealthClient::new(channel.clone());
+    let request = HealthCheckRequest {
+        service: String::new(),
+    };
+    match tokio::time::timeout(timeout, health.check(request)).await {
+        Err(_) => Err(format!("no answer to a health check within {timeout:?}")),
+        Ok(Ok(reply)) if reply.get_ref().status() == ServingStatus::NotServing => {
+            Err("the server reports NOT_SERVING".to_owned())
+        }
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) => match status.code() {
+            Code::Unimplemented | Code::NotFound => Ok(()),
+            _ => Err(format!("health check failed: {status}")),
+        },
+    }
 }
 
 /// A tower connector for tonic that dials TCP and wraps the stream in a [`MonitoredStream`].

@@ -10,16 +10,21 @@
 //! away, etcd cancelled the watch, or the endpoints now lead to a rebuilt cluster whose revisions mean
 //! nothing to us) the task lists again, publishes the difference and watches from the new revision.
 //! While etcd is unreachable the last known set is kept: a registry outage must not turn into a
-//! service outage.
+//! service outage. For the same reason, after the cluster was rebuilt empty, instances it does not
+//! list yet are kept for a grace period while their servers register again.
 //!
 //! Subscribers get [`Membership`] snapshots through a `tokio::sync::watch` channel; the task applies
 //! changes as they arrive, not when a request happens to need them.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use etcd_client::{EventType, GetOptions, KeyValue, WatchOptions};
 use serde_json::Value;
-use tokio::sync::watch;
+use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn};
 
@@ -202,7 +207,22 @@ enum WatchEnd {
     Resume { reason: String },
     /// The watch cannot be resumed (its revision was compacted, etcd cancelled it, or the cluster
     /// was replaced): list again and publish the difference.
-    Relist { reason: String },
+    Relist {
+        reason: String,
+        /// The endpoints now lead to a rebuilt cluster (new cluster id, revisions gone back).
+        replaced: bool,
+    },
+}
+
+/// How long instances known before etcd was rebuilt are kept while the rebuilt cluster does not
+/// list them (yet). A live server notices its lease is gone and registers again within about a
+/// second; this grace keeps its clients from dropping it, and failing calls, in between.
+const REBUILD_GRACE: Duration = Duration::from_secs(10);
+
+/// Instances carried over from before a cluster rebuild, not yet confirmed by the new cluster.
+struct Carried {
+    ids: BTreeSet<String>,
+    until: Instant,
 }
 
 /// Where a watch resumes from, and which cluster that revision belongs to.
@@ -219,15 +239,25 @@ async fn run(
     cancel: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+    let mut carried: Option<Carried> = None;
     loop {
         let listed = tokio::select! {
             _ = cancel.cancelled() => return,
             listed = list(&etcd, &prefix) => listed,
         };
         let mut position = match listed {
-            Ok((instances, position)) => {
+            Ok((mut instances, position)) => {
+                if let Some(c) = &mut carried {
+                    c.ids.retain(|id| !instances.contains_key(id));
+                }
                 publish(&tx, &prefix, position.revision, |current| {
-                    *current = instances
+                    // Keep what a rebuilt cluster has not re-listed yet (see REBUILD_GRACE).
+                    for id in carried.iter().flat_map(|c| &c.ids) {
+                        if let Some(old) = current.get(id) {
+                            instances.insert(id.clone(), old.clone());
+                        }
+                    }
+                    *current = instances;
                 });
                 position
             }
@@ -241,7 +271,16 @@ async fn run(
         };
 
         loop {
-            match watch_from(&etcd, &prefix, &mut position, &tx, &cancel, &mut backoff).await {
+            let watched = watch_from(
+                &etcd,
+                &prefix,
+                &mut position,
+                &tx,
+                &cancel,
+                &mut backoff,
+                &mut carried,
+            );
+            match watched.await {
                 WatchEnd::Cancelled => return,
                 WatchEnd::Resume { reason } => {
                     debug!(prefix = %prefix, %reason, revision = position.revision, "resuming the watch");
@@ -250,8 +289,15 @@ async fn run(
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
                     }
                 }
-                WatchEnd::Relist { reason } => {
+                WatchEnd::Relist { reason, replaced } => {
                     info!(prefix = %prefix, %reason, "re-listing");
+                    if replaced {
+                        let ids = tx.borrow().instances.keys().cloned().collect();
+                        carried = Some(Carried {
+                            ids,
+                            until: Instant::now() + REBUILD_GRACE,
+                        });
+                    }
                     break;
                 }
             }
@@ -289,6 +335,7 @@ async fn watch_from(
     tx: &watch::Sender<Membership>,
     cancel: &CancellationToken,
     backoff: &mut Backoff,
+    carried: &mut Option<Carried>,
 ) -> WatchEnd {
     let options = WatchOptions::new()
         .with_prefix()
@@ -310,9 +357,19 @@ async fn watch_from(
     };
 
     loop {
+        let grace_ends = carried.as_ref().map(|c| c.until);
         let message = tokio::select! {
             _ = cancel.cancelled() => return WatchEnd::Cancelled,
             message = stream.message() => message,
+            _ = sleep_until_some(grace_ends) => {
+                if let Some(c) = carried.take() {
+                    info!(prefix, count = c.ids.len(), "dropping instances the rebuilt etcd cluster never listed again");
+                    publish(tx, prefix, position.revision, |instances| {
+                        instances.retain(|id, _| !c.ids.contains(id));
+                    });
+                }
+                continue;
+            }
         };
         let resp = match message {
             Ok(Some(resp)) => resp,
@@ -336,6 +393,7 @@ async fn watch_from(
         };
         if resp.canceled() {
             return WatchEnd::Relist {
+                replaced: false,
                 reason: if resp.compact_revision() > 0 {
                     format!(
                         "revision {} was compacted (oldest kept: {}); events were missed",
@@ -354,6 +412,7 @@ async fn watch_from(
             // The endpoints now lead to a different cluster (rebuilt from scratch, restored from a
             // snapshot): its revisions say nothing about ours.
             return WatchEnd::Relist {
+                replaced: true,
                 reason: format!(
                     "etcd cluster id changed from {:x} to {cluster_id:x}",
                     position.cluster_id
@@ -363,6 +422,7 @@ async fn watch_from(
         if resp.created() {
             if header_revision < position.revision {
                 return WatchEnd::Relist {
+                    replaced: true,
                     reason: format!(
                         "etcd's revision went back from {} to {header_revision}",
                         position.revision
@@ -388,6 +448,10 @@ async fn watch_from(
             for event in events {
                 let Some(kv) = event.kv() else { continue };
                 let Ok(key) = kv.key_str() else { continue };
+                if let (Some(c), Some(id)) = (carried.as_mut(), key::instance_id(prefix, key)) {
+                    // The rebuilt cluster has spoken about this instance: no longer carried.
+                    c.ids.remove(id);
+                }
                 let Some(id) = key::instance_id(prefix, key) else {
                     if event.event_type() == EventType::Put {
                         warn!(
@@ -413,6 +477,14 @@ async fn watch_from(
                 }
             }
         });
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -56,9 +56,9 @@ impl EtcdConfig {
             request_timeout: Duration::from_secs(5),
             // etcd (grpc-go) answers pings more often than every 5 s on a connection with streams,
             // and any ping on a connection without streams, with GOAWAY "too_many_pings"
-            // (`--grpc-keepalive-min-time`). 6 s + 3 s still notices a frozen member within 9 s.
+            // (`--grpc-keepalive-min-time`). 6 s + 2 s still notices a frozen member within 8 s.
             keep_alive_interval: Duration::from_secs(6),
-            keep_alive_timeout: Duration::from_secs(3),
+            keep_alive_timeout: Duration::from_secs(2),
         })
     }
 

@@ -1,0 +1,295 @@
+//! Shared helpers for the server's process-level tests: server processes on real ports, etcd key
+//! checks, and a steady call load through the balanced channel that records where every call went.
+
+#![allow(dead_code, unreachable_pub)] // each test file uses a different subset
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
+use registry::{BalanceOptions, BalancedChannel, Discovery, EtcdConfig, RetryPolicy, ServedBy};
+use testkit::{ChildGuard, EtcdCluster, free_port, wait_until};
+use tokio::time::Instant;
+
+/// A `server` process and where its log goes.
+pub struct ServerProcess {
+    pub child: ChildGuard,
+    pub port: u16,
+    pub addr: String,
+    pub log: PathBuf,
+    endpoints: String,
+    extra: Vec<String>,
+}
+
+impl ServerProcess {
+    /// Starts a server on a free port registering in `cluster`.
+    pub fn start(cluster: &EtcdCluster, logs: &Path, extra: &[&str]) -> Self {
+        let endpoints = cluster.endpoints().join(",");
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let port = free_port();
+        let log = logs.join(format!("server-{port}.log"));
+        let child = spawn_server(port, &endpoints, &extra, &log);
+        Self {
+            child,
+            port,
+            addr: format!("127.0.0.1:{port}"),
+            log,
+            endpoints,
+            extra,
+        }
+    }
+
+    /// Starts the same server again, same port and flags, after it exited or was killed.
+    pub fn restart(&mut self) {
+        self.child = spawn_server(self.port, &self.endpoints, &self.extra, &self.log);
+    }
+
+    /// The instance id the server registers under.
+    pub fn id(&self) -> String {
+        self.addr.replace(':', "-")
+    }
+
+    pub fn key(&self) -> String {
+        format!("services/helloworld/{}", self.id())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn spawn_server(port: u16, endpoints: &str, extra: &[String], log: &Path) -> ChildGuard {
+    // Appending keeps the log of every incarnation of the server.
+    let file = File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("opening the server log");
+    testkit::spawn(
+        Command::new(env!("CARGO_BIN_EXE_server"))
+            .args(["--port", &port.to_string(), "--etcd-endpoints", endpoints])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(file.try_clone().expect("cloning the log handle"))
+            .stderr(file),
+    )
+}
+
+/// The lease (hex) `key` is attached to, or `None` when the key is missing.
+pub fn lease_of(cluster: &EtcdCluster, key: &str) -> Option<String> {
+    let out = cluster.etcdctl_ok(&["get", key, "-w", "fields"]);
+    let lease = out
+        .lines()
+        .find_map(|l| l.strip_prefix("\"Lease\" : "))?
+        .trim()
+        .parse::<i64>()
+        .ok()?;
+    Some(format!("{lease:x}"))
+}
+
+pub fn key_exists(cluster: &EtcdCluster, key: &str) -> bool {
+    !cluster
+        .etcdctl_ok(&["get", key, "--keys-only"])
+        .trim()
+        .is_empty()
+}
+
+pub fn wait_registered(cluster: &EtcdCluster, server: &ServerProcess) {
+    wait_until(
+        Duration::from_secs(15),
+        &format!("{} to register", server.key()),
+        || key_exists(cluster, &server.key()),
+    );
+}
+
+/// What happened to one call.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub sent: Instant,
+    pub latency: Duration,
+    /// The address that served it, or the failure.
+    pub outcome: Result<String, String>,
+}
+
+/// A steady, open-loop call rate through a balanced channel configured like the `client` binary
+/// (SayHello idempotent, three attempts): one call every `every`, each in its own task, so a slow
+/// call never holds back the next one.
+pub struct Load {
+    pub channel: BalancedChannel,
+    calls: Arc<Mutex<Vec<Call>>>,
+    in_flight: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    pub async fn start(endpoints: Vec<String>, every: Duration) -> Self {
+        let etcd = EtcdConfig::new(endpoints)
+            .expect("valid endpoints")
+            .connect()
+            .await
+            .expect("etcd client");
+        let options = BalanceOptions {
+            call_timeout: Duration::from_secs(2),
+            retry: RetryPolicy::default().idempotent("/helloworld.Greeter/SayHello"),
+            ..BalanceOptions::default()
+        };
+        let channel = BalancedChannel::new(
+            Discovery::start(&etcd, "services", "helloworld").expect("valid names"),
+            options,
+        );
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let task = {
+            let (channel, calls, in_flight) = (channel.clone(), calls.clone(), in_flight.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    let mut client = GreeterClient::new(channel.clone());
+                    let (calls, in_flight) = (calls.clone(), in_flight.clone());
+                    in_flight.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        let sent = Instant::now();
+                        let result = client
+                            .say_hello(HelloRequest {
+                                name: "load".into(),
+                            })
+                            .await;
+                        let outcome = match result {
+                            Ok(response) => Ok(response
+                                .extensions()
+                                .get::<ServedBy>()
+                                .map(|s| s.addr.to_string())
+                                .unwrap_or_default()),
+                            Err(status) => {
+                                Err(format!("{:?}: {}", status.code(), status.message()))
+                            }
+                        };
+                        calls.lock().unwrap().push(Call {
+                            sent,
+                            latency: sent.elapsed(),
+                            outcome,
+                        });
+                        in_flight.fetch_sub(1, Ordering::SeqCst);
+                    });
+                }
+            })
+        };
+        Self {
+            channel,
+            calls,
+            in_flight,
+            task,
+        }
+    }
+
+    /// Waits until every address in `addrs` has served a call.
+    pub async fn wait_serving(&self, addrs: &[&str], timeout: Duration) {
+        self.wait_served_since(addrs, None, timeout).await;
+    }
+
+    /// Waits until each of `addrs` served a call sent after `since` (any call with `None`); returns
+    /// how long after `since` the last of them was answered.
+    pub async fn wait_served_since(
+        &self,
+        addrs: &[&str],
+        since: Option<Instant>,
+        timeout: Duration,
+    ) -> Duration {
+        let started = Instant::now();
+        loop {
+            let calls = self.calls();
+            let after = |c: &Call| since.is_none_or(|s| c.sent >= s);
+            let all = addrs.iter().all(|addr| {
+                calls
+                    .iter()
+                    .any(|c| after(c) && c.outcome.as_deref() == Ok(*addr))
+            });
+            if all {
+                let last = addrs
+                    .iter()
+                    .filter_map(|addr| {
+                        calls
+                            .iter()
+                            .filter(|c| after(c) && c.outcome.as_deref() == Ok(*addr))
+                            .map(|c| c.sent + c.latency)
+                            .min()
+                    })
+                    .max();
+                return match (since, last) {
+                    (Some(since), Some(last)) => last.saturating_duration_since(since),
+                    _ => Duration::ZERO,
+                };
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "{addrs:?} did not all serve a call within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until `n` calls sent after `since` have completed.
+    pub async fn wait_calls_since(&self, since: Instant, n: usize, timeout: Duration) {
+        let started = Instant::now();
+        while self.calls().iter().filter(|c| c.sent >= since).count() < n {
+            assert!(
+                started.elapsed() < timeout,
+                "fewer than {n} calls within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    /// Stops sending, waits for the calls in flight (each ends within its 2 s deadline), and
+    /// returns every call made.
+    pub async fn finish(self) -> Vec<Call> {
+        self.task.abort();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.in_flight.load(Ordering::SeqCst) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "calls still in flight 5 s after the load stopped"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.calls()
+    }
+}
+
+/// Calls that failed, for assertion messages.
+pub fn failures(calls: &[Call]) -> Vec<&Call> {
+    calls.iter().filter(|c| c.outcome.is_err()).collect()
+}
+
+/// The p-th percentile (0-100) of the latencies of successful calls matching `filter`.
+pub fn percentile(calls: &[Call], p: f64, filter: impl Fn(&Call) -> bool) -> Duration {
+    let mut latencies: Vec<_> = calls
+        .iter()
+        .filter(|c| c.outcome.is_ok() && filter(c))
+        .map(|c| c.latency)
+        .collect();
+    latencies.sort();
+    if latencies.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * (latencies.len() - 1) as f64).round() as usize;
+    latencies[rank.min(latencies.len() - 1)]
+}
+
+/// A port nobody listens on (for records that must not be dialable).
+pub fn dead_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
