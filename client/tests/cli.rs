@@ -198,3 +198,50 @@ fn without_etcd_the_client_gives_up_after_etcd_timeout() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_records_are_skipped_with_one_warning_each_naming_the_key() {
+    let cluster = EtcdCluster::start();
+    let server = Server::start(&cluster);
+    let huge = format!(
+        r#"{{"Op":0,"Addr":"127.0.0.1:1","Metadata":"{}"}}"#,
+        "x".repeat(70_000)
+    );
+    let bad: [(&str, &str); 7] = [
+        ("garbage", "not json at all"),
+        ("invalid-json", r#"{"Addr": "#),
+        ("no-addr", r#"{"Op":0,"Metadata":null}"#),
+        ("bad-addr", r#"{"Op":0,"Addr":"not an address"}"#),
+        ("port-out-of-range", r#"{"Addr":"127.0.0.1:99999"}"#),
+        ("huge", &huge),
+        ("nested/deeper", r#"{"Addr":"127.0.0.1:1"}"#),
+    ];
+    for (id, value) in bad {
+        cluster.etcdctl_ok(&["put", &format!("services/helloworld/{id}"), value]);
+    }
+
+    let output = client(&cluster)
+        .args(["--requests", "3", "--interval", "10ms"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("total 3 calls, 0 failed"), "{stdout}");
+    let calls_to_server = stdout
+        .lines()
+        .filter(|l| l.starts_with("call ") && l.contains(&server.addr))
+        .count();
+    assert_eq!(calls_to_server, 3, "{stdout}");
+    for (id, _) in bad {
+        let key = format!("services/helloworld/{id}");
+        let warnings = stderr
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains(&format!("key={key} ")))
+            .count();
+        assert_eq!(warnings, 1, "{key}: {stderr}");
+    }
+    server.stop().await;
+}
