@@ -21,10 +21,7 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
-    sync::{
-        Arc, Mutex, RwLock,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex, RwLock, atomic::AtomicUsize},
     task::{Context, Poll},
     time::Duration,
 };
@@ -38,14 +35,18 @@ use tonic::{
     transport::{Channel, Endpoint},
 };
 use tower::ServiceExt;
-use tracing::debug;
+use tracing::{debug, warn};
+
+pub use crate::connection::OutlierPolicy;
 
 use crate::{
     backoff::Backoff,
     connection::{self, Backend},
-    discover::{Discovery, InstanceMap, Membership},
+    discover::{Discovery, Instance, InstanceMap, Membership},
     error::chain,
+    policy::{Candidate, Picker, Policy},
     retry::{Replay, RetryBudget, RetryPolicy, grpc_timeout, is_unavailable_response, never_sent},
+    select::Selector,
 };
 
 /// Boxed error type of the balanced channel's `Service` impl (what tonic's generated clients expect).
@@ -69,6 +70,15 @@ pub struct BalanceOptions {
     pub keep_alive_timeout: Duration,
     /// Which failed calls are sent again, to another instance.
     pub retry: RetryPolicy,
+    /// How calls are spread over the usable instances.
+    pub policy: Policy,
+    /// Which instances may be called, and which are preferred, by metadata.
+    pub selector: Selector,
+    /// Seed for the random choices of `random` and `least_request` (repeatable runs); `None` seeds
+    /// from the system.
+    pub seed: Option<u64>,
+    /// When consecutive failures take an instance out of rotation for a while.
+    pub outlier: OutlierPolicy,
 }
 
 impl Default for BalanceOptions {
@@ -84,9 +94,22 @@ impl Default for BalanceOptions {
             keep_alive_interval: Duration::from_secs(1),
             keep_alive_timeout: Duration::from_millis(500),
             retry: RetryPolicy::default(),
+            policy: Policy::default(),
+            selector: Selector::default(),
+            seed: None,
+            outlier: OutlierPolicy::default(),
         }
     }
 }
+
+/// The request header (gRPC metadata) carrying a call's key for [`Policy::ConsistentHash`]: calls
+/// with the same key go to the same instance.
+///
+/// ```
+/// let mut request = tonic::Request::new(());
+/// request.metadata_mut().insert(registry::balance::HASH_KEY, "user-42".parse().unwrap());
+/// ```
+pub const HASH_KEY: &str = "lb-hash-key";
 
 /// Which instance served a call: found in the response's extensions
 /// (`response.extensions().get::<ServedBy>()`).
@@ -137,10 +160,15 @@ struct Shared {
     call_timeout: Duration,
     retry: RetryPolicy,
     budget: RetryBudget,
+    policy: Policy,
+    selector: Selector,
+    seed: Option<u64>,
+    outlier: OutlierPolicy,
     /// Every backend, by address; the updater is the only writer.
     backends: Mutex<BTreeMap<Arc<str>, Arc<Backend>>>,
-    /// The connected backends, in address order: what the picker rotates over.
-    ready: RwLock<Arc<[Arc<Backend>]>>,
+    /// The policy over the usable backends (connected, serving, selected), in address order.
+    picker: RwLock<Arc<Picker<Arc<Backend>>>>,
+    /// Rotation counter shared by successive pickers, so a rebuild does not restart the rotation.
     next: AtomicUsize,
 }
 
@@ -154,8 +182,16 @@ impl BalancedChannel {
             call_timeout: options.call_timeout,
             budget: RetryBudget::new(&options.retry),
             retry: options.retry.clone(),
+            policy: options.policy,
+            selector: options.selector.clone(),
+            seed: options.seed,
+            outlier: options.outlier.clone(),
             backends: Mutex::new(BTreeMap::new()),
-            ready: RwLock::new(Arc::from([])),
+            picker: RwLock::new(Arc::new(Picker::new(
+                options.policy,
+                Vec::new(),
+                options.seed,
+            ))),
             next: AtomicUsize::new(0),
         });
         let stop = CancellationToken::new();
@@ -179,10 +215,12 @@ impl BalancedChannel {
         &self.owner.discovery
     }
 
-    /// Addresses currently in rotation (connected), in rotation order.
+    /// Addresses currently in rotation (connected, serving, admitted by the selector), in address
+    /// order. Instances ejected for failing are still listed: their ejection ends by itself.
     pub fn ready_addrs(&self) -> Vec<Arc<str>> {
         self.shared
-            .ready_list()
+            .picker()
+            .items()
             .iter()
             .map(|b| b.addr.clone())
             .collect()
@@ -197,13 +235,13 @@ impl BalancedChannel {
         let mut membership = self.discovery().subscribe();
         // Readiness changes come from the maintainers, which do not publish to a channel: poll the
         // ready list, waking early on every membership change.
-        while self.shared.ready_list().len() < min {
+        while self.shared.picker().items().len() < min {
             if tokio::time::Instant::now() >= deadline {
                 return Err(crate::Error::GaveUp {
                     what: format!(
                         "{min} connected instance(s) of service {:?} ({} connected, {} known)",
                         self.shared.service,
-                        self.shared.ready_list().len(),
+                        self.shared.picker().items().len(),
                         self.discovery().membership().instances.len()
                     ),
                     waited: timeout,
@@ -229,23 +267,33 @@ impl fmt::Debug for BalancedChannel {
 }
 
 impl Shared {
-    fn ready_list(&self) -> Arc<[Arc<Backend>]> {
+    fn picker(&self) -> Arc<Picker<Arc<Backend>>> {
         // Poisoning cannot leave the Arc half-written; keep serving.
-        self.ready
+        self.picker
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
     }
 
-    /// Recomputes the rotation from the backends' connection states.
+    /// Rebuilds the picker from the backends that may be called: connected, reporting SERVING,
+    /// weight above 0, admitted by the selector, and preferred by it when any is.
     fn rebuild(&self) {
         let backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
-        let ready: Arc<[Arc<Backend>]> = backends
+        let usable: Vec<Arc<Backend>> = backends
             .values()
-            .filter(|b| b.is_ready())
+            .filter(|b| {
+                b.is_ready()
+                    && b.is_serving()
+                    && b.weight() > 0
+                    && self.selector.admits(&b.metadata())
+            })
             .cloned()
             .collect();
-        *self.ready.write().unwrap_or_else(|p| p.into_inner()) = ready;
+        let usable = self
+            .selector
+            .narrow(usable, |b| self.selector.prefers(&b.metadata()));
+        let picker = Arc::new(Picker::new(self.policy, usable, self.seed));
+        *self.picker.write().unwrap_or_else(|p| p.into_inner()) = picker;
         drop(backends);
         self.changed.notify_waiters();
     }
@@ -257,6 +305,7 @@ impl Shared {
     async fn pick_or_wait(
         &self,
         avoid: &[Arc<str>],
+        key: Option<&[u8]>,
         deadline: Instant,
     ) -> Result<(Arc<Backend>, Channel), Status> {
         loop {
@@ -264,7 +313,7 @@ impl Shared {
             tokio::pin!(changed);
             // Register interest before looking, so a change in between is not missed.
             changed.as_mut().enable();
-            let status = match self.pick(avoid) {
+            let status = match self.pick(avoid, key) {
                 Ok(picked) => return Ok(picked),
                 Err(status) => status,
             };
@@ -287,25 +336,42 @@ impl Shared {
         }
     }
 
-    /// The next backend in rotation and its channel, preferring one not in `avoid` (the instances
-    /// a retried call already failed on).
-    fn pick(&self, avoid: &[Arc<str>]) -> Result<(Arc<Backend>, Channel), Status> {
-        let ready = self.ready_list();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut fallback = None;
-        // A backend can drop out between the rebuild and now; then take the one after it.
-        for offset in 0..ready.len() {
-            let backend = &ready[round_robin(start + offset, ready.len())];
-            let Some(channel) = backend.channel() else {
-                continue;
-            };
-            if avoid.contains(&backend.addr) {
-                fallback.get_or_insert_with(|| (backend.clone(), channel));
-                continue;
-            }
-            return Ok((backend.clone(), channel));
+    /// The policy's choice and its channel. Prefers, in order: an instance not in `avoid` (those a
+    /// retried call already failed on) and not ejected; any instance not ejected; and, when every
+    /// one is ejected, any instance at all (ejecting them all would turn a partial failure into an
+    /// outage).
+    fn pick(
+        &self,
+        avoid: &[Arc<str>],
+        key: Option<&[u8]>,
+    ) -> Result<(Arc<Backend>, Channel), Status> {
+        let picker = self.picker();
+        let now = Instant::now();
+        let fresh = |b: &Arc<Backend>| b.is_ready() && !b.is_ejected(now);
+        let choice = picker
+            .pick(&self.next, key, |b| fresh(b) && !avoid.contains(&b.addr))
+            .or_else(|| picker.pick(&self.next, key, fresh))
+            .or_else(|| picker.pick(&self.next, key, |b| b.is_ready()));
+        // The connection can drop between the check and here; the next rebuild removes it.
+        choice
+            .and_then(|backend| Some((backend.clone(), backend.channel()?)))
+            .ok_or_else(|| self.unavailable())
+    }
+
+    /// Counts a call's outcome towards the instance's outlier detection.
+    fn record(&self, backend: &Backend, failed: bool) {
+        if !failed {
+            backend.record_success();
+        } else if let Some(length) = backend.record_failure(&self.outlier, Instant::now()) {
+            warn!(
+                service = %self.service,
+                addr = %backend.addr,
+                id = %backend.instance_id,
+                failures = self.outlier.consecutive_failures,
+                ejected_for = ?length,
+                "instance ejected after consecutive failures"
+            );
         }
-        fallback.ok_or_else(|| self.unavailable())
     }
 
     fn unavailable(&self) -> Status {
@@ -333,9 +399,20 @@ impl Shared {
         let timeout =
             grpc_timeout(&request).map_or(self.call_timeout, |t| t.min(self.call_timeout));
         let deadline = Instant::now() + timeout;
+        let key = request
+            .headers()
+            .get(HASH_KEY)
+            .map(|k| k.as_bytes().to_vec());
+        let key = key.as_deref();
         if !self.retry.enabled() {
-            let (backend, channel) = self.pick_or_wait(&[], deadline).await?;
-            return match tokio::time::timeout_at(deadline, channel.oneshot(request)).await {
+            let (backend, channel) = self.pick_or_wait(&[], key, deadline).await?;
+            let _in_flight = backend.start_call();
+            let outcome = tokio::time::timeout_at(deadline, channel.oneshot(request)).await;
+            self.record(
+                &backend,
+                !matches!(&outcome, Ok(Ok(r)) if !is_failure_response(r)),
+            );
+            return match outcome {
                 Ok(Ok(response)) => Ok(served_by(response, &backend)),
                 Ok(Err(error)) => Err(transport_failure(&backend, &error).into()),
                 Err(_) => Err(deadline_exceeded(&backend, timeout).into()),
@@ -351,7 +428,7 @@ impl Shared {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (backend, channel) = self.pick_or_wait(&tried, deadline).await?;
+            let (backend, channel) = self.pick_or_wait(&tried, key, deadline).await?;
             // Tell the server how long it has left, so it can give up when we do.
             let left = deadline.saturating_duration_since(Instant::now());
             if let Ok(value) = http::HeaderValue::from_str(&format!("{}m", left.as_millis().max(1)))
@@ -359,18 +436,24 @@ impl Shared {
                 parts.headers.insert("grpc-timeout", value);
             }
             let request = http::Request::from_parts(parts.clone(), body.attempt());
-            let (safe, failure) =
-                match tokio::time::timeout_at(deadline, channel.oneshot(request)).await {
-                    Err(_) => return Err(deadline_exceeded(&backend, timeout).into()),
-                    Ok(Ok(response)) if idempotent && is_unavailable_response(&response) => {
-                        (true, Ok(served_by(response, &backend)))
-                    }
-                    Ok(Ok(response)) => return Ok(served_by(response, &backend)),
-                    Ok(Err(error)) => (
-                        idempotent || never_sent(&error),
-                        Err(transport_failure(&backend, &error)),
-                    ),
-                };
+            let in_flight = backend.start_call();
+            let outcome = tokio::time::timeout_at(deadline, channel.oneshot(request)).await;
+            drop(in_flight);
+            self.record(
+                &backend,
+                !matches!(&outcome, Ok(Ok(r)) if !is_failure_response(r)),
+            );
+            let (safe, failure) = match outcome {
+                Err(_) => return Err(deadline_exceeded(&backend, timeout).into()),
+                Ok(Ok(response)) if idempotent && is_unavailable_response(&response) => {
+                    (true, Ok(served_by(response, &backend)))
+                }
+                Ok(Ok(response)) => return Ok(served_by(response, &backend)),
+                Ok(Err(error)) => (
+                    idempotent || never_sent(&error),
+                    Err(transport_failure(&backend, &error)),
+                ),
+            };
             let retry = safe
                 && attempt < self.retry.max_attempts
                 && body.replayable()
@@ -386,9 +469,28 @@ impl Shared {
     }
 }
 
-/// Index of the `n`-th pick over `len` items.
-fn round_robin(n: usize, len: usize) -> usize {
-    n % len
+impl Candidate for Arc<Backend> {
+    fn ring_key(&self) -> &str {
+        &self.addr
+    }
+
+    fn weight(&self) -> u32 {
+        Backend::weight(self)
+    }
+
+    fn in_flight(&self) -> usize {
+        Backend::in_flight(self)
+    }
+}
+
+/// A trailers-only response whose status says the server is failing (rather than the request
+/// being wrong): it counts towards outlier ejection.
+fn is_failure_response(response: &http::Response<Body>) -> bool {
+    // UNKNOWN, INTERNAL, UNAVAILABLE, DATA_LOSS.
+    matches!(
+        response.headers().get("grpc-status").map(|v| v.as_bytes()),
+        Some(b"2" | b"13" | b"14" | b"15")
+    )
 }
 
 impl tower::Service<http::Request<Body>> for BalancedChannel {
@@ -462,11 +564,12 @@ fn reconcile(
     stop: &CancellationToken,
     stops: &mut BTreeMap<Arc<str>, DropGuard>,
 ) {
-    let mut wanted: BTreeMap<Arc<str>, Arc<str>> = BTreeMap::new();
+    // One backend per address; if several instances share one, the first (by id) describes it.
+    let mut wanted: BTreeMap<Arc<str>, &Instance> = BTreeMap::new();
     for instance in instances.values() {
         wanted
             .entry(instance.addr.as_str().into())
-            .or_insert_with(|| instance.id.as_str().into());
+            .or_insert(instance);
     }
     {
         let mut backends = shared.backends.lock().unwrap_or_else(|p| p.into_inner());
@@ -474,14 +577,19 @@ fn reconcile(
         // calls in flight on it complete.
         backends.retain(|addr, _| wanted.contains_key(addr));
         stops.retain(|addr, _| wanted.contains_key(addr));
-        for (addr, id) in wanted {
-            if backends.contains_key(&addr) {
+        for (addr, instance) in wanted {
+            if let Some(backend) = backends.get(&addr) {
+                backend.set_metadata(&instance.metadata);
                 continue;
             }
             let Some(endpoint) = endpoint(&addr, options) else {
                 continue;
             };
-            let backend = Arc::new(Backend::new(addr.clone(), id));
+            let backend = Arc::new(Backend::new(
+                addr.clone(),
+                instance.id.as_str().into(),
+                instance.metadata.clone(),
+            ));
             let backend_stop = stop.child_token();
             let on_change = {
                 let shared = Arc::downgrade(shared);
@@ -519,18 +627,5 @@ fn endpoint(addr: &str, options: &BalanceOptions) -> Option<Endpoint> {
             tracing::warn!(addr, %error, "skipping an instance whose address is not a valid URI");
             None
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn round_robin_visits_each_in_turn() {
-        let picks: Vec<_> = (0..7).map(|n| round_robin(n, 3)).collect();
-        assert_eq!(picks, [0, 1, 2, 0, 1, 2, 0]);
-        // Wrapping the counter keeps rotating (usize::MAX % 3 == 0).
-        assert_eq!(round_robin(usize::MAX, 3), 0);
     }
 }

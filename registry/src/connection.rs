@@ -15,16 +15,18 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
 };
 
 use hyper_util::rt::TokioIo;
+use serde_json::Value;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
+    time::Instant,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{
@@ -38,15 +40,52 @@ use tracing::{debug, info, warn};
 
 use crate::{backoff::Backoff, error::chain};
 
-/// One instance the balancer may pick: its identity and, while connected, its channel.
+/// One instance the balancer may pick: its identity, what it says about itself, and, while
+/// connected, its channel.
 #[derive(Debug)]
 pub(crate) struct Backend {
     pub(crate) addr: Arc<str>,
     pub(crate) instance_id: Arc<str>,
+    /// The instance's metadata; replaced in place when its record changes.
+    metadata: Mutex<Arc<Value>>,
     live: Mutex<Option<Live>>,
     /// Set once the first connection attempt has finished, either way. Until then the backend is
     /// "connecting" and calls may wait for it rather than fail.
     attempted: AtomicBool,
+    /// What the instance's grpc.health.v1 service says; true when it has none.
+    serving: AtomicBool,
+    /// Calls sent and not yet answered, for `least_request`.
+    in_flight: AtomicUsize,
+    outlier: Mutex<Outlier>,
+}
+
+/// Passive outlier detection: consecutive failures eject an instance for a while.
+#[derive(Debug, Clone)]
+pub struct OutlierPolicy {
+    /// Consecutive failed calls that eject an instance; 0 turns ejection off.
+    pub consecutive_failures: u32,
+    /// First ejection's length; doubled for each ejection in a row, up to `max_ejection`.
+    pub base_ejection: Duration,
+    /// Longest ejection.
+    pub max_ejection: Duration,
+}
+
+impl Default for OutlierPolicy {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(1),
+            max_ejection: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Outlier {
+    consecutive: u32,
+    /// Ejections since the instance last served a call.
+    ejections: u32,
+    until: Option<Instant>,
 }
 
 /// A connected channel and the token its socket fires when it closes.
@@ -57,13 +96,82 @@ struct Live {
 }
 
 impl Backend {
-    pub(crate) fn new(addr: Arc<str>, instance_id: Arc<str>) -> Self {
+    pub(crate) fn new(addr: Arc<str>, instance_id: Arc<str>, metadata: Value) -> Self {
         Self {
             addr,
             instance_id,
+            metadata: Mutex::new(Arc::new(metadata)),
             live: Mutex::new(None),
             attempted: AtomicBool::new(false),
+            serving: AtomicBool::new(true),
+            in_flight: AtomicUsize::new(0),
+            outlier: Mutex::new(Outlier::default()),
         }
+    }
+
+    pub(crate) fn metadata(&self) -> Arc<Value> {
+        lock(&self.metadata).clone()
+    }
+
+    /// Replaces the metadata; true if it changed.
+    pub(crate) fn set_metadata(&self, metadata: &Value) -> bool {
+        let mut current = lock(&self.metadata);
+        if **current == *metadata {
+            return false;
+        }
+        *current = Arc::new(metadata.clone());
+        true
+    }
+
+    /// The `weight` metadata: a non-negative integer (number or text), 1 when absent or unreadable.
+    pub(crate) fn weight(&self) -> u32 {
+        crate::select::text(&self.metadata(), "weight")
+            .and_then(|w| w.parse().ok())
+            .unwrap_or(1)
+    }
+
+    pub(crate) fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts a call in flight until the guard is dropped.
+    pub(crate) fn start_call(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// Whether the instance is ejected for failing (at `now`).
+    pub(crate) fn is_ejected(&self, now: Instant) -> bool {
+        lock(&self.outlier).until.is_some_and(|until| now < until)
+    }
+
+    pub(crate) fn record_success(&self) {
+        let mut outlier = lock(&self.outlier);
+        outlier.consecutive = 0;
+        outlier.ejections = 0;
+    }
+
+    /// Counts a failed call; ejects the instance when that makes `policy.consecutive_failures`
+    /// in a row. Returns the ejection's length when it ejected.
+    pub(crate) fn record_failure(&self, policy: &OutlierPolicy, now: Instant) -> Option<Duration> {
+        let mut outlier = lock(&self.outlier);
+        outlier.consecutive += 1;
+        if policy.consecutive_failures == 0 || outlier.consecutive < policy.consecutive_failures {
+            return None;
+        }
+        let doubling = 2u32.saturating_pow(outlier.ejections.min(16));
+        let length = policy
+            .base_ejection
+            .saturating_mul(doubling)
+            .min(policy.max_ejection);
+        outlier.consecutive = 0;
+        outlier.ejections += 1;
+        outlier.until = Some(now + length);
+        Some(length)
     }
 
     /// The channel to call through, if the instance is connected.
@@ -93,11 +201,25 @@ impl Backend {
     }
 
     fn live(&self) -> MutexGuard<'_, Option<Live>> {
-        // The lock is only held to copy or swap a field; a panic cannot leave the value half-written,
-        // so a poisoned lock is safe to keep using.
-        self.live
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.live)
+    }
+}
+
+/// Locks a mutex that is only held to copy or swap a field: a panic cannot leave the value
+/// half-written, so a poisoned lock is safe to keep using.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A call in flight on a backend; dropping it ends the call.
+#[derive(Debug)]
+pub(crate) struct InFlight(Arc<Backend>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -125,8 +247,8 @@ pub(crate) async fn maintain(
                 .connect_with_connector(connector)
                 .await
                 .map_err(|e| chain(&e))?;
-            probe(&channel, probe_timeout).await?;
-            Ok::<_, String>(channel)
+            let serving = probe(&channel, probe_timeout).await?;
+            Ok::<_, String>((channel, serving))
         };
         let connected = tokio::select! {
             _ = stop.cancelled() => break,
@@ -134,10 +256,11 @@ pub(crate) async fn maintain(
         };
         let first = !backend.attempted.swap(true, Ordering::AcqRel);
         match connected {
-            Ok(channel) => {
-                info!(addr = %backend.addr, id = %backend.instance_id, "connected; instance in rotation");
+            Ok((channel, serving)) => {
+                info!(addr = %backend.addr, id = %backend.instance_id, serving, "connected; instance in rotation");
+                backend.serving.store(serving, Ordering::Release);
                 backend.set(Some(Live {
-                    channel,
+                    channel: channel.clone(),
                     closed: closed.clone(),
                 }));
                 on_change();
@@ -146,6 +269,7 @@ pub(crate) async fn maintain(
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = closed.cancelled() => {}
+                    _ = watch_health(&backend, channel, &on_change) => {}
                 }
                 backend.set(None);
                 on_change();
@@ -173,26 +297,56 @@ pub(crate) async fn maintain(
     debug!(addr = %backend.addr, "connection maintainer stopped");
 }
 
-/// Proves a new connection is answered before the instance enters the rotation. Connecting alone
-/// proves little: the kernel completes the TCP handshake for a frozen (SIGSTOPped) process, and the
-/// HTTP/2 handshake does not wait for the server. One `grpc.health.v1.Health/Check` does: any gRPC
-/// answer (even UNIMPLEMENTED, from a server without a health service) means the server is
-/// processing requests; NOT_SERVING means it asked not to be used.
-async fn probe(channel: &Channel, timeout: Duration) -> Result<(), String> {
+/// Proves a new connection is answered before the instance enters the rotation, and returns whether
+/// the instance says it is serving. Connecting alone proves little: the kernel completes the TCP
+/// handshake for a frozen (SIGSTOPped) process, and the HTTP/2 handshake does not wait for the
+/// server. One `grpc.health.v1.Health/Check` does: any gRPC answer (even UNIMPLEMENTED, from a
+/// server without a health service, which then counts as serving) means it processes requests.
+async fn probe(channel: &Channel, timeout: Duration) -> Result<bool, String> {
     let mut health = HealthClient::new(channel.clone());
     let request = HealthCheckRequest {
         service: String::new(),
     };
     match tokio::time::timeout(timeout, health.check(request)).await {
         Err(_) => Err(format!("no answer to a health check within {timeout:?}")),
-        Ok(Ok(reply)) if reply.get_ref().status() == ServingStatus::NotServing => {
-            Err("the server reports NOT_SERVING".to_owned())
-        }
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(reply)) => Ok(reply.get_ref().status() != ServingStatus::NotServing),
         Ok(Err(status)) => match status.code() {
-            Code::Unimplemented | Code::NotFound => Ok(()),
+            Code::Unimplemented | Code::NotFound => Ok(true),
             _ => Err(format!("health check failed: {status}")),
         },
+    }
+}
+
+/// Follows the instance's health (`grpc.health.v1.Health/Watch` for the whole server) while the
+/// connection lives, so an instance that reports NOT_SERVING (draining, or flipped by an operator)
+/// leaves the rotation and comes back when SERVING again. Never returns while there is something
+/// to watch; an instance without a health service simply stays serving.
+async fn watch_health(backend: &Backend, channel: Channel, on_change: &impl Fn()) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
+    loop {
+        let request = HealthCheckRequest {
+            service: String::new(),
+        };
+        match HealthClient::new(channel.clone()).watch(request).await {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                while let Ok(Some(reply)) = stream.message().await {
+                    backoff.reset();
+                    let serving = reply.status() != ServingStatus::NotServing;
+                    if backend.serving.swap(serving, Ordering::AcqRel) != serving {
+                        info!(addr = %backend.addr, id = %backend.instance_id, serving, "health changed");
+                        on_change();
+                    }
+                }
+            }
+            Err(status) if matches!(status.code(), Code::Unimplemented | Code::NotFound) => {
+                return std::future::pending().await;
+            }
+            Err(_) => {}
+        }
+        // The stream ended or failed without the connection closing (that ends this task from
+        // outside): try again shortly.
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 

@@ -18,6 +18,8 @@
 //! - [`discover`]: [`Discovery`], list-then-watch into a live [`Membership`].
 //! - [`balance`]: [`BalancedChannel`], round robin over connected instances for generated clients.
 //! - [`retry`]: which failed calls are safe to send again, the retry budget, request replay.
+//! - [`policy`]: round robin, weighted, random, least request, consistent hash, pick first.
+//! - [`select`]: choosing instances by metadata (require `version=v2`, prefer `zone=a`).
 //! - `connection`: one HTTP/2 connection per instance, ejected the moment its socket closes.
 //! - `cli` (feature `cli`, on by default): clap arguments shared by binaries.
 //! - [`backoff`]: capped exponential backoff with jitter.
@@ -55,13 +57,17 @@ pub mod error;
 pub mod etcd;
 pub mod key;
 mod lease;
+pub mod policy;
 pub mod register;
 pub mod retry;
+pub mod select;
 
-pub use balance::{BalanceOptions, BalancedChannel, ServedBy};
+pub use balance::{BalanceOptions, BalancedChannel, OutlierPolicy, ServedBy};
 pub use discover::{Change, Discovery, Instance, Membership};
 pub use endpoint::Endpoint;
 pub use error::{Error, Result};
 pub use etcd::{Etcd, EtcdConfig};
+pub use policy::Policy;
 pub use register::{Registration, RegistrationState};
 pub use retry::RetryPolicy;
+pub use select::Selector;
