@@ -11,9 +11,11 @@ use anyhow::Context;
 use clap::Parser;
 use proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
 use registry::{
-    BalanceOptions, BalancedChannel, Change, Discovery, RetryPolicy, ServedBy,
+    BalanceOptions, BalancedChannel, Change, Discovery, Policy, RetryPolicy, Selector, ServedBy,
+    balance::HASH_KEY,
     cli::{EtcdArgs, parse_duration},
     discover::diff,
+    select::parse_pair,
 };
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -61,6 +63,28 @@ pub struct Config {
     /// that is safe (SayHello is idempotent). 1 disables retries.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
     pub max_attempts: u32,
+
+    /// How calls are spread: round_robin, weighted_round_robin, random, least_request,
+    /// consistent_hash or pick_first.
+    #[arg(long, default_value = "round_robin")]
+    pub policy: Policy,
+
+    /// Key sent with every call for consistent_hash (same key, same instance).
+    #[arg(long)]
+    pub hash_key: Option<String>,
+
+    /// Only call instances whose metadata has KEY=VALUE (e.g. version=v2); repeatable.
+    #[arg(long = "select", value_name = "KEY=VALUE", value_parser = parse_pair)]
+    pub select: Vec<(String, String)>,
+
+    /// Prefer instances whose metadata has KEY=VALUE (e.g. zone=a), falling back to the others when
+    /// none has; repeatable.
+    #[arg(long = "prefer", value_name = "KEY=VALUE", value_parser = parse_pair)]
+    pub prefer: Vec<(String, String)>,
+
+    /// Seed for the random choices of random and least_request, for repeatable runs.
+    #[arg(long)]
+    pub seed: Option<u64>,
 }
 
 /// The gRPC path of SayHello, declared idempotent: greeting twice does no harm, so a call that
@@ -115,6 +139,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             ..RetryPolicy::default()
         }
         .idempotent(SAY_HELLO),
+        policy: config.policy,
+        selector: Selector {
+            require: config.select.clone(),
+            prefer: config.prefer.clone(),
+        },
+        seed: config.seed,
         ..BalanceOptions::default()
     };
     let channel = BalancedChannel::new(discovery.clone(), options);
@@ -185,7 +215,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
             _ = tick.tick() => {
                 n += 1;
-                call(&mut client, n, &config.name, &mut report).await;
+                call(&mut client, n, &config, &mut report).await;
             }
         }
     }
@@ -196,15 +226,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 async fn call(
     client: &mut GreeterClient<BalancedChannel>,
     n: u64,
-    name: &str,
+    config: &Config,
     report: &mut Report,
 ) {
+    let mut request = tonic::Request::new(HelloRequest {
+        name: config.name.clone(),
+    });
+    if let Some(key) = &config.hash_key {
+        match key.parse() {
+            Ok(value) => {
+                request.metadata_mut().insert(HASH_KEY, value);
+            }
+            Err(_) => {
+                println!("call {n:>4}  --hash-key {key:?} is not valid gRPC metadata; sent without")
+            }
+        }
+    }
     let started = Instant::now();
-    let result = client
-        .say_hello(HelloRequest {
-            name: name.to_owned(),
-        })
-        .await;
+    let result = client.say_hello(request).await;
     let latency = started.elapsed();
     match result {
         Ok(response) => {
@@ -277,6 +316,11 @@ mod tests {
         assert!(parse(&["--duration", "1s", "--forever"]).is_err());
         assert!(parse(&["--etcd-endpoints", "h:0"]).is_err());
         assert!(parse(&["--max-attempts", "0"]).is_err());
+        assert!(parse(&["--policy", "fastest"]).is_err());
+        assert!(parse(&["--select", "novalue"]).is_err());
+        let ok = parse(&["--policy", "least-request", "--select", "version=v2"]).unwrap();
+        assert_eq!(ok.policy, Policy::LeastRequest);
+        assert_eq!(ok.select, [("version".to_owned(), "v2".to_owned())]);
         assert!(parse(&[]).is_ok());
     }
 }

@@ -226,6 +226,19 @@ impl BalancedChannel {
             .collect()
     }
 
+    /// Addresses with a live connection, in rotation or not (e.g. not preferred by the selector, or
+    /// reporting NOT_SERVING).
+    pub fn connected_addrs(&self) -> Vec<Arc<str>> {
+        self.shared
+            .backends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|b| b.is_ready())
+            .map(|b| b.addr.clone())
+            .collect()
+    }
+
     /// Waits until at least `min` instances are connected and in rotation.
     ///
     /// # Errors

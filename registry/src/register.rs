@@ -59,9 +59,17 @@ pub struct RegistrationBuilder {
     instance_id: String,
     addr: String,
     ttl: Duration,
+    metadata: serde_json::Map<String, serde_json::Value>,
 }
 
 impl RegistrationBuilder {
+    /// Adds a metadata field published with the address (e.g. `version`, `zone`, `weight`); clients
+    /// can select instances on it. The instance id is always included.
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
     /// Sets the key namespace (default [`key::DEFAULT_NAMESPACE`]).
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
         self.namespace = namespace.into();
@@ -85,7 +93,14 @@ impl RegistrationBuilder {
             return Err(Error::InvalidTtl { ttl: self.ttl });
         }
         let key = key::instance_key(&self.namespace, &self.service, &self.instance_id)?;
-        let value = Endpoint::new(self.addr, &self.instance_id)?.encode();
+        let mut endpoint = Endpoint::new(self.addr, &self.instance_id)?;
+        if let serde_json::Value::Object(fields) = &mut endpoint.metadata {
+            // The instance id stays authoritative whatever the caller added.
+            for (key, value) in self.metadata {
+                fields.entry(key).or_insert(value);
+            }
+        }
+        let value = endpoint.encode();
         let (state_tx, state) = watch::channel(RegistrationState::Registering);
         let cancel = CancellationToken::new();
         let task = tokio::spawn(run(
@@ -129,6 +144,7 @@ impl Registration {
             instance_id: instance_id.into(),
             addr: addr.into(),
             ttl: DEFAULT_TTL,
+            metadata: serde_json::Map::new(),
         }
     }
 

@@ -6,7 +6,9 @@
 //!    `grpc.health.v1.Health` and reflection (v1 and v1alpha);
 //! 2. register `<namespace>/<service>/<instance-id>` under a kept-alive lease, giving up after
 //!    `--etcd-timeout` if etcd never answers;
-//! 3. on shutdown: report NOT_SERVING, revoke the lease (clients see the DELETE at once), keep serving
+//! 3. while running, SIGUSR1 flips the reported health (an operator's switch to take the instance
+//!    out of clients' rotation without deregistering it);
+//! 4. on shutdown: report NOT_SERVING, revoke the lease (clients see the DELETE at once), keep serving
 //!    for a short grace period while that propagates, then stop accepting and drain in-flight calls
 //!    with a deadline.
 //!
@@ -23,7 +25,8 @@ use registry::{Registration, cli::EtcdArgs, cli::parse_duration};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic_health::ServingStatus;
+use tonic::server::NamedService;
+use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{info, warn};
 
 pub mod greeter;
@@ -49,6 +52,23 @@ pub struct Config {
     /// address].
     #[arg(long, env = "SERVER_INSTANCE_ID")]
     pub instance_id: Option<String>,
+
+    /// Relative capacity published as metadata, for weighted_round_robin clients; 0 drains the
+    /// instance (registered, but sent nothing).
+    #[arg(long, env = "SERVER_WEIGHT", default_value_t = 1)]
+    pub weight: u32,
+
+    /// Version published as metadata (clients can select on it, e.g. --select version=v2).
+    #[arg(long, env = "SERVER_VERSION")]
+    pub version: Option<String>,
+
+    /// Zone published as metadata (clients can prefer their own, e.g. --prefer zone=a).
+    #[arg(long, env = "SERVER_ZONE")]
+    pub zone: Option<String>,
+
+    /// More metadata, as key=value; repeatable.
+    #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = registry::select::parse_pair)]
+    pub meta: Vec<(String, String)>,
 
     /// Lease TTL: how long the key outlives a crashed server (at least 2s).
     #[arg(long, env = "REGISTRY_TTL", default_value = "10s", value_parser = parse_duration)]
@@ -145,9 +165,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .unwrap_or_else(|| default_instance_id(&addr));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<GreeterServer<greeter::Greeter>>()
-        .await;
+    set_serving(&health, true).await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -179,7 +197,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .context("--etcd-endpoints")?
         .connect()
         .await?;
-    let registration = Registration::builder(&config.etcd.service, &instance_id, &addr)
+    let mut builder = Registration::builder(&config.etcd.service, &instance_id, &addr)
+        .metadata("weight", config.weight);
+    for (key, value) in [("version", &config.version), ("zone", &config.zone)] {
+        if let Some(value) = value {
+            builder = builder.metadata(key, value.as_str());
+        }
+    }
+    for (key, value) in &config.meta {
+        builder = builder.metadata(key.as_str(), value.as_str());
+    }
+    let registration = builder
         .namespace(&config.etcd.namespace)
         .ttl(config.ttl)
         .start(&etcd)
@@ -200,15 +228,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tokio::select! {
         _ = shutdown.cancelled() => {}
         served = &mut server => return served_result(served, &bind),
+        _ = toggle_health_on_sigusr1(&health) => {}
     }
 
     info!("shutting down: 1/4 reporting NOT_SERVING");
-    health
-        .set_not_serving::<GreeterServer<greeter::Greeter>>()
-        .await;
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
+    set_serving(&health, false).await;
     info!(
         key = registration.key(),
         "shutting down: 2/4 revoking the lease"
@@ -229,6 +253,40 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     info!("stopped");
     Ok(())
+}
+
+/// Reports the whole server and the Greeter as SERVING or NOT_SERVING.
+async fn set_serving(health: &HealthReporter, serving: bool) {
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    health
+        .set_service_status(GreeterServer::<greeter::Greeter>::NAME, status)
+        .await;
+    health.set_service_status("", status).await;
+}
+
+/// The operator's switch: each SIGUSR1 flips the reported health between SERVING and NOT_SERVING,
+/// so clients stop and resume calling this instance without it leaving etcd
+/// (`kill -USR1 <pid>`). Returns only if the signal cannot be listened for.
+async fn toggle_health_on_sigusr1(health: &HealthReporter) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut usr1 = match signal(SignalKind::user_defined1()) {
+        Ok(usr1) => usr1,
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGUSR1; the health switch is off");
+            return std::future::pending().await;
+        }
+    };
+    let mut serving = true;
+    while usr1.recv().await.is_some() {
+        serving = !serving;
+        set_serving(health, serving).await;
+        info!(serving, "SIGUSR1: health switched");
+    }
+    std::future::pending().await
 }
 
 fn served_result(
