@@ -11,7 +11,8 @@ use anyhow::Context;
 use clap::Parser;
 use proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
 use registry::{
-    BalanceOptions, BalancedChannel, Change, Discovery, Policy, RetryPolicy, Selector, ServedBy,
+    BalanceOptions, BalancedChannel, Change, Discovery, Format, Policy, RetryPolicy, Selector,
+    ServedBy,
     balance::HASH_KEY,
     cli::{EtcdArgs, parse_duration},
     discover::diff,
@@ -82,6 +83,11 @@ pub struct Config {
     #[arg(long = "prefer", value_name = "KEY=VALUE", value_parser = parse_pair)]
     pub prefer: Vec<(String, String)>,
 
+    /// How instances are recorded in etcd: go-naming (ours, Go's naming package), go-zero or
+    /// kratos (to call services registered by those frameworks).
+    #[arg(long, default_value = "go-naming")]
+    pub format: Format,
+
     /// Seed for the random choices of random and least_request, for repeatable runs.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -131,7 +137,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .context("--etcd-endpoints")?
         .connect()
         .await?;
-    let discovery = Discovery::start(&etcd, &config.etcd.namespace, &config.etcd.service)?;
+    let discovery = Discovery::start_with_format(
+        &etcd,
+        &config.etcd.namespace,
+        &config.etcd.service,
+        config.format,
+    )?;
     let options = BalanceOptions {
         call_timeout: config.timeout,
         retry: RetryPolicy {

@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     backoff::Backoff,
-    endpoint::Endpoint,
+    endpoint::Format,
     error::{Error, Result, chain},
     etcd::Etcd,
     key,
@@ -122,10 +122,29 @@ impl Discovery {
     /// # Errors
     /// [`Error::InvalidName`] if the namespace or service cannot be used in a key.
     pub fn start(etcd: &Etcd, namespace: &str, service: &str) -> Result<Self> {
-        let prefix: Arc<str> = key::service_prefix(namespace, service)?.into();
+        Self::start_with_format(etcd, namespace, service, Format::GoNaming)
+    }
+
+    /// Like [`Discovery::start`], for instances registered by another framework ([`Format`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`] if the namespace or service cannot be used in a key.
+    pub fn start_with_format(
+        etcd: &Etcd,
+        namespace: &str,
+        service: &str,
+        format: Format,
+    ) -> Result<Self> {
+        let prefix: Arc<str> = format.prefix(namespace, service)?.into();
         let (tx, membership) = watch::channel(Membership::default());
         let cancel = CancellationToken::new();
-        tokio::spawn(run(etcd.clone(), prefix.clone(), tx, cancel.clone()));
+        tokio::spawn(run(
+            etcd.clone(),
+            prefix.clone(),
+            format,
+            tx,
+            cancel.clone(),
+        ));
         Ok(Self {
             service: service.into(),
             prefix,
@@ -225,6 +244,13 @@ struct Carried {
     until: Instant,
 }
 
+/// What is being watched: the key prefix and how its values are written.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    prefix: &'a str,
+    format: Format,
+}
+
 /// Where a watch resumes from, and which cluster that revision belongs to.
 struct Position {
     revision: i64,
@@ -235,6 +261,7 @@ struct Position {
 async fn run(
     etcd: Etcd,
     prefix: Arc<str>,
+    format: Format,
     tx: watch::Sender<Membership>,
     cancel: CancellationToken,
 ) {
@@ -243,7 +270,7 @@ async fn run(
     loop {
         let listed = tokio::select! {
             _ = cancel.cancelled() => return,
-            listed = list(&etcd, &prefix) => listed,
+            listed = list(&etcd, &prefix, format) => listed,
         };
         let mut position = match listed {
             Ok((mut instances, position)) => {
@@ -273,7 +300,10 @@ async fn run(
         loop {
             let watched = watch_from(
                 &etcd,
-                &prefix,
+                Target {
+                    prefix: &prefix,
+                    format,
+                },
                 &mut position,
                 &tx,
                 &cancel,
@@ -306,7 +336,7 @@ async fn run(
 }
 
 /// Lists the prefix with a linearizable get: every instance plus the revision of that view.
-async fn list(etcd: &Etcd, prefix: &str) -> Result<(InstanceMap, Position)> {
+async fn list(etcd: &Etcd, prefix: &str, format: Format) -> Result<(InstanceMap, Position)> {
     let p = prefix.to_owned();
     let resp = etcd
         .call("get", prefix, |mut c| async move {
@@ -320,7 +350,7 @@ async fn list(etcd: &Etcd, prefix: &str) -> Result<(InstanceMap, Position)> {
     let instances = resp
         .kvs()
         .iter()
-        .filter_map(|kv| decode(prefix, kv))
+        .filter_map(|kv| decode(prefix, format, kv))
         .map(|i| (i.id.clone(), i))
         .collect();
     Ok((instances, position))
@@ -330,13 +360,14 @@ async fn list(etcd: &Etcd, prefix: &str) -> Result<(InstanceMap, Position)> {
 /// membership and advancing `position` only past events actually received.
 async fn watch_from(
     etcd: &Etcd,
-    prefix: &str,
+    target: Target<'_>,
     position: &mut Position,
     tx: &watch::Sender<Membership>,
     cancel: &CancellationToken,
     backoff: &mut Backoff,
     carried: &mut Option<Carried>,
 ) -> WatchEnd {
+    let Target { prefix, format } = target;
     let options = WatchOptions::new()
         .with_prefix()
         .with_start_revision(position.revision + 1)
@@ -465,7 +496,7 @@ async fn watch_from(
                     EventType::Delete => {
                         instances.remove(id);
                     }
-                    EventType::Put => match decode(prefix, kv) {
+                    EventType::Put => match decode(prefix, format, kv) {
                         Some(instance) => {
                             instances.insert(instance.id.clone(), instance);
                         }
@@ -489,13 +520,13 @@ async fn sleep_until_some(deadline: Option<Instant>) {
 }
 
 /// Decodes one key-value pair, or warns once and returns `None`.
-fn decode(prefix: &str, kv: &KeyValue) -> Option<Instance> {
+fn decode(prefix: &str, format: Format, kv: &KeyValue) -> Option<Instance> {
     let key = String::from_utf8_lossy(kv.key());
     let Some(id) = key::instance_id(prefix, &key) else {
         warn!(key = %key, prefix, "skipping a key outside the layout <prefix><instance-id>");
         return None;
     };
-    match Endpoint::decode(kv.value()) {
+    match format.decode(kv.value()) {
         Ok(endpoint) => Some(Instance {
             id: id.to_owned(),
             key: key.to_string(),

@@ -122,6 +122,133 @@ impl Endpoint {
     }
 }
 
+/// How records are laid out in etcd: ours (Go's naming package) or another framework's, so a mixed
+/// estate can be read. Registration always writes [`Format::GoNaming`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// etcd's Go naming package (`go.etcd.io/etcd/client/v3/naming/endpoints`), used by our
+    /// servers: keys `<namespace>/<service>/<id>`, values `{"Op":0,"Addr":..,"Metadata":..}`.
+    #[default]
+    GoNaming,
+    /// go-zero's etcd registry: keys `<service>/<lease id>` (the namespace is not used), values a
+    /// plain `host:port`.
+    GoZero,
+    /// kratos's etcd registry: keys `/<namespace>/<service>/<id>` (kratos's namespace is
+    /// `microservices`), values a `ServiceInstance` JSON whose `endpoints` include `grpc://host:port`.
+    Kratos,
+}
+
+impl Format {
+    /// Every format.
+    pub const ALL: [Format; 3] = [Format::GoNaming, Format::GoZero, Format::Kratos];
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::GoNaming => "go-naming",
+            Format::GoZero => "go-zero",
+            Format::Kratos => "kratos",
+        }
+    }
+
+    /// The key prefix under which this format keeps `service`'s instances.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`] if the namespace or service cannot be used in a key.
+    pub fn prefix(self, namespace: &str, service: &str) -> Result<String> {
+        let prefix = crate::key::service_prefix(namespace, service)?;
+        Ok(match self {
+            Format::GoNaming => prefix,
+            Format::GoZero => format!("{service}/"),
+            Format::Kratos => format!("/{prefix}"),
+        })
+    }
+
+    /// Decodes one value in this format.
+    ///
+    /// # Errors
+    /// A [`DecodeError`] saying why the value is unusable.
+    pub fn decode(self, value: &[u8]) -> Result<Endpoint, DecodeError> {
+        match self {
+            Format::GoNaming => Endpoint::decode(value),
+            Format::GoZero => decode_go_zero(value),
+            Format::Kratos => decode_kratos(value),
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        Format::ALL
+            .into_iter()
+            .find(|f| f.name() == text.trim())
+            .ok_or_else(|| format!("unknown format {text:?}; choose go-naming, go-zero or kratos"))
+    }
+}
+
+/// go-zero stores the address itself.
+fn decode_go_zero(value: &[u8]) -> Result<Endpoint, DecodeError> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(DecodeError::TooLarge(value.len()));
+    }
+    let addr = std::str::from_utf8(value)
+        .map_err(|_| DecodeError::BadAddr(String::from_utf8_lossy(value).into_owned()))?
+        .trim();
+    if !is_dialable(addr) {
+        return Err(DecodeError::BadAddr(addr.to_owned()));
+    }
+    Ok(Endpoint {
+        addr: addr.to_owned(),
+        metadata: Value::Null,
+    })
+}
+
+/// kratos stores a `ServiceInstance`: the gRPC endpoint is the one with the `grpc` scheme; its id,
+/// version and metadata become our metadata (`instance_id`, `version`, and the rest as they are).
+fn decode_kratos(value: &[u8]) -> Result<Endpoint, DecodeError> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(DecodeError::TooLarge(value.len()));
+    }
+    let parsed: Value =
+        serde_json::from_slice(value).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+    let Value::Object(fields) = parsed else {
+        return Err(DecodeError::NotObject);
+    };
+    let grpc = field(&fields, "endpoints")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .find_map(|url| url.strip_prefix("grpc://"))
+        .ok_or(DecodeError::MissingAddr)?;
+    // Drop a query (`?isSecure=false`) or path.
+    let addr = grpc.split(['?', '/']).next().unwrap_or_default();
+    if !is_dialable(addr) {
+        return Err(DecodeError::BadAddr(addr.to_owned()));
+    }
+    let mut metadata = match field(&fields, "metadata") {
+        Some(Value::Object(m)) => m.clone(),
+        _ => Map::new(),
+    };
+    for (from, to) in [("id", INSTANCE_ID_KEY), ("version", "version")] {
+        if let Some(v) = field(&fields, from).filter(|v| !v.is_null()) {
+            metadata.entry(to).or_insert_with(|| v.clone());
+        }
+    }
+    Ok(Endpoint {
+        addr: addr.to_owned(),
+        metadata: Value::Object(metadata),
+    })
+}
+
 /// Looks a field up the way Go's `encoding/json` does: an exact match first, then any
 /// case-insensitive one.
 fn field<'a>(fields: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
@@ -220,6 +347,43 @@ mod tests {
             Endpoint::decode(huge.as_bytes()),
             Err(DecodeError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn other_frameworks_formats_are_read() {
+        let zero = Format::GoZero.decode(b"10.0.0.7:8080\n").unwrap();
+        assert_eq!(
+            (zero.addr.as_str(), &zero.metadata),
+            ("10.0.0.7:8080", &Value::Null)
+        );
+        assert!(Format::GoZero.decode(b"not an address").is_err());
+
+        // What kratos's etcd registry stores for a ServiceInstance.
+        let kratos = br#"{"id":"k-1","name":"helloworld","version":"v2","metadata":{"zone":"a"},"endpoints":["http://10.0.0.8:8000","grpc://10.0.0.8:9000?isSecure=false"]}"#;
+        let e = Format::Kratos.decode(kratos).unwrap();
+        assert_eq!(e.addr, "10.0.0.8:9000");
+        assert_eq!(
+            e.metadata,
+            json!({"instance_id": "k-1", "version": "v2", "zone": "a"})
+        );
+        assert_eq!(
+            Format::Kratos.decode(br#"{"endpoints":["http://h:1"]}"#),
+            Err(DecodeError::MissingAddr)
+        );
+
+        assert_eq!(
+            Format::GoNaming.prefix("services", "hello").unwrap(),
+            "services/hello/"
+        );
+        assert_eq!(
+            Format::GoZero.prefix("services", "greet.rpc").unwrap(),
+            "greet.rpc/"
+        );
+        assert_eq!(
+            Format::Kratos.prefix("microservices", "hello").unwrap(),
+            "/microservices/hello/"
+        );
+        assert_eq!("kratos".parse::<Format>(), Ok(Format::Kratos));
     }
 
     #[test]

@@ -64,7 +64,7 @@ pub mod select;
 
 pub use balance::{BalanceOptions, BalancedChannel, OutlierPolicy, ServedBy};
 pub use discover::{Change, Discovery, Instance, Membership};
-pub use endpoint::Endpoint;
+pub use endpoint::{Endpoint, Format};
 pub use error::{Error, Result};
 pub use etcd::{Etcd, EtcdConfig};
 pub use policy::Policy;

@@ -252,3 +252,41 @@ async fn with_no_instances_a_call_fails_fast_with_unavailable() {
     assert!(status.message().contains("\"nobody\""), "{status}");
     assert!(elapsed < Duration::from_millis(100), "took {elapsed:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_zero_and_kratos_records_are_read_when_asked_for() {
+    let (cluster, etcd) = cluster().await;
+    // go-zero: `<service>/<lease id>` -> "host:port".
+    cluster.etcdctl_ok(&["put", "greet.rpc/7587867001", "127.0.0.1:8080"]);
+    // kratos: `/microservices/<service>/<id>` -> ServiceInstance JSON.
+    cluster.etcdctl_ok(&[
+        "put",
+        "/microservices/greeter/k-1",
+        r#"{"id":"k-1","name":"greeter","version":"v2","metadata":{"zone":"a"},"endpoints":["grpc://127.0.0.1:9000?isSecure=false"]}"#,
+    ]);
+
+    let zero =
+        Discovery::start_with_format(&etcd, "services", "greet.rpc", registry::Format::GoZero)
+            .unwrap();
+    let found = zero
+        .wait_for_instances(1, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(found.instances["7587867001"].addr, "127.0.0.1:8080");
+
+    let kratos =
+        Discovery::start_with_format(&etcd, "microservices", "greeter", registry::Format::Kratos)
+            .unwrap();
+    let found = kratos
+        .wait_for_instances(1, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let instance = &found.instances["k-1"];
+    assert_eq!(instance.addr, "127.0.0.1:9000");
+    assert_eq!(instance.metadata["version"], "v2");
+
+    // Off by default: our own format does not read them.
+    let ours = Discovery::start(&etcd, "services", "greet.rpc").unwrap();
+    let synced = ours.wait_synced(Duration::from_secs(10)).await.unwrap();
+    assert!(synced.instances.is_empty());
+}
