@@ -58,9 +58,10 @@ pub struct Config {
     #[arg(long, env = "SERVER_WEIGHT", default_value_t = 1)]
     pub weight: u32,
 
-    /// Version published as metadata (clients can select on it, e.g. --select version=v2).
-    #[arg(long, env = "SERVER_VERSION")]
-    pub version: Option<String>,
+    /// Version of this deployment, published as the `version` metadata (clients can select on
+    /// it, e.g. --select version=v2).
+    #[arg(long, env = "SERVER_SERVICE_VERSION")]
+    pub service_version: Option<String>,
 
     /// Zone published as metadata (clients can prefer their own, e.g. --prefer zone=a).
     #[arg(long, env = "SERVER_ZONE")]
@@ -199,7 +200,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await?;
     let mut builder = Registration::builder(&config.etcd.service, &instance_id, &addr)
         .metadata("weight", config.weight);
-    for (key, value) in [("version", &config.version), ("zone", &config.zone)] {
+    for (key, value) in [("version", &config.service_version), ("zone", &config.zone)] {
         if let Some(value) = value {
             builder = builder.metadata(key, value.as_str());
         }

@@ -195,8 +195,31 @@ async fn health_and_reflection_are_served_and_health_reports_the_drain() {
 
     let cluster = EtcdCluster::start();
     let logs = tempfile::tempdir().unwrap();
-    let mut server = ServerProcess::start(&cluster, logs.path(), &["--deregister-grace", "3s"]);
+    let mut server = ServerProcess::start(
+        &cluster,
+        logs.path(),
+        &[
+            "--deregister-grace",
+            "3s",
+            "--weight",
+            "3",
+            "--service-version",
+            "v2",
+            "--zone",
+            "a",
+            "--meta",
+            "team=blue",
+        ],
+    );
     wait_registered(&cluster, &server);
+    // The metadata flags end up in the record clients select on.
+    let value = cluster.etcdctl_ok(&["get", &server.key(), "--print-value-only"]);
+    let expected = format!(
+        r#"{{"Op":0,"Addr":"{}","Metadata":{{"instance_id":"{}","team":"blue","version":"v2","weight":3,"zone":"a"}}}}"#,
+        server.addr,
+        server.id()
+    );
+    assert_eq!(value.trim(), expected);
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
         .unwrap()
         .connect()
