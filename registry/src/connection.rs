@@ -159,6 +159,11 @@ impl Backend {
     /// in a row. Returns the ejection's length when it ejected.
     pub(crate) fn record_failure(&self, policy: &OutlierPolicy, now: Instant) -> Option<Duration> {
         let mut outlier = lock(&self.outlier);
+        if outlier.until.is_some_and(|until| now < until) {
+            // Calls already in flight when the instance was ejected: they say nothing new, and
+            // counting them would turn one burst into an ever longer ejection.
+            return None;
+        }
         outlier.consecutive += 1;
         if policy.consecutive_failures == 0 || outlier.consecutive < policy.consecutive_failures {
             return None;
@@ -259,6 +264,8 @@ pub(crate) async fn maintain(
             Ok((channel, serving)) => {
                 info!(addr = %backend.addr, id = %backend.instance_id, serving, "connected; instance in rotation");
                 backend.serving.store(serving, Ordering::Release);
+                // A new connection is a fresh start: failures of the old one do not count.
+                *lock(&backend.outlier) = Outlier::default();
                 backend.set(Some(Live {
                     channel: channel.clone(),
                     closed: closed.clone(),
@@ -317,32 +324,52 @@ async fn probe(channel: &Channel, timeout: Duration) -> Result<bool, String> {
     }
 }
 
-/// Follows the instance's health (`grpc.health.v1.Health/Watch` for the whole server) while the
-/// connection lives, so an instance that reports NOT_SERVING (draining, or flipped by an operator)
-/// leaves the rotation and comes back when SERVING again. Never returns while there is something
-/// to watch; an instance without a health service simply stays serving.
+/// Follows the instance's health while the connection lives, so an instance that reports
+/// NOT_SERVING (draining, or flipped by an operator) leaves the rotation and comes back when SERVING
+/// again. While SERVING it holds a `grpc.health.v1.Health/Watch` stream for immediate news; on
+/// NOT_SERVING it drops the stream and polls `Check` instead, because an open stream would keep a
+/// draining server from finishing its graceful shutdown. Never returns while there is something to
+/// follow; an instance without a health service simply stays serving.
 async fn watch_health(backend: &Backend, channel: Channel, on_change: &impl Fn()) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
+    let set = |serving: bool| {
+        if backend.serving.swap(serving, Ordering::AcqRel) != serving {
+            info!(addr = %backend.addr, id = %backend.instance_id, serving, "health changed");
+            on_change();
+        }
+    };
+    let request = || HealthCheckRequest {
+        service: String::new(),
+    };
     loop {
-        let request = HealthCheckRequest {
-            service: String::new(),
-        };
-        match HealthClient::new(channel.clone()).watch(request).await {
-            Ok(stream) => {
-                let mut stream = stream.into_inner();
-                while let Ok(Some(reply)) = stream.message().await {
-                    backoff.reset();
-                    let serving = reply.status() != ServingStatus::NotServing;
-                    if backend.serving.swap(serving, Ordering::AcqRel) != serving {
-                        info!(addr = %backend.addr, id = %backend.instance_id, serving, "health changed");
-                        on_change();
+        if backend.is_serving() {
+            match HealthClient::new(channel.clone()).watch(request()).await {
+                Ok(stream) => {
+                    let mut stream = stream.into_inner();
+                    while let Ok(Some(reply)) = stream.message().await {
+                        backoff.reset();
+                        let serving = reply.status() != ServingStatus::NotServing;
+                        set(serving);
+                        if !serving {
+                            break;
+                        }
                     }
                 }
+                Err(status) if matches!(status.code(), Code::Unimplemented | Code::NotFound) => {
+                    return std::future::pending().await;
+                }
+                Err(_) => {}
             }
-            Err(status) if matches!(status.code(), Code::Unimplemented | Code::NotFound) => {
-                return std::future::pending().await;
+        } else {
+            // Not serving: ask now and then, without holding a stream open.
+            if let Ok(reply) = HealthClient::new(channel.clone()).check(request()).await {
+                set(reply.get_ref().status() != ServingStatus::NotServing);
+                if backend.is_serving() {
+                    continue;
+                }
             }
-            Err(_) => {}
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
         }
         // The stream ended or failed without the connection closing (that ends this task from
         // outside): try again shortly.

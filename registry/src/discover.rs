@@ -337,10 +337,9 @@ async fn run(
 
 /// Lists the prefix with a linearizable get: every instance plus the revision of that view.
 async fn list(etcd: &Etcd, prefix: &str, format: Format) -> Result<(InstanceMap, Position)> {
-    let p = prefix.to_owned();
     let resp = etcd
         .call("get", prefix, |mut c| async move {
-            c.get(p, Some(GetOptions::new().with_prefix())).await
+            c.get(prefix, Some(GetOptions::new().with_prefix())).await
         })
         .await?;
     let position = Position {
@@ -368,14 +367,17 @@ async fn watch_from(
     carried: &mut Option<Carried>,
 ) -> WatchEnd {
     let Target { prefix, format } = target;
-    let options = WatchOptions::new()
-        .with_prefix()
-        .with_start_revision(position.revision + 1)
-        .with_progress_notify();
-    let p = prefix.to_owned();
+    let start = position.revision + 1;
+    let open = etcd.call("watch", prefix, |mut c| async move {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(start)
+            .with_progress_notify();
+        c.watch(prefix, Some(options)).await
+    });
     let opened = tokio::select! {
         _ = cancel.cancelled() => return WatchEnd::Cancelled,
-        opened = etcd.call("watch", prefix, |mut c| async move { c.watch(p, Some(options)).await }) => opened,
+        opened = open => opened,
     };
     let mut stream = match opened {
         Ok(stream) => stream,

@@ -13,8 +13,10 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use etcd_client::{Client, ConnectOptions};
+use tokio::time::Instant;
 
 use crate::{
+    backoff::Backoff,
     endpoint::is_dialable,
     error::{Error, Result},
 };
@@ -26,8 +28,11 @@ pub struct EtcdConfig {
     pub endpoints: Vec<String>,
     /// Deadline for opening a connection to one member.
     pub connect_timeout: Duration,
-    /// Deadline for each unary request (grant, put, get, revoke).
+    /// Deadline for each request (grant, put, get, revoke, opening a stream), retries included.
     pub request_timeout: Duration,
+    /// Deadline for one attempt of a request; a slower attempt is abandoned and retried. etcd
+    /// answers in milliseconds, but a request routed to a member that just died can hang.
+    pub attempt_timeout: Duration,
     /// Interval between HTTP/2 keep-alive pings to etcd.
     pub keep_alive_interval: Duration,
     /// How long a ping may go unanswered before the connection is dropped.
@@ -54,6 +59,7 @@ impl EtcdConfig {
             endpoints,
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(5),
+            attempt_timeout: Duration::from_secs(1),
             // etcd (grpc-go) answers pings more often than every 5 s on a connection with streams,
             // and any ping on a connection without streams, with GOAWAY "too_many_pings"
             // (`--grpc-keepalive-min-time`). 6 s + 2 s still notices a frozen member within 8 s.
@@ -136,37 +142,76 @@ impl Etcd {
         &self.config
     }
 
-    /// Runs one etcd request under the configured request deadline, turning both failure kinds into
-    /// errors that name the operation, the key and the endpoints.
+    /// Runs one etcd request: each attempt bounded by `attempt_timeout`, attempts that failed for a
+    /// passing reason (a dead member, no leader yet, an attempt that hung) retried with a short
+    /// jittered backoff, all within `request_timeout`. Every request this crate makes is safe to
+    /// repeat: gets, watches and revokes trivially, puts write the same value on the same lease,
+    /// and a lease granted by an abandoned attempt simply expires.
     ///
     /// # Errors
-    /// [`Error::Etcd`] if etcd answered with an error, [`Error::Timeout`] if it did not answer in time.
+    /// [`Error::Etcd`] if etcd answered with a lasting error (or the last passing one when time ran
+    /// out), [`Error::Timeout`] if no attempt got an answer in time.
     pub async fn call<T, F, Fut>(&self, op: &'static str, key: &str, request: F) -> Result<T>
     where
-        F: FnOnce(Client) -> Fut,
+        F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let timeout = self.config.request_timeout;
-        match tokio::time::timeout(timeout, request(self.client.clone())).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(source)) => Err(Error::Etcd {
-                op,
-                key: key.to_owned(),
-                endpoints: self.endpoints(),
-                source,
-            }),
-            Err(_) => Err(Error::Timeout {
-                op,
-                key: key.to_owned(),
-                endpoints: self.endpoints(),
-                timeout,
-            }),
+        let deadline = Instant::now() + timeout;
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
+        let mut last_error = None;
+        loop {
+            let attempt_deadline = (Instant::now() + self.config.attempt_timeout).min(deadline);
+            match tokio::time::timeout_at(attempt_deadline, request(self.client.clone())).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(source)) if !is_transient(&source) => {
+                    return Err(self.error(op, key, source));
+                }
+                Ok(Err(source)) => last_error = Some(source),
+                Err(_) => {}
+            }
+            let retry_at = Instant::now() + backoff.next_delay();
+            if retry_at >= deadline {
+                return Err(match last_error {
+                    Some(source) => self.error(op, key, source),
+                    None => Error::Timeout {
+                        op,
+                        key: key.to_owned(),
+                        endpoints: self.endpoints(),
+                        timeout,
+                    },
+                });
+            }
+            tokio::time::sleep_until(retry_at).await;
+        }
+    }
+
+    fn error(&self, op: &'static str, key: &str, source: etcd_client::Error) -> Error {
+        Error::Etcd {
+            op,
+            key: key.to_owned(),
+            endpoints: self.endpoints(),
+            source,
         }
     }
 
     /// The endpoints, comma-separated, for error messages.
     pub(crate) fn endpoints(&self) -> String {
         self.config.endpoints.join(",")
+    }
+}
+
+/// Errors worth another attempt: the transport failed, or etcd is between leaders or overloaded.
+/// Anything else (a lease that does not exist, a permission, a malformed request) will not change.
+fn is_transient(error: &etcd_client::Error) -> bool {
+    use tonic::Code;
+    match error {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            status.code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::ResourceExhausted
+        ),
+        _ => false,
     }
 }
 

@@ -301,10 +301,10 @@ async fn grant_and_put(etcd: &Etcd, key: &str, value: &str, ttl: Duration) -> Re
 
 /// Puts `key` attached to lease `id`; returns the revision of the put.
 async fn put(etcd: &Etcd, key: &str, value: &str, id: i64) -> Result<i64> {
-    let (k, v) = (key.to_owned(), value.to_owned());
     let resp = etcd
         .call("put", key, |mut c| async move {
-            c.put(k, v, Some(PutOptions::new().with_lease(id))).await
+            c.put(key, value, Some(PutOptions::new().with_lease(id)))
+                .await
         })
         .await?;
     Ok(resp.header().map_or(0, |h| h.revision()))
@@ -324,13 +324,14 @@ async fn guard_key(
 ) -> LeaseEnd {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
     loop {
-        let (k, options) = (
-            key.to_owned(),
-            WatchOptions::new().with_start_revision(revision + 1),
-        );
+        let start = revision + 1;
+        let open = etcd.call("watch", key, |mut c| async move {
+            c.watch(key, Some(WatchOptions::new().with_start_revision(start)))
+                .await
+        });
         let opened = tokio::select! {
             _ = cancel.cancelled() => return LeaseEnd::Cancelled,
-            opened = etcd.call("watch", key, |mut c| async move { c.watch(k, Some(options)).await }) => opened,
+            opened = open => opened,
         };
         if let Ok(mut stream) = opened {
             loop {
@@ -421,9 +422,8 @@ async fn restore(
 
 /// Whether `key` exists, and the revision of that answer.
 async fn key_present(etcd: &Etcd, key: &str) -> Result<(bool, i64)> {
-    let k = key.to_owned();
     let resp = etcd
-        .call("get", key, |mut c| async move { c.get(k, None).await })
+        .call("get", key, |mut c| async move { c.get(key, None).await })
         .await?;
     let revision = resp.header().map_or(0, |h| h.revision());
     Ok((!resp.kvs().is_empty(), revision))
