@@ -577,9 +577,12 @@ fn publish(
 
 /// Records a problem, warning only when it differs from the one already recorded.
 fn report_problem(tx: &watch::Sender<Membership>, prefix: &str, error: &Error) {
+    // Compare the summary, not the whole chain: its tail names whichever member refused this
+    // time, and a rotating endpoint is not a new problem.
+    let summary = error.to_string();
     let problem = chain(error);
     tx.send_if_modified(|m| {
-        if m.problem.as_deref() == Some(problem.as_str()) {
+        if m.problem.as_deref().is_some_and(|p| p.starts_with(&summary)) {
             return false;
         }
         warn!(prefix, %problem, known = m.instances.len(), "discovery cannot reach etcd; keeping the last known instances and retrying");

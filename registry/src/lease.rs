@@ -148,12 +148,15 @@ fn expired_reason(last_problem: &Option<String>) -> String {
     }
 }
 
-/// Logs a problem once when it first appears or changes, not on every retry.
+/// Logs a problem once when it first appears or changes, not on every retry. `problem` may carry
+/// details that vary from one attempt to the next (which member refused, deep in the error chain);
+/// only its first two `: `-separated parts (what failed, and etcd's summary) decide whether it is new.
 fn note_problem(last: &mut Option<String>, problem: String, id: i64, key: &str) {
-    if last.as_deref() != Some(problem.as_str()) {
+    let summary = |p: &str| p.split(": ").take(2).collect::<Vec<_>>().join(": ");
+    if last.as_deref().map(summary) != Some(summary(&problem)) {
         warn!(key, lease = format_args!("{id:x}"), %problem, "lease keep-alive interrupted; retrying until the lease would expire");
-        *last = Some(problem);
     }
+    *last = Some(problem);
 }
 
 /// True when etcd says the lease does not exist (any more).
