@@ -1,6 +1,8 @@
 //! The `client` binary against in-process servers (the `server` library, on real sockets) and a real
 //! etcd cluster: what it prints and how it exits.
 
+mod common;
+
 use std::{
     io::{BufRead, BufReader},
     process::{Command, Stdio},
@@ -8,62 +10,8 @@ use std::{
     time::Duration,
 };
 
-use clap::Parser;
+use common::{Server, client};
 use testkit::{EtcdCluster, free_port, wait_until};
-use tokio_util::sync::CancellationToken;
-
-/// An in-process server instance; stopped gracefully (deregistered) on `stop`.
-struct Server {
-    addr: String,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Server {
-    fn start(cluster: &EtcdCluster) -> Self {
-        let port = free_port();
-        let config = server::Config::try_parse_from([
-            "server",
-            "--port",
-            &port.to_string(),
-            "--etcd-endpoints",
-            &cluster.endpoints().join(","),
-            "--deregister-grace",
-            "0s",
-        ])
-        .unwrap();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(server::run(config, shutdown.clone()));
-        let addr = format!("127.0.0.1:{port}");
-        let key = format!("services/helloworld/127.0.0.1-{port}");
-        wait_until(
-            Duration::from_secs(15),
-            &format!("{key} to register"),
-            || {
-                !cluster
-                    .etcdctl_ok(&["get", &key, "--keys-only"])
-                    .trim()
-                    .is_empty()
-            },
-        );
-        Self {
-            addr,
-            shutdown,
-            task,
-        }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.task.await.unwrap().unwrap();
-    }
-}
-
-fn client(cluster: &EtcdCluster) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_client"));
-    cmd.args(["--etcd-endpoints", &cluster.endpoints().join(",")]);
-    cmd
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_spreads_calls_evenly_and_prints_who_served_each() {
