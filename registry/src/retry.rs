@@ -6,7 +6,8 @@
 //!   stream before processing it (HTTP/2 `REFUSED_STREAM`, a request cancelled before it was
 //!   written, as happens when a connection closes under a GOAWAY);
 //! - or the method is declared idempotent and the failure is `UNAVAILABLE` (a reset connection, a
-//!   server that answered UNAVAILABLE), so running it twice does no harm.
+//!   server that answered UNAVAILABLE) or a server's `CANCELLED` (grpc-core cancels calls it drops
+//!   while shutting down), so running it twice does no harm.
 //!
 //! Each retry goes to a different instance when there is one, waits a jittered backoff, and must fit
 //! within the call's deadline. A [`RetryPolicy`]'s budget caps retries at a fraction of the calls
@@ -172,12 +173,14 @@ pub(crate) fn never_sent(error: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// True for a response that carries only a gRPC `UNAVAILABLE` status (a "trailers-only" response:
-/// the status is in the headers and there is no message).
+/// the status is in the headers and there is no message), or `CANCELLED`, which a server sends
+/// for calls it drops while shutting down (grpc-core does): we never cancel a call and then read
+/// its response, so a CANCELLED here came from the server.
 pub(crate) fn is_unavailable_response<B>(response: &http::Response<B>) -> bool {
     response
         .headers()
         .get("grpc-status")
-        .is_some_and(|status| status.as_bytes() == b"14")
+        .is_some_and(|status| matches!(status.as_bytes(), b"14" | b"1"))
 }
 
 /// The deadline a call carries in its `grpc-timeout` header, if any (`"100m"`, `"5S"`, `"1H"`).
@@ -403,6 +406,7 @@ mod tests {
                 .unwrap()
         };
         assert!(is_unavailable_response(&response("14")));
+        assert!(is_unavailable_response(&response("1")));
         assert!(!is_unavailable_response(&response("0")));
         assert!(!is_unavailable_response(&http::Response::new(())));
     }
