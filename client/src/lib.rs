@@ -32,9 +32,17 @@ pub struct Config {
     #[allow(missing_docs)]
     pub etcd: EtcdArgs,
 
-    /// How long to wait for the first instance (once etcd answered) before giving up.
+    /// How long to wait for the first instances (once etcd answered) before giving up.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub wait: Duration,
+
+    /// Start calling only once this many instances are registered and connected.
+    #[arg(
+        long,
+        default_value_t = 1,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    pub min_instances: usize,
 
     /// Number of calls to make (ignored with --duration or --forever).
     #[arg(long, default_value_t = 10)]
@@ -167,13 +175,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .with_context(|| format!("cannot list instances from etcd at {endpoints}"))?;
         let started = Instant::now();
         async {
-            let known = discovery.wait_for_instances(1, config.wait).await?;
-            let left = config.wait.saturating_sub(started.elapsed());
-            channel.wait_ready(1, left).await?;
+            let min = config.min_instances;
+            let known = discovery.wait_for_instances(min, config.wait).await?;
+            let left = || config.wait.saturating_sub(started.elapsed());
+            channel.wait_connected(min, left()).await?;
+            channel.wait_ready(1, left()).await?;
             // Give the other instances found in the same list a moment to connect too, so the
-            // first calls already rotate over all of them; proceed without the stragglers.
+            // first calls already spread over all of them; proceed without the stragglers.
             let all = known.instances.len();
-            let _ = channel.wait_ready(all, left.min(Duration::from_secs(1))).await;
+            let _ = channel
+                .wait_connected(all, left().min(Duration::from_secs(1)))
+                .await;
             anyhow::Ok(())
         }
         .await

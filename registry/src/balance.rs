@@ -229,14 +229,7 @@ impl BalancedChannel {
     /// Addresses with a live connection, in rotation or not (e.g. not preferred by the selector, or
     /// reporting NOT_SERVING).
     pub fn connected_addrs(&self) -> Vec<Arc<str>> {
-        self.shared
-            .backends
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .filter(|b| b.is_ready())
-            .map(|b| b.addr.clone())
-            .collect()
+        self.shared.connected()
     }
 
     /// Waits until at least `min` instances are connected and in rotation.
@@ -244,29 +237,47 @@ impl BalancedChannel {
     /// # Errors
     /// [`crate::Error::GaveUp`] after `timeout`.
     pub async fn wait_ready(&self, min: usize, timeout: Duration) -> crate::Result<()> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut membership = self.discovery().subscribe();
-        // Readiness changes come from the maintainers, which do not publish to a channel: poll the
-        // ready list, waking early on every membership change.
-        while self.shared.picker().items().len() < min {
-            if tokio::time::Instant::now() >= deadline {
+        self.wait_until(min, timeout, "in rotation", |s| s.picker().items().len())
+            .await
+    }
+
+    /// Waits until at least `min` instances are connected, whether or not in rotation.
+    ///
+    /// # Errors
+    /// [`crate::Error::GaveUp`] after `timeout`.
+    pub async fn wait_connected(&self, min: usize, timeout: Duration) -> crate::Result<()> {
+        self.wait_until(min, timeout, "connected", |s| s.connected().len())
+            .await
+    }
+
+    async fn wait_until(
+        &self,
+        min: usize,
+        timeout: Duration,
+        what: &str,
+        count: impl Fn(&Shared) -> usize,
+    ) -> crate::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Every change of connection, health or membership rebuilds the picker and notifies.
+            let changed = self.shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let now = count(&self.shared);
+            if now >= min {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return Err(crate::Error::GaveUp {
                     what: format!(
-                        "{min} connected instance(s) of service {:?} ({} connected, {} known)",
+                        "{min} instance(s) of service {:?} {what} ({now} so far, {} known)",
                         self.shared.service,
-                        self.shared.picker().items().len(),
                         self.discovery().membership().instances.len()
                     ),
                     waited: timeout,
                 });
             }
-            let tick = tokio::time::sleep(Duration::from_millis(10));
-            tokio::select! {
-                _ = tick => {}
-                _ = membership.changed() => {}
-            }
         }
-        Ok(())
     }
 }
 
@@ -280,6 +291,16 @@ impl fmt::Debug for BalancedChannel {
 }
 
 impl Shared {
+    fn connected(&self) -> Vec<Arc<str>> {
+        self.backends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|b| b.is_ready())
+            .map(|b| b.addr.clone())
+            .collect()
+    }
+
     fn picker(&self) -> Arc<Picker<Arc<Backend>>> {
         // Poisoning cannot leave the Arc half-written; keep serving.
         self.picker
