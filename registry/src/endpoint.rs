@@ -101,14 +101,7 @@ impl Endpoint {
     /// # Errors
     /// A [`DecodeError`] saying why the value is unusable.
     pub fn decode(value: &[u8]) -> Result<Self, DecodeError> {
-        if value.len() > MAX_VALUE_BYTES {
-            return Err(DecodeError::TooLarge(value.len()));
-        }
-        let parsed: Value =
-            serde_json::from_slice(value).map_err(|e| DecodeError::NotJson(e.to_string()))?;
-        let Value::Object(fields) = parsed else {
-            return Err(DecodeError::NotObject);
-        };
+        let fields = json_object(value)?;
         let addr = field(&fields, "Addr")
             .and_then(Value::as_str)
             .ok_or(DecodeError::MissingAddr)?;
@@ -214,14 +207,7 @@ fn decode_go_zero(value: &[u8]) -> Result<Endpoint, DecodeError> {
 /// kratos stores a `ServiceInstance`: the gRPC endpoint is the one with the `grpc` scheme; its id,
 /// version and metadata become our metadata (`instance_id`, `version`, and the rest as they are).
 fn decode_kratos(value: &[u8]) -> Result<Endpoint, DecodeError> {
-    if value.len() > MAX_VALUE_BYTES {
-        return Err(DecodeError::TooLarge(value.len()));
-    }
-    let parsed: Value =
-        serde_json::from_slice(value).map_err(|e| DecodeError::NotJson(e.to_string()))?;
-    let Value::Object(fields) = parsed else {
-        return Err(DecodeError::NotObject);
-    };
+    let fields = json_object(value)?;
     let grpc = field(&fields, "endpoints")
         .and_then(Value::as_array)
         .into_iter()
@@ -247,6 +233,18 @@ fn decode_kratos(value: &[u8]) -> Result<Endpoint, DecodeError> {
         addr: addr.to_owned(),
         metadata: Value::Object(metadata),
     })
+}
+
+/// Parses a value that must be a JSON object of reasonable size.
+fn json_object(value: &[u8]) -> Result<Map<String, Value>, DecodeError> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(DecodeError::TooLarge(value.len()));
+    }
+    match serde_json::from_slice(value) {
+        Ok(Value::Object(fields)) => Ok(fields),
+        Ok(_) => Err(DecodeError::NotObject),
+        Err(e) => Err(DecodeError::NotJson(e.to_string())),
+    }
 }
 
 /// Looks a field up the way Go's `encoding/json` does: an exact match first, then any
