@@ -1,5 +1,6 @@
-//! A client-side balanced channel: round robin over the instances whose connection is up, fed by
-//! [`Discovery`], usable anywhere a tonic `Channel` is (`GreeterClient::new(channel)`).
+//! A client-side balanced channel: calls spread by a [`Policy`] (round robin by default) over the
+//! instances that are usable right now, fed by [`Discovery`], usable anywhere a tonic `Channel` is
+//! (`GreeterClient::new(channel)`).
 //!
 //! Shape of the machinery:
 //! - an *updater* task follows discovery's snapshots and keeps one [`Backend`] per distinct address,
@@ -7,9 +8,11 @@
 //!   request happens to flow, unlike tonic's `balance_channel`);
 //! - each backend has a *maintainer* task ([`crate::connection`]) holding one HTTP/2 connection and
 //!   reconnecting it with backoff when its socket closes;
-//! - the picker reads an immutable list of the backends that are connected right now, rebuilt on
-//!   every change, and rotates through it with one atomic counter, so a call costs a read lock, an
-//!   increment and a channel clone.
+//! - the picker is an immutable snapshot of the usable backends (connected, SERVING, weight above 0,
+//!   admitted by the [`Selector`]), rebuilt on every change; for round robin a call costs a read
+//!   lock, an atomic increment and a channel clone;
+//! - each call has one deadline; a failure that is safe to retry is sent again to another instance
+//!   ([`crate::retry`]); consecutive failures eject an instance for a while ([`OutlierPolicy`]).
 //!
 //! A call never waits for an instance to appear: with none registered, or none reachable, it fails
 //! at once with `UNAVAILABLE` naming the service. Only while the channel is still starting (first

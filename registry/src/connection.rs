@@ -8,6 +8,12 @@
 //! stream hits end-of-file or an error, or is dropped (hyper drops it when HTTP/2 keep-alive pings go
 //! unanswered or after a GOAWAY). On loopback a SIGKILLed server's socket is closed by the kernel, so
 //! the instance is taken out of rotation before any call is sent to it.
+//!
+//! A new connection enters the rotation only once the server has answered a health check (the kernel
+//! accepts TCP connections for a frozen process, so "connected" alone proves nothing), and while it
+//! lives the instance's `grpc.health.v1` status is followed: NOT_SERVING takes it out of rotation.
+//! Each backend also keeps its calls in flight (for `least_request`) and its record of consecutive
+//! failures (outlier ejection).
 
 use std::{
     future::Future,

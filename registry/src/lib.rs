@@ -1,8 +1,9 @@
 //! Service registration and discovery for tonic gRPC services, on etcd.
 //!
 //! A server announces `host:port` under `<namespace>/<service>/<instance-id>` with a lease that a task
-//! keeps alive; a client lists and watches that prefix and spreads calls round robin over the
-//! instances whose connection is up. The key and value follow etcd's Go naming package, so Go
+//! keeps alive; a client lists and watches that prefix and spreads calls over the instances that are
+//! up (round robin by default; weighted, random, least request, consistent hash and pick first on
+//! request), choosing by metadata, following their health and retrying what is safe to retry. The key and value follow etcd's Go naming package, so Go
 //! services using `etcd:///services/<service>` and these Rust ones find each other.
 //!
 //! Everything recovers by itself: broken keep-alive streams are reopened, lost leases re-granted and
