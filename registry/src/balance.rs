@@ -3,10 +3,10 @@
 //! (`GreeterClient::new(channel)`).
 //!
 //! Shape of the machinery:
-//! - an *updater* task follows discovery's snapshots and keeps one [`Backend`] per distinct address,
+//! - an *updater* task follows discovery's snapshots and keeps one `Backend` per distinct address,
 //!   adding and removing them as instances come and go (applied as events arrive, not lazily when a
 //!   request happens to flow, unlike tonic's `balance_channel`);
-//! - each backend has a *maintainer* task ([`crate::connection`]) holding one HTTP/2 connection and
+//! - each backend has a *maintainer* task (`connection.rs`) holding one HTTP/2 connection and
 //!   reconnecting it with backoff when its socket closes;
 //! - the picker is an immutable snapshot of the usable backends (connected, SERVING, weight above 0,
 //!   admitted by the [`Selector`]), rebuilt on every change; for round robin a call costs a read

@@ -25,11 +25,11 @@ pub struct EtcdArgs {
     )]
     pub etcd_endpoints: Vec<String>,
 
-    /// Service name: instances live under <namespace>/<service>/.
+    /// Service name: instances live under NAMESPACE/SERVICE/.
     #[arg(long, env = "REGISTRY_SERVICE", default_value = "helloworld", value_parser = parse_service)]
     pub service: String,
 
-    /// Key namespace (a Go client dials etcd:///<namespace>/<service>).
+    /// Key namespace (a Go client dials etcd:///NAMESPACE/SERVICE).
     #[arg(long, env = "REGISTRY_NAMESPACE", default_value = key::DEFAULT_NAMESPACE, value_parser = parse_namespace)]
     pub namespace: String,
 

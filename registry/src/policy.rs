@@ -9,7 +9,7 @@
 //! | `consistent_hash` | the instance owning the call's key on a hash ring; adding one of N instances moves about 1/N of the keys | per-key caches or affinity |
 //! | `pick_first` | the first usable instance, in address order, until it fails | one primary, the rest as standby |
 //!
-//! A [`Picker`] is built from the usable instances each time they change; picking is a read of that
+//! A `Picker` is built from the usable instances each time they change; picking is a read of that
 //! snapshot plus, depending on the policy, an atomic increment, a short lock or a random draw.
 
 use std::{

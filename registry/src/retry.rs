@@ -14,7 +14,7 @@
 //! (plus a small floor per second), so during an outage retries cannot multiply the load.
 //!
 //! `http::Request` bodies are streams and cannot be cloned, so the body is recorded as the first
-//! attempt sends it ([`Replay`]) and replayed to the next attempt; bodies larger than
+//! attempt sends it (`Replay`) and replayed to the next attempt; bodies larger than
 //! [`RetryPolicy::max_replay_bytes`] are never retried once that much has been sent.
 
 use std::{
