@@ -43,12 +43,12 @@ pub struct Config {
     #[arg(long, env = "SERVER_PORT")]
     pub port: u16,
 
-    /// Address clients should dial, host:port [default: <host>:<port>; required when listening on
+    /// Address clients should dial, host:port [default: HOST:PORT; required when listening on
     /// 0.0.0.0 or ::].
     #[arg(long, env = "SERVER_ADVERTISE_ADDR")]
     pub advertise_addr: Option<String>,
 
-    /// Instance id, the last segment of the etcd key [default: <host>-<port> of the advertised
+    /// Instance id, the last segment of the etcd key [default: HOST-PORT of the advertised
     /// address].
     #[arg(long, env = "SERVER_INSTANCE_ID")]
     pub instance_id: Option<String>,
