@@ -14,7 +14,7 @@ use registry::{
     BalanceOptions, BalancedChannel, Change, Discovery, Format, Policy, RetryPolicy, Selector,
     ServedBy,
     balance::HASH_KEY,
-    cli::{EtcdArgs, parse_duration},
+    cli::{EtcdArgs, MetricsArgs, parse_duration},
     discover::diff,
     select::parse_pair,
 };
@@ -99,6 +99,10 @@ pub struct Config {
     /// Seed for the random choices of random and least_request, for repeatable runs.
     #[arg(long)]
     pub seed: Option<u64>,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub metrics: MetricsArgs,
 }
 
 /// The gRPC path of SayHello, declared idempotent: greeting twice does no harm, so a call that
@@ -138,6 +142,7 @@ impl Report {
 /// If etcd is unusable or no instance shows up within `--wait`. Failed calls are not errors: they
 /// are counted in the [`Report`].
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<Report> {
+    config.metrics.install()?;
     let endpoints = config.etcd.etcd_endpoints.join(",");
     let etcd = config
         .etcd

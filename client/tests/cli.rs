@@ -193,3 +193,57 @@ async fn bad_records_are_skipped_with_one_warning_each_naming_the_key() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_calls_per_instance_while_they_flow() {
+    let cluster = EtcdCluster::start();
+    let servers = [Server::start(&cluster), Server::start(&cluster)];
+    let metrics = format!("127.0.0.1:{}", testkit::free_port());
+    let mut child = testkit::spawn(
+        client(&cluster)
+            .args(["--forever", "--interval", "10ms", "--min-instances", "2"])
+            .args(["--metrics-addr", &metrics])
+            .stdout(std::process::Stdio::null()),
+    );
+    let calls = |text: &str, addr: &str| {
+        let series = format!("registry_calls_total{{service=\"helloworld\",instance=\"{addr}\"}}");
+        testkit::http::sample(text, &series)
+    };
+    let scrape = || {
+        // The exporter starts with the client; until then the port refuses.
+        testkit::wait_for(Duration::from_secs(10), "the metrics endpoint", || {
+            std::net::TcpStream::connect(&metrics).ok()?;
+            Some(testkit::http::get(&metrics, "/metrics"))
+        })
+    };
+    let first = testkit::wait_for(Duration::from_secs(10), "calls on both instances", || {
+        let text = scrape();
+        Some((
+            calls(&text, &servers[0].addr)?,
+            calls(&text, &servers[1].addr)?,
+        ))
+    });
+    wait_until(Duration::from_secs(5), "the counters to move", || {
+        let text = scrape();
+        calls(&text, &servers[0].addr).is_some_and(|n| n > first.0)
+            && calls(&text, &servers[1].addr).is_some_and(|n| n > first.1)
+    });
+    let text = scrape();
+    assert_eq!(
+        testkit::http::sample(&text, "registry_instances_known{service=\"helloworld\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        testkit::http::sample(&text, "registry_instances_ready{service=\"helloworld\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    child.signal(libc::SIGINT);
+    child
+        .wait_timeout(Duration::from_secs(10))
+        .expect("client exits on SIGINT");
+    for server in servers {
+        server.stop().await;
+    }
+}

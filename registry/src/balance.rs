@@ -47,6 +47,7 @@ use crate::{
     connection::{self, Backend},
     discover::{Discovery, Instance, InstanceMap, Membership},
     error::chain,
+    metrics,
     policy::{Candidate, Picker, Policy},
     retry::{Replay, RetryBudget, RetryPolicy, grpc_timeout, is_unavailable_response, never_sent},
     select::Selector,
@@ -329,6 +330,11 @@ impl Shared {
         let usable = self
             .selector
             .narrow(usable, |b| self.selector.prefers(&b.metadata()));
+        metrics::instances(
+            &self.service,
+            self.membership.borrow().instances.len(),
+            usable.len(),
+        );
         let picker = Arc::new(Picker::new(self.policy, usable, self.seed));
         *self.picker.write().unwrap_or_else(|p| p.into_inner()) = picker;
         drop(backends);
@@ -395,8 +401,9 @@ impl Shared {
             .ok_or_else(|| self.unavailable())
     }
 
-    /// Counts a call's outcome towards the instance's outlier detection.
-    fn record(&self, backend: &Backend, failed: bool) {
+    /// Counts an attempt's outcome: in the metrics, and towards the instance's outlier detection.
+    fn record(&self, backend: &Backend, failed: bool, elapsed: Duration) {
+        metrics::call(&self.service, &backend.addr, elapsed, failed);
         if !failed {
             backend.record_success();
         } else if let Some(length) = backend.record_failure(&self.outlier, Instant::now()) {
@@ -408,6 +415,7 @@ impl Shared {
                 ejected_for = ?length,
                 "instance ejected after consecutive failures"
             );
+            metrics::ejected(&self.service, &backend.addr, "outlier");
         }
     }
 
@@ -444,10 +452,12 @@ impl Shared {
         if !self.retry.enabled() {
             let (backend, channel) = self.pick_or_wait(&[], key, deadline).await?;
             let _in_flight = backend.start_call();
+            let started = Instant::now();
             let outcome = tokio::time::timeout_at(deadline, channel.oneshot(request)).await;
             self.record(
                 &backend,
                 !matches!(&outcome, Ok(Ok(r)) if !is_failure_response(r)),
+                started.elapsed(),
             );
             return match outcome {
                 Ok(Ok(response)) => Ok(served_by(response, &backend)),
@@ -474,11 +484,13 @@ impl Shared {
             }
             let request = http::Request::from_parts(parts.clone(), body.attempt());
             let in_flight = backend.start_call();
+            let started = Instant::now();
             let outcome = tokio::time::timeout_at(deadline, channel.oneshot(request)).await;
             drop(in_flight);
             self.record(
                 &backend,
                 !matches!(&outcome, Ok(Ok(r)) if !is_failure_response(r)),
+                started.elapsed(),
             );
             let (safe, failure) = match outcome {
                 Err(_) => return Err(deadline_exceeded(&backend, timeout).into()),
@@ -623,6 +635,7 @@ fn reconcile(
                 continue;
             };
             let backend = Arc::new(Backend::new(
+                shared.service.clone(),
                 addr.clone(),
                 instance.id.as_str().into(),
                 instance.metadata.clone(),

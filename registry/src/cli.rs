@@ -1,7 +1,7 @@
 //! Command-line arguments shared by every binary built on the registry (feature `cli`): where etcd is,
 //! which service, and human-readable durations. Flatten [`EtcdArgs`] into a clap parser.
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use crate::{
     error::Result,
@@ -36,6 +36,34 @@ pub struct EtcdArgs {
     /// How long to keep retrying etcd at startup before giving up with an error.
     #[arg(long, env = "ETCD_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub etcd_timeout: Duration,
+}
+
+/// Where to expose Prometheus metrics, if anywhere.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464) at any path; off unless set.
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl MetricsArgs {
+    /// Installs the process-wide Prometheus exporter when `--metrics-addr` is set. Must run inside
+    /// a Tokio runtime (the exporter's HTTP listener is a task on it), once per process.
+    ///
+    /// # Errors
+    /// [`crate::Error::Metrics`] naming the address, e.g. when it is in use.
+    pub fn install(&self) -> Result<()> {
+        let Some(addr) = self.metrics_addr else {
+            return Ok(());
+        };
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .map_err(|source| crate::Error::Metrics { addr, source })?;
+        crate::metrics::describe();
+        tracing::info!(%addr, "serving Prometheus metrics");
+        Ok(())
+    }
 }
 
 impl EtcdArgs {

@@ -44,12 +44,14 @@ use tonic_health::pb::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{backoff::Backoff, error::chain};
+use crate::{backoff::Backoff, error::chain, metrics};
 
 /// One instance the balancer may pick: its identity, what it says about itself, and, while
 /// connected, its channel.
 #[derive(Debug)]
 pub(crate) struct Backend {
+    /// The service, for metrics.
+    service: Arc<str>,
     pub(crate) addr: Arc<str>,
     pub(crate) instance_id: Arc<str>,
     /// The instance's metadata; replaced in place when its record changes.
@@ -102,8 +104,14 @@ struct Live {
 }
 
 impl Backend {
-    pub(crate) fn new(addr: Arc<str>, instance_id: Arc<str>, metadata: Value) -> Self {
+    pub(crate) fn new(
+        service: Arc<str>,
+        addr: Arc<str>,
+        instance_id: Arc<str>,
+        metadata: Value,
+    ) -> Self {
         Self {
+            service,
             addr,
             instance_id,
             metadata: Mutex::new(Arc::new(metadata)),
@@ -245,6 +253,7 @@ pub(crate) async fn maintain(
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
     let mut last_problem: Option<String> = None;
+    let mut connected_before = false;
     let probe_timeout = endpoint
         .get_connect_timeout()
         .unwrap_or(Duration::from_secs(1));
@@ -269,6 +278,10 @@ pub(crate) async fn maintain(
         match connected {
             Ok((channel, serving)) => {
                 info!(addr = %backend.addr, id = %backend.instance_id, serving, "connected; instance in rotation");
+                if connected_before {
+                    metrics::readmitted(&backend.service, &backend.addr);
+                }
+                connected_before = true;
                 backend.serving.store(serving, Ordering::Release);
                 // A new connection is a fresh start: failures of the old one do not count.
                 *lock(&backend.outlier) = Outlier::default();
@@ -286,6 +299,7 @@ pub(crate) async fn maintain(
                 }
                 backend.set(None);
                 on_change();
+                metrics::ejected(&backend.service, &backend.addr, "connection");
                 warn!(addr = %backend.addr, id = %backend.instance_id, "connection lost; instance out of rotation until it reconnects");
             }
             Err(problem) => {
@@ -341,6 +355,11 @@ async fn watch_health(backend: &Backend, channel: Channel, on_change: &impl Fn()
     let set = |serving: bool| {
         if backend.serving.swap(serving, Ordering::AcqRel) != serving {
             info!(addr = %backend.addr, id = %backend.instance_id, serving, "health changed");
+            if serving {
+                metrics::readmitted(&backend.service, &backend.addr);
+            } else {
+                metrics::ejected(&backend.service, &backend.addr, "health");
+            }
             on_change();
         }
     };

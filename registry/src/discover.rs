@@ -33,7 +33,7 @@ use crate::{
     endpoint::Format,
     error::{Error, Result, chain},
     etcd::Etcd,
-    key,
+    key, metrics,
 };
 
 /// One discovered instance.
@@ -228,8 +228,9 @@ enum WatchEnd {
     /// was replaced): list again and publish the difference.
     Relist {
         reason: String,
-        /// The endpoints now lead to a rebuilt cluster (new cluster id, revisions gone back).
-        replaced: bool,
+        /// `compacted`, `cancelled`, or `rebuilt` when the endpoints now lead to a rebuilt
+        /// cluster (new cluster id, revisions gone back).
+        cause: &'static str,
     },
 }
 
@@ -319,9 +320,10 @@ async fn run(
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
                     }
                 }
-                WatchEnd::Relist { reason, replaced } => {
+                WatchEnd::Relist { reason, cause } => {
                     info!(prefix = %prefix, %reason, "re-listing");
-                    if replaced {
+                    metrics::relist(&prefix, cause);
+                    if cause == "rebuilt" {
                         let ids = tx.borrow().instances.keys().cloned().collect();
                         carried = Some(Carried {
                             ids,
@@ -426,7 +428,11 @@ async fn watch_from(
         };
         if resp.canceled() {
             return WatchEnd::Relist {
-                replaced: false,
+                cause: if resp.compact_revision() > 0 {
+                    "compacted"
+                } else {
+                    "cancelled"
+                },
                 reason: if resp.compact_revision() > 0 {
                     format!(
                         "revision {} was compacted (oldest kept: {}); events were missed",
@@ -445,7 +451,7 @@ async fn watch_from(
             // The endpoints now lead to a different cluster (rebuilt from scratch, restored from a
             // snapshot): its revisions say nothing about ours.
             return WatchEnd::Relist {
-                replaced: true,
+                cause: "rebuilt",
                 reason: format!(
                     "etcd cluster id changed from {:x} to {cluster_id:x}",
                     position.cluster_id
@@ -455,7 +461,7 @@ async fn watch_from(
         if resp.created() {
             if header_revision < position.revision {
                 return WatchEnd::Relist {
-                    replaced: true,
+                    cause: "rebuilt",
                     reason: format!(
                         "etcd's revision went back from {} to {header_revision}",
                         position.revision
@@ -569,6 +575,9 @@ fn publish(
         if changes.is_empty() && !first_sync {
             debug!(prefix, revision, "no membership change");
             return false;
+        }
+        if !changes.is_empty() {
+            metrics::discovery_update(prefix);
         }
         m.instances = Arc::new(instances);
         true

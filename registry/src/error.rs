@@ -85,6 +85,17 @@ pub enum Error {
         waited: Duration,
     },
 
+    /// The Prometheus exporter could not be started.
+    #[cfg(feature = "cli")]
+    #[error("cannot serve metrics on {addr}; is the address in use?")]
+    Metrics {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: metrics_exporter_prometheus::BuildError,
+    },
+
     /// The background task owning a registration stopped unexpectedly.
     #[error("the registration task for {key:?} stopped unexpectedly")]
     TaskLost {

@@ -20,6 +20,7 @@ use crate::{
     backoff::Backoff,
     error::{Error, chain},
     etcd::Etcd,
+    metrics,
 };
 
 /// How a keep-alive session ended.
@@ -120,6 +121,7 @@ pub(crate) async fn keep_alive(
                         return LeaseEnd::Lost(format!("etcd reports lease {id:x} expired (TTL 0)"));
                     }
                     Ok(Some(reply)) => {
+                        metrics::keepalive_rtt(key, last_sent.elapsed());
                         // `ttl()` is positive here; seconds fit a u64.
                         expires = last_sent + Duration::from_secs(reply.ttl().unsigned_abs());
                         debug!(key, lease = format_args!("{id:x}"), ttl = reply.ttl(), "lease refreshed");

@@ -19,6 +19,7 @@
 //! - [`discover`]: [`Discovery`], list-then-watch into a live [`Membership`].
 //! - [`balance`]: [`BalancedChannel`], round robin over connected instances for generated clients.
 //! - [`retry`]: which failed calls are safe to send again, the retry budget, request replay.
+//! - [`metrics`]: what the library records (through the `metrics` facade) and under which names.
 //! - [`policy`]: round robin, weighted, random, least request, consistent hash, pick first.
 //! - [`select`]: choosing instances by metadata (require `version=v2`, prefer `zone=a`).
 //! - `connection`: one HTTP/2 connection per instance, ejected the moment its socket closes.
@@ -58,6 +59,7 @@ pub mod error;
 pub mod etcd;
 pub mod key;
 mod lease;
+pub mod metrics;
 pub mod policy;
 pub mod register;
 pub mod retry;

@@ -24,6 +24,7 @@ use crate::{
     etcd::Etcd,
     key,
     lease::{self, LeaseEnd},
+    metrics,
 };
 
 /// The lease TTL used when none is configured.
@@ -220,6 +221,7 @@ async fn run(
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
     let mut lease_id = None;
     let mut last_problem: Option<String> = None;
+    let mut registrations = 0u64;
 
     loop {
         let attempt = tokio::select! {
@@ -248,6 +250,11 @@ async fn run(
             ttl_s = ttl.as_secs(),
             "registered"
         );
+        metrics::registered(&key, true);
+        if registrations > 0 {
+            metrics::reregistered(&key);
+        }
+        registrations += 1;
         backoff.reset();
         last_problem = None;
         lease_id = Some(id);
@@ -263,6 +270,7 @@ async fn run(
             LeaseEnd::Cancelled => break,
             LeaseEnd::Lost(reason) => {
                 warn!(key, lease = format_args!("{id:x}"), %reason, "lease lost; registering again with a new lease");
+                metrics::registered(&key, false);
                 state.send_replace(RegistrationState::Lost { reason });
                 lease_id = None;
             }
@@ -286,6 +294,7 @@ async fn run(
         }
         None => Ok(()),
     };
+    metrics::registered(&key, false);
     state.send_replace(RegistrationState::Deregistered);
     result
 }
@@ -402,6 +411,7 @@ async fn restore(
                     revision,
                     "key put back"
                 );
+                metrics::key_restored(key);
                 return Ok(revision);
             }
             Err(e) if lease::is_lease_not_found(&e) => {

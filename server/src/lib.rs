@@ -21,7 +21,10 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::{Context, bail};
 use clap::Parser;
 use proto::helloworld::greeter_server::GreeterServer;
-use registry::{Registration, cli::EtcdArgs, cli::parse_duration};
+use registry::{
+    Registration,
+    cli::{EtcdArgs, MetricsArgs, parse_duration},
+};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -87,6 +90,10 @@ pub struct Config {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub etcd: EtcdArgs,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub metrics: MetricsArgs,
 }
 
 impl Config {
@@ -154,6 +161,7 @@ pub fn default_instance_id(advertised: &str) -> String {
 /// # Errors
 /// When the port cannot be bound, etcd cannot be reached within `--etcd-timeout`, or serving fails.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.metrics.install()?;
     let bind = format!("{}:{}", bracket(&config.host), config.port);
     let listener = TcpListener::bind(&bind)
         .await

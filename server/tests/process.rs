@@ -270,3 +270,37 @@ async fn health_and_reflection_are_served_and_health_reports_the_drain() {
         .expect("no exit after SIGTERM");
     assert!(status.success(), "{}", server.log_text());
 }
+
+#[test]
+fn metrics_show_the_registration_and_its_keep_alives() {
+    let cluster = EtcdCluster::start();
+    let logs = tempfile::tempdir().unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let server = ServerProcess::start(
+        &cluster,
+        logs.path(),
+        &["--ttl", "3s", "--metrics-addr", &metrics],
+    );
+    wait_registered(&cluster, &server);
+    let registered = format!("registry_registered{{key=\"{}\"}}", server.key());
+    let rtt_count = format!(
+        "registry_lease_keepalive_rtt_seconds_count{{key=\"{}\"}}",
+        server.key()
+    );
+    // Keep-alives go out every TTL/3 = 1 s: the round-trip count must keep growing.
+    let first = testkit::wait_for(Duration::from_secs(5), "a keep-alive round trip", || {
+        let text = testkit::http::get(&metrics, "/metrics");
+        assert_eq!(
+            testkit::http::sample(&text, &registered),
+            Some(1.0),
+            "{text}"
+        );
+        testkit::http::sample(&text, &rtt_count).filter(|&n| n >= 1.0)
+    });
+    testkit::wait_until(Duration::from_secs(5), "more keep-alives", || {
+        let text = testkit::http::get(&metrics, "/metrics");
+        testkit::http::sample(&text, &rtt_count).is_some_and(|n| n > first)
+    });
+    let text = testkit::http::get(&metrics, "/metrics");
+    assert!(text.contains("# HELP registry_registered"), "{text}");
+}

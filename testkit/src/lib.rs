@@ -18,6 +18,7 @@
 //! - [`process`]: [`ChildGuard`] and [`spawn`], for any process a test starts; killed and reaped
 //!   on drop, and killed by the kernel if the test process dies first.
 //! - [`port`]: [`free_port`], a loopback port never handed out twice in one process.
+//! - [`http`]: a bare HTTP GET, to scrape metrics endpoints.
 //! - [`wait`]: [`wait_until`] and [`wait_for`], polling with a deadline instead of sleeping.
 //!
 //! # Requirements
@@ -53,6 +54,7 @@
 //! ```
 
 pub mod etcd;
+pub mod http;
 pub mod port;
 pub mod process;
 pub mod wait;

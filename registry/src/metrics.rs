@@ -1,0 +1,124 @@
+//! Metrics, through the [`metrics`](https://docs.rs/metrics) facade: the library records, the
+//! application decides where they go (the binaries export them for Prometheus with
+//! `--metrics-addr`). Without an installed recorder every call here is a no-op.
+//!
+//! Names follow Prometheus conventions: a `registry_` prefix, units in the name, `_total` for
+//! counters. Labels: `service` (the service name), `instance` (an instance's address), `prefix`
+//! (the key prefix discovery watches), `key` (a registration's etcd key).
+
+use std::time::Duration;
+
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+
+/// Calls answered by an instance (one per attempt), labelled `service`, `instance`.
+pub const CALLS: &str = "registry_calls_total";
+/// Attempts that failed on an instance (transport error, deadline, failing status).
+pub const CALL_ERRORS: &str = "registry_call_errors_total";
+/// Time from sending a call to its answer's headers, per `service`.
+pub const CALL_DURATION: &str = "registry_call_duration_seconds";
+/// Times an instance left the rotation, with `reason`: `connection`, `health` or `outlier`.
+pub const EJECTIONS: &str = "registry_instance_ejections_total";
+/// Times an instance came back into the rotation.
+pub const READMISSIONS: &str = "registry_instance_readmissions_total";
+/// Instances discovery knows of, per `service`.
+pub const INSTANCES_KNOWN: &str = "registry_instances_known";
+/// Instances in rotation (connected, serving, selected), per `service`.
+pub const INSTANCES_READY: &str = "registry_instances_ready";
+/// Membership changes applied from etcd, per watched `prefix`.
+pub const DISCOVERY_UPDATES: &str = "registry_discovery_updates_total";
+/// Full re-lists, per watched `prefix`, with `reason`: `compacted`, `cancelled` or `rebuilt`.
+pub const DISCOVERY_RELISTS: &str = "registry_discovery_relists_total";
+/// 1 while a registration's key is in etcd under a live lease, 0 otherwise; per `key`.
+pub const REGISTERED: &str = "registry_registered";
+/// Registrations after the first: a lost lease replaced; per `key`.
+pub const REREGISTRATIONS: &str = "registry_reregistrations_total";
+/// The key put back after someone deleted it; per `key`.
+pub const KEY_RESTORES: &str = "registry_key_restores_total";
+/// Round trip of a lease keep-alive, from send to etcd's reply; per `key`.
+pub const KEEPALIVE_RTT: &str = "registry_lease_keepalive_rtt_seconds";
+
+/// Registers the descriptions (HELP lines) of every metric; call once after installing a recorder.
+pub fn describe() {
+    describe_counter!(CALLS, "Calls answered by an instance (one per attempt).");
+    describe_counter!(CALL_ERRORS, "Attempts that failed on an instance.");
+    describe_histogram!(
+        CALL_DURATION,
+        Unit::Seconds,
+        "Time from sending a call to its answer."
+    );
+    describe_counter!(EJECTIONS, "Times an instance left the rotation, by reason.");
+    describe_counter!(
+        READMISSIONS,
+        "Times an instance came back into the rotation."
+    );
+    describe_gauge!(INSTANCES_KNOWN, "Instances discovery knows of.");
+    describe_gauge!(
+        INSTANCES_READY,
+        "Instances in rotation: connected, serving, selected."
+    );
+    describe_counter!(DISCOVERY_UPDATES, "Membership changes applied from etcd.");
+    describe_counter!(
+        DISCOVERY_RELISTS,
+        "Full re-lists of a service's prefix, by reason."
+    );
+    describe_gauge!(REGISTERED, "1 while the key is in etcd under a live lease.");
+    describe_counter!(REREGISTRATIONS, "Registrations that replaced a lost lease.");
+    describe_counter!(
+        KEY_RESTORES,
+        "Times the key was put back after being deleted."
+    );
+    describe_histogram!(KEEPALIVE_RTT, Unit::Seconds, "Lease keep-alive round trip.");
+}
+
+pub(crate) fn call(service: &str, instance: &str, elapsed: Duration, failed: bool) {
+    let labels = [
+        ("service", service.to_owned()),
+        ("instance", instance.to_owned()),
+    ];
+    counter!(CALLS, &labels).increment(1);
+    if failed {
+        counter!(CALL_ERRORS, &labels).increment(1);
+    }
+    histogram!(CALL_DURATION, "service" => service.to_owned()).record(elapsed);
+}
+
+pub(crate) fn ejected(service: &str, instance: &str, reason: &'static str) {
+    counter!(EJECTIONS, "service" => service.to_owned(), "instance" => instance.to_owned(), "reason" => reason)
+        .increment(1);
+}
+
+pub(crate) fn readmitted(service: &str, instance: &str) {
+    counter!(READMISSIONS, "service" => service.to_owned(), "instance" => instance.to_owned())
+        .increment(1);
+}
+
+pub(crate) fn instances(service: &str, known: usize, ready: usize) {
+    gauge!(INSTANCES_KNOWN, "service" => service.to_owned()).set(known as f64);
+    gauge!(INSTANCES_READY, "service" => service.to_owned()).set(ready as f64);
+}
+
+pub(crate) fn discovery_update(prefix: &str) {
+    counter!(DISCOVERY_UPDATES, "prefix" => prefix.to_owned()).increment(1);
+}
+
+pub(crate) fn relist(prefix: &str, reason: &'static str) {
+    counter!(DISCOVERY_RELISTS, "prefix" => prefix.to_owned(), "reason" => reason).increment(1);
+}
+
+pub(crate) fn registered(key: &str, registered: bool) {
+    gauge!(REGISTERED, "key" => key.to_owned()).set(if registered { 1.0 } else { 0.0 });
+}
+
+pub(crate) fn reregistered(key: &str) {
+    counter!(REREGISTRATIONS, "key" => key.to_owned()).increment(1);
+}
+
+pub(crate) fn key_restored(key: &str) {
+    counter!(KEY_RESTORES, "key" => key.to_owned()).increment(1);
+}
+
+pub(crate) fn keepalive_rtt(key: &str, rtt: Duration) {
+    histogram!(KEEPALIVE_RTT, "key" => key.to_owned()).record(rtt);
+}
