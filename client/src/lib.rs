@@ -1,11 +1,16 @@
-//! The helloworld client: discover Greeter instances in etcd, spread calls over them round robin,
-//! print who served each call and, as they happen, every instance joining or leaving.
+//! The helloworld client: discover Greeter instances in etcd, spread calls over them (round robin by
+//! default, `--policy` for the others), print who served each call and, as they happen, every
+//! instance joining or leaving.
 //!
 //! [`run`] waits (bounded by `--wait`) until an instance is connected, then calls `SayHello` either
 //! `--requests` times or for `--duration` (or `--forever`), one call per `--interval`, and returns a
 //! [`Report`] with per-instance counts. `main.rs` prints the table and exits non-zero if a call failed.
+//!
+//! # Layout
+//! - this file: flags ([`Config`]), the call loop, the per-call lines and the report;
+//! - `watch.rs`: `client watch`, the live view of instances and events.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, io::IsTerminal, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
@@ -13,13 +18,15 @@ use proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
 use registry::{
     BalanceOptions, BalancedChannel, Change, Discovery, Format, Policy, RetryPolicy, Selector,
     ServedBy,
-    balance::HASH_KEY,
+    balance::{HASH_KEY, INSTANCE},
     cli::{EtcdArgs, MetricsArgs, parse_duration},
     discover::diff,
     select::parse_pair,
 };
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
+
+mod watch;
 
 /// Flags of the `client` binary.
 #[derive(Debug, Clone, Parser)]
@@ -79,7 +86,7 @@ pub struct Config {
     pub policy: Policy,
 
     /// Key sent with every call for consistent_hash (same key, same instance).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_hash_key)]
     pub hash_key: Option<String>,
 
     /// Only call instances whose metadata has KEY=VALUE (e.g. version=v2); repeatable.
@@ -103,6 +110,42 @@ pub struct Config {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub metrics: MetricsArgs,
+
+    #[command(subcommand)]
+    #[allow(missing_docs)]
+    pub command: Option<Command>,
+}
+
+/// What to show while calling.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// A live view: every instance with its state, calls and errors, and the events of discovery
+    /// and rotation as they happen, while calls flow (redrawn in place on a terminal, plain lines
+    /// otherwise). Runs until Ctrl-C unless --duration or --requests is given.
+    Watch {
+        /// How often the view is refreshed.
+        #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+        refresh: Duration,
+
+        /// Plain lines even on a terminal.
+        #[arg(long)]
+        plain: bool,
+    },
+}
+
+/// What happened to one call.
+#[derive(Debug, Clone)]
+pub struct CallOutcome {
+    /// The call's number.
+    pub n: u64,
+    /// The address it was sent to, when known.
+    pub addr: Option<String>,
+    /// The instance id in the reply.
+    pub instance_id: Option<String>,
+    /// How long it took.
+    pub latency: Duration,
+    /// The failure, as `CODE: message`.
+    pub error: Option<String>,
 }
 
 /// The gRPC path of SayHello, declared idempotent: greeting twice does no harm, so a call that
@@ -119,6 +162,23 @@ pub struct Report {
 }
 
 impl Report {
+    /// Counts one call.
+    pub fn count(&mut self, outcome: &CallOutcome) {
+        match (&outcome.error, &outcome.addr, &outcome.instance_id) {
+            (None, Some(addr), Some(id)) => {
+                *self.served.entry((addr.clone(), id.clone())).or_default() += 1;
+            }
+            (None, addr, id) => {
+                let key = (
+                    addr.clone().unwrap_or_else(|| "?".into()),
+                    id.clone().unwrap_or_else(|| "?".into()),
+                );
+                *self.served.entry(key).or_default() += 1;
+            }
+            (Some(_), _, _) => self.failed += 1,
+        }
+    }
+
     /// Total calls made.
     pub fn total(&self) -> u64 {
         self.served.values().sum::<u64>() + self.failed
@@ -208,18 +268,36 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let mut membership = discovery.subscribe();
     let mut known = membership.borrow_and_update().instances.clone();
-    for instance in known.values() {
-        println!("  found {} at {}", instance.id, instance.addr);
-    }
+    let (mut view, refresh, forever) = match &config.command {
+        None => {
+            for instance in known.values() {
+                println!("  found {} at {}", instance.id, instance.addr);
+            }
+            (None, Duration::from_secs(3600), config.forever)
+        }
+        Some(Command::Watch { refresh, plain }) => {
+            let interactive = !plain && std::io::stdout().is_terminal();
+            let title = format!("{} ({})", config.etcd.service, config.policy);
+            let mut view = watch::View::new(interactive, title);
+            for instance in known.values() {
+                view.membership(&Change::Added(instance.clone()));
+            }
+            // Watching runs until stopped unless a length was asked for explicitly.
+            let open_ended = config.duration.is_none() && !requests_given();
+            (Some(view), *refresh, config.forever || open_ended)
+        }
+    };
+    let mut redraw = tokio::time::interval(refresh);
+    redraw.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
-    let mut client = GreeterClient::new(channel);
+    let mut client = GreeterClient::new(channel.clone());
     let mut report = Report::default();
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let deadline = config.duration.map(|d| Instant::now() + d);
     let mut n: u64 = 0;
     loop {
-        let more = if config.forever {
+        let more = if forever {
             true
         } else if let Some(deadline) = deadline {
             Instant::now() < deadline
@@ -237,68 +315,98 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
                 let now = membership.borrow_and_update().instances.clone();
                 for change in diff(&known, &now) {
-                    print_change(&change);
+                    match &mut view {
+                        Some(view) => view.membership(&change),
+                        None => print_change(&change),
+                    }
                 }
                 known = now;
             }
             _ = tick.tick() => {
                 n += 1;
-                call(&mut client, n, &config, &mut report).await;
+                let outcome = call(&mut client, n, &config).await;
+                report.count(&outcome);
+                match &mut view {
+                    Some(view) => view.call(&outcome),
+                    None => print_call(&outcome),
+                }
+            }
+            _ = redraw.tick(), if view.is_some() => {
+                if let Some(view) = &mut view {
+                    view.refresh(&channel.instances());
+                }
             }
         }
+    }
+    if let Some(view) = &mut view {
+        view.refresh(&channel.instances());
+        println!();
     }
     Ok(report)
 }
 
-/// Makes call number `n` and prints its line.
-async fn call(
-    client: &mut GreeterClient<BalancedChannel>,
-    n: u64,
-    config: &Config,
-    report: &mut Report,
-) {
+fn parse_hash_key(text: &str) -> Result<String, String> {
+    text.parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>()
+        .map(|_| text.to_owned())
+        .map_err(|_| format!("{text:?} cannot be sent as gRPC metadata: use visible ASCII"))
+}
+
+/// Whether `--requests` was given on the command line (it has a default, so the value alone does
+/// not tell).
+fn requests_given() -> bool {
+    std::env::args().any(|a| a == "--requests" || a.starts_with("--requests="))
+}
+
+/// Makes call number `n`.
+async fn call(client: &mut GreeterClient<BalancedChannel>, n: u64, config: &Config) -> CallOutcome {
     let mut request = tonic::Request::new(HelloRequest {
         name: config.name.clone(),
     });
-    if let Some(key) = &config.hash_key {
-        match key.parse() {
-            Ok(value) => {
-                request.metadata_mut().insert(HASH_KEY, value);
-            }
-            Err(_) => {
-                println!("call {n:>4}  --hash-key {key:?} is not valid gRPC metadata; sent without")
-            }
-        }
+    // The flag's parser admits only valid metadata values.
+    if let Some(value) = config.hash_key.as_deref().and_then(|k| k.parse().ok()) {
+        request.metadata_mut().insert(HASH_KEY, value);
     }
     let started = Instant::now();
     let result = client.say_hello(request).await;
     let latency = started.elapsed();
     match result {
         Ok(response) => {
-            let sent_to = response
+            let addr = response
                 .extensions()
                 .get::<ServedBy>()
-                .map_or_else(|| "?".to_owned(), |s| s.addr.to_string());
-            let reply = response.into_inner();
-            println!(
-                "call {n:>4}  {sent_to:<21}  {:<24} {:>8.2} ms",
-                reply.instance_id,
-                latency.as_secs_f64() * 1e3
-            );
-            *report
-                .served
-                .entry((sent_to, reply.instance_id))
-                .or_default() += 1;
+                .map(|s| s.addr.to_string());
+            CallOutcome {
+                n,
+                addr,
+                instance_id: Some(response.into_inner().instance_id),
+                latency,
+                error: None,
+            }
         }
-        Err(status) => {
-            println!(
-                "call {n:>4}  FAILED {:?}: {}  {:>8.2} ms",
-                status.code(),
-                status.message(),
-                latency.as_secs_f64() * 1e3
-            );
-            report.failed += 1;
-        }
+        Err(status) => CallOutcome {
+            n,
+            addr: status
+                .metadata()
+                .get(INSTANCE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            instance_id: None,
+            latency,
+            error: Some(format!("{:?}: {}", status.code(), status.message())),
+        },
+    }
+}
+
+fn print_call(outcome: &CallOutcome) {
+    let ms = outcome.latency.as_secs_f64() * 1e3;
+    let n = outcome.n;
+    match (&outcome.error, &outcome.instance_id) {
+        (Some(error), _) => println!("call {n:>4}  FAILED {error}  {ms:>8.2} ms"),
+        (None, id) => println!(
+            "call {n:>4}  {:<21}  {:<24} {ms:>8.2} ms",
+            outcome.addr.as_deref().unwrap_or("?"),
+            id.as_deref().unwrap_or("?")
+        ),
     }
 }
 

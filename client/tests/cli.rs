@@ -247,3 +247,81 @@ async fn metrics_count_calls_per_instance_while_they_flow() {
         server.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_membership_and_rotation_events_as_plain_lines() {
+    let cluster = EtcdCluster::start();
+    let first = Server::start(&cluster);
+    let second = Server::start(&cluster);
+
+    // stdout is a pipe, so the view degrades to plain lines.
+    let mut child = testkit::spawn(
+        client(&cluster)
+            .args(["--interval", "20ms", "watch", "--refresh", "100ms"])
+            .stdout(Stdio::piped()),
+    );
+    let stdout = child.child_mut().stdout.take().unwrap();
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        })
+    };
+    let seen = |needle: String| {
+        let lines = lines.clone();
+        move || lines.lock().unwrap().iter().any(|l| l.contains(&needle))
+    };
+    for server in [&first, &second] {
+        let id = server.addr.replace(':', "-");
+        wait_until(
+            Duration::from_secs(10),
+            "the join line",
+            seen(format!("+ instance {id} joined")),
+        );
+        wait_until(
+            Duration::from_secs(10),
+            "in rotation",
+            seen(format!("{} ({id}) is in rotation", server.addr)),
+        );
+    }
+
+    let third = Server::start(&cluster);
+    let third_id = third.addr.replace(':', "-");
+    wait_until(
+        Duration::from_secs(5),
+        "the new instance",
+        seen(format!("+ instance {third_id} joined")),
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "it in rotation",
+        seen(format!("{} ({third_id}) is in rotation", third.addr)),
+    );
+
+    let second_id = second.addr.replace(':', "-");
+    second.stop().await;
+    wait_until(
+        Duration::from_secs(5),
+        "the leave line",
+        seen(format!("- instance {second_id} left")),
+    );
+
+    // Open-ended until Ctrl-C, then the table, and no call failed.
+    child.signal(libc::SIGINT);
+    let status = child
+        .wait_timeout(Duration::from_secs(10))
+        .expect("watch stops on SIGINT");
+    reader.join().unwrap();
+    let text = lines.lock().unwrap().join("\n");
+    assert!(status.success(), "{text}");
+    assert!(text.contains(", 0 failed"), "{text}");
+    assert!(
+        !text.contains("\u{1b}["),
+        "escape codes in plain mode: {text}"
+    );
+    first.stop().await;
+    third.stop().await;
+}

@@ -115,6 +115,31 @@ impl Default for BalanceOptions {
 /// ```
 pub const HASH_KEY: &str = "lb-hash-key";
 
+/// The metadata key under which a failed call's status names the instance it went to (successful
+/// calls carry [`ServedBy`] instead).
+pub const INSTANCE: &str = "lb-instance";
+
+/// What the channel knows about one instance right now: see [`BalancedChannel::instances`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceStatus {
+    /// The address calls go to.
+    pub addr: Arc<str>,
+    /// The instance id registered for it.
+    pub instance_id: Arc<str>,
+    /// Its metadata.
+    pub metadata: Arc<serde_json::Value>,
+    /// Whether its connection is up.
+    pub connected: bool,
+    /// Whether it reports SERVING (or has no health service).
+    pub serving: bool,
+    /// Whether it is ejected for consecutive failures.
+    pub ejected: bool,
+    /// Whether calls may go to it now: connected, serving, selected, not ejected.
+    pub in_rotation: bool,
+    /// Calls in flight on it.
+    pub in_flight: usize,
+}
+
 /// Which instance served a call: found in the response's extensions
 /// (`response.extensions().get::<ServedBy>()`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,6 +252,34 @@ impl BalancedChannel {
             .items()
             .iter()
             .map(|b| b.addr.clone())
+            .collect()
+    }
+
+    /// Every instance the channel has a backend for (one per address), in address order, with its
+    /// connection, health and rotation state: what a live view shows.
+    pub fn instances(&self) -> Vec<InstanceStatus> {
+        let picker = self.shared.picker();
+        let now = Instant::now();
+        let backends = self
+            .shared
+            .backends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        backends
+            .values()
+            .map(|b| {
+                let ejected = b.is_ejected(now);
+                InstanceStatus {
+                    addr: b.addr.clone(),
+                    instance_id: b.instance_id.clone(),
+                    metadata: b.metadata(),
+                    connected: b.is_ready(),
+                    serving: b.is_serving(),
+                    ejected,
+                    in_rotation: !ejected && picker.items().iter().any(|p| p.addr == b.addr),
+                    in_flight: b.in_flight(),
+                }
+            })
             .collect()
     }
 
@@ -572,19 +625,33 @@ fn served_by(mut response: http::Response<Body>, backend: &Backend) -> http::Res
 /// rather than when its socket reports it.
 fn transport_failure(backend: &Backend, error: &tonic::transport::Error) -> Status {
     backend.report_broken();
-    Status::unavailable(format!(
-        "instance {} ({}) failed: {}",
-        backend.addr,
-        backend.instance_id,
-        chain(error)
-    ))
+    blame(
+        Status::unavailable(format!(
+            "instance {} ({}) failed: {}",
+            backend.addr,
+            backend.instance_id,
+            chain(error)
+        )),
+        backend,
+    )
 }
 
 fn deadline_exceeded(backend: &Backend, timeout: Duration) -> Status {
-    Status::deadline_exceeded(format!(
-        "no answer from instance {} ({}) within the call's {timeout:?} deadline",
-        backend.addr, backend.instance_id
-    ))
+    blame(
+        Status::deadline_exceeded(format!(
+            "no answer from instance {} ({}) within the call's {timeout:?} deadline",
+            backend.addr, backend.instance_id
+        )),
+        backend,
+    )
+}
+
+/// Names the instance a failed call went to in the status's metadata ([`INSTANCE`]).
+fn blame(mut status: Status, backend: &Backend) -> Status {
+    if let Ok(addr) = backend.addr.parse() {
+        status.metadata_mut().insert(INSTANCE, addr);
+    }
+    status
 }
 
 /// The updater task: turns membership snapshots into backends.

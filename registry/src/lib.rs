@@ -65,7 +65,7 @@ pub mod register;
 pub mod retry;
 pub mod select;
 
-pub use balance::{BalanceOptions, BalancedChannel, OutlierPolicy, ServedBy};
+pub use balance::{BalanceOptions, BalancedChannel, InstanceStatus, OutlierPolicy, ServedBy};
 pub use discover::{Change, Discovery, Instance, Membership};
 pub use endpoint::{Endpoint, Format};
 pub use error::{Error, Result};
