@@ -456,7 +456,7 @@ impl Shared {
 
     /// Counts an attempt's outcome: in the metrics, and towards the instance's outlier detection.
     fn record(&self, backend: &Backend, failed: bool, elapsed: Duration) {
-        metrics::call(&self.service, &backend.addr, elapsed, failed);
+        backend.metrics.call(elapsed, failed);
         if !failed {
             backend.record_success();
         } else if let Some(length) = backend.record_failure(&self.outlier, Instant::now()) {

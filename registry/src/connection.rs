@@ -65,6 +65,7 @@ pub(crate) struct Backend {
     /// Calls sent and not yet answered, for `least_request`.
     in_flight: AtomicUsize,
     outlier: Mutex<Outlier>,
+    pub(crate) metrics: metrics::InstanceMetrics,
 }
 
 /// Passive outlier detection: consecutive failures eject an instance for a while.
@@ -110,6 +111,7 @@ impl Backend {
         instance_id: Arc<str>,
         metadata: Value,
     ) -> Self {
+        let metrics = metrics::InstanceMetrics::new(&service, &addr);
         Self {
             service,
             addr,
@@ -120,6 +122,7 @@ impl Backend {
             serving: AtomicBool::new(true),
             in_flight: AtomicUsize::new(0),
             outlier: Mutex::new(Outlier::default()),
+            metrics,
         }
     }
 

@@ -9,7 +9,8 @@
 use std::time::Duration;
 
 use metrics::{
-    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+    Counter, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge,
+    histogram,
 };
 
 /// Calls answered by an instance (one per attempt), labelled `service`, `instance`.
@@ -72,16 +73,35 @@ pub fn describe() {
     describe_histogram!(KEEPALIVE_RTT, Unit::Seconds, "Lease keep-alive round trip.");
 }
 
-pub(crate) fn call(service: &str, instance: &str, elapsed: Duration, failed: bool) {
-    let labels = [
-        ("service", service.to_owned()),
-        ("instance", instance.to_owned()),
-    ];
-    counter!(CALLS, &labels).increment(1);
-    if failed {
-        counter!(CALL_ERRORS, &labels).increment(1);
+/// The per-call metrics of one instance, looked up once when its backend is created so the call
+/// path does not build labels (with no recorder installed these are no-ops).
+#[derive(Debug)]
+pub(crate) struct InstanceMetrics {
+    calls: Counter,
+    errors: Counter,
+    duration: Histogram,
+}
+
+impl InstanceMetrics {
+    pub(crate) fn new(service: &str, instance: &str) -> Self {
+        let labels = [
+            ("service", service.to_owned()),
+            ("instance", instance.to_owned()),
+        ];
+        Self {
+            calls: counter!(CALLS, &labels),
+            errors: counter!(CALL_ERRORS, &labels),
+            duration: histogram!(CALL_DURATION, "service" => service.to_owned()),
+        }
     }
-    histogram!(CALL_DURATION, "service" => service.to_owned()).record(elapsed);
+
+    pub(crate) fn call(&self, elapsed: Duration, failed: bool) {
+        self.calls.increment(1);
+        if failed {
+            self.errors.increment(1);
+        }
+        self.duration.record(elapsed);
+    }
 }
 
 pub(crate) fn ejected(service: &str, instance: &str, reason: &'static str) {
