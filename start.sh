@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
 # The whole demo of service registration and discovery on etcd, end to end, in one command:
 #
-#   ./start.sh                # etcd in Docker if an engine answers, else as local processes
-#   ./start.sh --local-etcd   # always local etcd processes (same as DEMO_ETCD=local)
+#   ./start.sh                 # etcd in Docker if an engine answers, else as local processes
+#   ./start.sh --local-etcd    # always local etcd processes (same as DEMO_ETCD=local)
+#   ./start.sh --interactive   # stages 1-4, then a live view to break things in by hand
 #
+# It runs in numbered stages, each announced with what is about to happen and what to look for:
 # 1. Checks cargo, protoc and etcd (or Docker); installs missing Debian packages when allowed to.
-# 2. Builds the server and client, starts a three-member etcd cluster and three Greeter servers
-#    (ports 50051-50053), each of which registers itself in etcd under a lease.
-# 3. Stage 1, round robin: a client discovers the three servers and makes 9 calls, 3 to each.
-# 4. Stage 2, failover: while a client calls every 100 ms, server 50052 stops gracefully and comes
-#    back; the client drops it and picks it up again without a single failed call.
+# 2. Builds the server and client.
+# 3. Starts a three-member etcd cluster, the registry.
+# 4. Starts three Greeter servers (ports 50051-50053), each of which registers itself in etcd under a
+#    lease.
+# 5. Round robin: a client discovers the three servers and makes 9 calls, 3 to each.
+# 6. Failover: while a client calls every 100 ms, server 50052 stops gracefully and comes back; the
+#    client drops it and picks it up again without a single failed call.
+# A summary follows: the calls each instance served in each stage, and what the failover looked like.
+#
+# --interactive replaces stages 5 and 6 with `client watch`, the live view, in the foreground: it
+# first prints commands to try from another terminal (kill, freeze or drain a server, freeze an etcd
+# member, add a server) with the real pids, and runs until Ctrl-C.
 #
 # Every check that fails exits non-zero, so CI runs this script as its end-to-end test. Every wait polls
 # a real signal (a log line, a process exit) with a deadline, never a fixed sleep. Whatever was started
@@ -20,6 +29,10 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 readonly REPO
 readonly LOG_DIR="$REPO/.demo/logs"
+# --interactive's list of things to try, kept for the reader's other terminal.
+readonly TRY_FILE="$LOG_DIR/try-this.txt"
+# Where scripts/etcd-cluster.sh keeps its members' data, logs and pid files by default.
+readonly ETCD_DIR="$REPO/.demo/etcd"
 readonly SERVER_PORTS=(50051 50052 50053)
 readonly FAILOVER_PORT=50052
 # The client ports of the demo cluster, whether docker-compose.yml or scripts/etcd-cluster.sh runs it.
@@ -37,7 +50,7 @@ readonly REGISTERED='registered; clients can now find this instance'
 readonly REGISTER_TIMEOUT_S=15 # server start to key in etcd: ~50 ms here
 readonly ETCD_HEALTH_TIMEOUT_S=60 # containers created to all members healthy
 readonly CLIENT_TIMEOUT_S=15 # client start to its 5th call (includes connecting to etcd)
-readonly FAILOVER_TIMEOUT_S=10 # each step of stage 2: milliseconds here
+readonly FAILOVER_TIMEOUT_S=10 # each step of the failover stage: milliseconds here
 readonly STOP_TIMEOUT_S=5 # SIGTERM to exit: 500 ms deregistration grace, then drain
 readonly POLL_S=0.1
 
@@ -58,13 +71,41 @@ ETCD_MODE=''      # local | docker, chosen by choose_etcd_mode
 ETCD_STARTED=''   # local | docker
 SERVER_PIDS=()    # indexed by port
 CLIENT_PID=''
+SHELL_STDERR=''   # while the live view runs: where this shell's muted stderr went
 # The background client's log while it runs, and how many of its lines have been shown.
 CLIENT_LOG=''
 CLIENT_SHOWN=0
+# For the closing summary: one table row per scripted stage, and what the failover looked like.
 SUMMARY=()
+FAILOVER_SEEN=()
 
+# The run is told in numbered stages, "[3/6] title"; STAGES is 5 with --interactive.
+STAGE=0
+STAGES=6
+STAGE_NAMES=()   # short name of each stage, for the timings in the summary
+STAGE_STARTED=() # when each stage began, in microseconds (see now_us)
+
+# Microseconds since the epoch; whole seconds on bash before 5.0, which lacks EPOCHREALTIME. Digits
+# only: the decimal separator of EPOCHREALTIME follows the locale.
+now_us() {
+	if [[ -n ${EPOCHREALTIME:-} ]]; then
+		echo "${EPOCHREALTIME//[!0-9]/}"
+	else
+		echo $((SECONDS * 1000000))
+	fi
+}
+# A duration in microseconds, as seconds with one decimal.
+seconds() { printf '%d.%d s' $(($1 / 1000000)) $(($1 % 1000000 / 100000)); }
+
+# stage NAME TITLE: starts the next numbered stage.
+stage() {
+	STAGE=$((STAGE + 1))
+	STAGE_NAMES[STAGE]=$1
+	STAGE_STARTED[STAGE]=$(now_us)
+	printf '\n[%d/%d] %s\n' "$STAGE" "$STAGES" "$2"
+}
 say() { printf '\n==> %s\n' "$*"; }
-note() { printf '    %s\n' "$*"; }
+note() { printf '      %s\n' "$*"; }
 die() {
 	printf '\nstart.sh: error: %s\n' "$*" >&2
 	exit 1
@@ -73,14 +114,19 @@ have() { command -v "$1" >/dev/null 2>&1; }
 
 usage() {
 	cat <<EOF
-usage: $0 [--local-etcd]
+usage: $0 [--local-etcd] [--interactive]
 
 Runs the service discovery demo end to end: an etcd cluster, three servers and a client; first
-round robin, then failover while one server stops and comes back. Exits non-zero if a check fails.
+round robin, then failover while one server stops and comes back; then a summary. Exits non-zero
+if a check fails.
 
-  --local-etcd  run etcd as local processes (scripts/etcd-cluster.sh) even when Docker is available;
-                the same as DEMO_ETCD=local (DEMO_ETCD=docker insists on Docker)
-  -h, --help    show this text
+  --local-etcd   run etcd as local processes (scripts/etcd-cluster.sh) even when Docker is available;
+                 the same as DEMO_ETCD=local (DEMO_ETCD=docker insists on Docker)
+  --interactive  start etcd and the three servers, print commands to try from another terminal
+                 (kill, freeze or drain a server, freeze an etcd member, add a server, watch etcd),
+                 then run the client's live view until Ctrl-C, which stops everything; needs a
+                 terminal
+  -h, --help     show this text
 
 Needs cargo, protoc, and either a Docker engine with compose or etcd and etcdctl (Debian/Ubuntu:
 apt-get install -y etcd-server etcd-client protobuf-compiler). Logs go to .demo/logs/.
@@ -97,11 +143,14 @@ alive() {
 }
 exited() { ! alive "$1"; }
 
-# SIGTERM every PID, SIGKILL whatever still runs STOP_TIMEOUT_S later, and reap them all.
+# SIGTERM every PID, SIGKILL whatever still runs STOP_TIMEOUT_S later, and reap them all. SIGCONT
+# after SIGTERM, as init systems do: a process the reader froze (--interactive suggests kill -STOP)
+# acts on SIGTERM only once it runs again, and would otherwise be killed without deregistering.
 stop_processes() {
 	local pid deadline=$((SECONDS + STOP_TIMEOUT_S))
 	(($# > 0)) || return 0
 	kill -TERM "$@" 2>/dev/null
+	kill -CONT "$@" 2>/dev/null
 	for pid in "$@"; do
 		while alive "$pid" && ((SECONDS < deadline)); do sleep "$POLL_S"; done
 		if alive "$pid"; then
@@ -242,13 +291,15 @@ all_etcd_members_healthy() {
 }
 
 start_etcd() {
+	stage etcd "Starting etcd, the registry: a three-member cluster on 127.0.0.1:${ETCD_PORTS[0]}-${ETCD_PORTS[2]}"
+	note "Three members, so the registry keeps answering (and leases stay alive) when one of them fails."
 	if [[ $ETCD_MODE == local ]]; then
-		say "Starting etcd, the registry: three members, so it keeps working if one fails (local processes, logs in .demo/etcd/)"
+		note "As local processes: scripts/etcd-cluster.sh, data and logs in .demo/etcd/."
 		ETCD_STARTED=local
 		# Waits for health itself; its only stdout line is ETCD_ENDPOINTS=..., the same as ours.
 		"$REPO/scripts/etcd-cluster.sh" start >/dev/null
 	else
-		say "Starting etcd, the registry: three members, so it keeps working if one fails (docker compose, project $COMPOSE_PROJECT)"
+		note "In Docker: docker-compose.yml, as compose project $COMPOSE_PROJECT."
 		ETCD_STARTED=docker
 		compose up --detach
 		if ! wait_until "$ETCD_HEALTH_TIMEOUT_S" all_etcd_members_healthy; then
@@ -312,7 +363,9 @@ wait_registered() {
 
 start_servers() {
 	local port
-	say "Starting three servers on ports ${SERVER_PORTS[*]}: each listens first, then puts its address in etcd under a lease it keeps alive"
+	stage servers "Starting three servers on ports ${SERVER_PORTS[*]}, each registering itself in etcd"
+	note "Each listens first, then puts its address in etcd under a lease it keeps alive."
+	note "Look for: one key per server below, the value in Go's naming format (so Go clients find them too)."
 	for port in "${SERVER_PORTS[@]}"; do
 		start_server "$port"
 	done
@@ -320,8 +373,8 @@ start_servers() {
 		wait_registered "$port" 1
 		note "server $port registered (log: .demo/logs/server-$port.log)"
 	done
-	note "what etcd now holds, one key per instance (the value is the Go naming format; the key dies with its lease):"
-	demo_etcdctl get --prefix "$SERVICE_PREFIX" | sed 's/^/      /'
+	note "what etcd now holds, key then value:"
+	demo_etcdctl get --prefix "$SERVICE_PREFIX" | sed 's/^/        /'
 }
 
 # ---- the client ------------------------------------------------------------------------------------
@@ -375,41 +428,67 @@ calls_per_instance() {
 		table { print $1 "=" $3 }' "$1" | sort | paste -sd ' ' -
 }
 
+# The calls the instance with id ID served, from the client's closing table in LOG (0 if not listed).
+table_calls() {
+	awk -v id="$2" '$1 == "instance" && $2 == "address" { table = 1; next }
+		$1 == "total" { table = 0 }
+		table && $1 == id { n = $3 }
+		END { print n + 0 }' "$1"
+}
+
+# Adds the summary's row for a stage: LABEL, then the calls each demo server answered and the total and
+# failed counts, all read from the closing table in the client's LOG.
+summary_row() {
+	local row port
+	row=$(printf '%-17s' "$1")
+	for port in "${SERVER_PORTS[@]}"; do
+		row+=$(printf ' %6s' "$(table_calls "$2" "127.0.0.1-$port")")
+	done
+	row+=$(awk '$1 == "total" { printf " %6s %7s", $2, $4 }' "$2")
+	SUMMARY+=("$row")
+}
+
 stage_round_robin() {
 	local log=$LOG_DIR/client-round-robin.log rc=0 served expected='' port
 	for port in "${SERVER_PORTS[@]}"; do expected+="${expected:+ }127.0.0.1-$port=3"; done
-	say "Stage 1/2, round robin: a client lists the servers in etcd, watches for changes, and sends 9 calls, one server after another"
+	stage "round robin" "Round robin: a client finds the servers in etcd and sends 9 calls, one server after another"
+	note "It lists $SERVICE_PREFIX in etcd, watches the prefix for changes, connects to each server."
+	note "Look for: a \"found\" line per server, calls to ${SERVER_PORTS[*]} in turn, then 3 each in its table."
 	note "\$ client --requests 9 --interval 100ms"
 	"$CLIENT_BIN" --requests 9 --interval 100ms </dev/null 2>&1 | tee "$log" || rc=$?
-	((rc == 0)) || die "stage 1: the client exited with status $rc (output in $log)"
+	((rc == 0)) || die "round robin: the client exited with status $rc (output in $log)"
 	served=$(calls_per_instance "$log")
 	[[ $served == "$expected" ]] ||
-		die "stage 1: expected 3 calls served by each instance ($expected), got: ${served:-no table}"
-	SUMMARY+=("stage 1, round robin: ok, 9 calls, 3 served by each of the 3 instances")
+		die "round robin: expected 3 calls served by each instance ($expected), got: ${served:-no table}"
+	summary_row "round robin" "$log"
 }
 
 stage_failover() {
 	local port=$FAILOVER_PORT rc pid
 	local id=127.0.0.1-$FAILOVER_PORT addr=127.0.0.1:$FAILOVER_PORT
 	local left="- instance $id left" joined="+ instance $id joined"
-	local totals away after
+	local log=$LOG_DIR/client-failover.log total failed away after before while_away since_back
 
-	say "Stage 2/2, failover: a client calls every 100 ms while server $port stops gracefully and comes back; no call may fail"
+	stage failover "Failover: server $port stops and comes back while a client calls every 100 ms"
+	note "Stopping, it deletes its key before it stops serving, so clients drop it in time; restarted, it is back."
+	note "Look for: \"$left\", no call to $port until it has \"joined\" again, and \"0 failed\"."
 	# --duration is only an upper bound, longer than all the deadlines below together: the demo stops
 	# the client with Ctrl-C as soon as it has seen the instance come back.
 	note "\$ client --duration 90s --interval 100ms   (output also in .demo/logs/client-failover.log)"
-	CLIENT_LOG=$LOG_DIR/client-failover.log
+	CLIENT_LOG=$log
 	CLIENT_SHOWN=0
 	"$CLIENT_BIN" --duration 90s --interval 100ms </dev/null >"$CLIENT_LOG" 2>&1 &
 	CLIENT_PID=$!
 	wait_until "$CLIENT_TIMEOUT_S" client_calls_at_least 5 "" "" ||
-		die "stage 2: the client made fewer than 5 calls in ${CLIENT_TIMEOUT_S}s; see $CLIENT_LOG"
+		die "failover: the client made fewer than 5 calls in ${CLIENT_TIMEOUT_S}s; see $CLIENT_LOG"
 
 	pid=${SERVER_PIDS[port]}
-	say "Stopping server $port with SIGTERM: it reports NOT_SERVING, revokes its lease (etcd deletes the key and tells every watcher), serves 500 ms more, drains, exits"
+	say "kill -TERM $pid: stopping server $port gracefully"
+	note "It reports NOT_SERVING and revokes its lease: etcd deletes its key and tells every watcher."
+	note "Then it serves 500 ms more for calls already on their way to it, drains, and exits."
 	kill -TERM "$pid"
 	wait_until "$FAILOVER_TIMEOUT_S" client_log_has "$left" ||
-		die "stage 2: the client did not see $id leave within ${FAILOVER_TIMEOUT_S}s of SIGTERM"
+		die "failover: the client did not see $id leave within ${FAILOVER_TIMEOUT_S}s of SIGTERM"
 	wait_until "$STOP_TIMEOUT_S" exited "$pid" ||
 		fail_server "$port" "server $port still running ${STOP_TIMEOUT_S}s after SIGTERM"
 	rc=0
@@ -418,47 +497,188 @@ stage_failover() {
 	((rc == 0)) || fail_server "$port" "server $port exited with status $rc after SIGTERM; expected 0"
 	note "server $port exited with status 0"
 	wait_until "$FAILOVER_TIMEOUT_S" client_calls_at_least 4 "" "$left" ||
-		die "stage 2: the client stopped calling after $id left"
+		die "failover: the client stopped calling after $id left"
 	away=$(count_calls "$addr" "$left")
-	((away == 0)) || die "stage 2: $away call(s) went to $addr after the client saw it leave"
+	((away == 0)) || die "failover: $away call(s) went to $addr after the client saw it leave"
 	note "calls go to the two remaining servers only"
 
-	say "Starting server $port again: a new lease, the same key; the client's watch sees the PUT and adds it back"
+	say "Starting server $port again"
+	note "A new lease, the same key: the client's watch sees the PUT and puts the server back in rotation."
 	start_server "$port"
 	wait_registered "$port" 2
 	wait_until "$FAILOVER_TIMEOUT_S" client_calls_at_least 1 "$addr" "$joined" ||
-		die "stage 2: no call reached $addr within ${FAILOVER_TIMEOUT_S}s of it rejoining"
+		die "failover: no call reached $addr within ${FAILOVER_TIMEOUT_S}s of it rejoining"
 
 	say "Stopping the client with Ctrl-C (SIGINT): it finishes the call in flight and prints who served what"
 	kill -INT "$CLIENT_PID"
 	wait_until "$STOP_TIMEOUT_S" exited "$CLIENT_PID" ||
-		die "stage 2: the client was still running ${STOP_TIMEOUT_S}s after SIGINT"
+		die "failover: the client was still running ${STOP_TIMEOUT_S}s after SIGINT"
 	rc=0
 	wait "$CLIENT_PID" || rc=$?
 	CLIENT_PID=''
 	show_client_output
 	CLIENT_LOG=''
-	((rc == 0)) || die "stage 2: the client exited with status $rc: some calls failed (see $LOG_DIR/client-failover.log)"
+	((rc == 0)) || die "failover: the client exited with status $rc: some calls failed (see $log)"
 
 	# The whole window, now that the log is complete: nothing went to 50052 between leaving and rejoining.
-	CLIENT_LOG=$LOG_DIR/client-failover.log
+	CLIENT_LOG=$log
 	away=$(count_calls "$addr" "$left" "$joined")
 	after=$(count_calls "$addr" "$joined")
+	before=$(count_calls "" "" "$left")
+	while_away=$(count_calls "" "$left" "$joined")
+	since_back=$(count_calls "" "$joined")
 	CLIENT_LOG=''
-	((away == 0)) || die "stage 2: $away call(s) went to $addr while it was away"
-	totals=$(grep '^total ' "$LOG_DIR/client-failover.log")
-	SUMMARY+=("stage 2, failover: ok, ${totals#total }; none went to $port while it was away, $after after it came back; it exited with status 0")
+	((away == 0)) || die "failover: $away call(s) went to $addr while it was away"
+	read -r total failed < <(awk '$1 == "total" { print $2, $4 }' "$log") ||
+		die "failover: no closing table in $log"
+	((failed == 0)) || die "failover: $failed call(s) failed (see $log)"
+	summary_row failover "$log"
+	FAILOVER_SEEN=(
+		"failover seen: $id left after call $before (and exited 0); the $while_away calls while it was away all"
+		"went to the other servers; it joined again and served $after of the $since_back calls after; $failed of $total failed."
+	)
+}
+
+# The closing summary of a scripted run: calls per instance in each stage, the failover, the timings.
+summary() {
+	local port header line timings='' i end now
+	say "Summary: every check passed"
+	header=$(printf '%-17s' "calls served by")
+	for port in "${SERVER_PORTS[@]}"; do header+=$(printf ' %6s' "$port"); done
+	header+=$(printf ' %6s %7s' total failed)
+	printf '\n'
+	note "$header"
+	for line in "${SUMMARY[@]}"; do note "$line"; done
+	printf '\n'
+	note "round robin seen: each of the ${#SERVER_PORTS[@]} instances served 3 of the 9 calls."
+	for line in "${FAILOVER_SEEN[@]}"; do note "$line"; done
+	# From stage 3 on: the time the demo itself takes, whatever the build cost.
+	now=$(now_us)
+	for ((i = 3; i <= STAGE; i++)); do
+		end=${STAGE_STARTED[i + 1]:-$now}
+		timings+="${timings:+, }${STAGE_NAMES[i]} $(seconds $((end - STAGE_STARTED[i])))"
+	done
+	note "took $(seconds $((now - STAGE_STARTED[3]))) after the build: $timings"
+	note "logs: .demo/logs/ (server-<port>.log, client-round-robin.log, client-failover.log)"
+	if [[ $ETCD_MODE == local ]]; then note "etcd logs: .demo/etcd/n<i>.log"; fi
+}
+
+# ---- --interactive ---------------------------------------------------------------------------------
+
+# The things to try from another terminal, with this run's pids and paths, ready to paste.
+try_list() {
+	local killed=$FAILOVER_PORT frozen=${SERVER_PORTS[2]} drained=${SERVER_PORTS[0]}
+	local member_step member_away member_back etcd_watch project
+	if [[ $ETCD_MODE == local ]]; then
+		member_step="Freeze etcd member n1, then resume it;"
+		member_away="kill -STOP \$(cat $(printf %q "$ETCD_DIR/n1.pid"))"
+		member_back="kill -CONT \$(cat $(printf %q "$ETCD_DIR/n1.pid"))"
+		etcd_watch="ETCDCTL_API=3 $(printf %q "${ETCDCTL_BIN:-etcdctl}") --endpoints=$DEMO_ENDPOINTS watch --prefix services/"
+	else
+		member_step="Stop etcd member etcd2, then start it again;"
+		project="docker compose -p $COMPOSE_PROJECT -f $(printf %q "$REPO/docker-compose.yml")"
+		member_away="$project stop etcd2"
+		member_back="$project start etcd2"
+		etcd_watch="$project exec etcd1 /usr/local/bin/etcdctl watch --prefix services/"
+	fi
+	cat <<EOF
+In ANOTHER terminal, try these and watch the view react (this list is also in ${TRY_FILE#"$REPO"/}):
+
+1. Kill server $killed hard: out of rotation at once, but its key stays until its lease expires (10 s):
+     kill -9 ${SERVER_PIDS[killed]}
+2. Freeze server $frozen (out of rotation within ~2 s, when a ping goes unanswered), then resume it:
+     kill -STOP ${SERVER_PIDS[frozen]}
+     kill -CONT ${SERVER_PIDS[frozen]}
+3. Flip the health of server $drained: NOT_SERVING, still registered but out of rotation; again to undo:
+     kill -USR1 ${SERVER_PIDS[drained]}
+4. $member_step two members keep a quorum, so nothing stops:
+     $member_away
+     $member_back
+5. Start a fourth server (or $killed again after 1). It is yours, not the demo's: stop it with Ctrl-C
+   in its terminal (it deregisters), best before you stop the demo:
+     ETCD_ENDPOINTS=$DEMO_ENDPOINTS $(printf %q "$SERVER_BIN") --port 50054
+6. Watch etcd itself, every put and delete under services/:
+     $etcd_watch
+
+Ctrl-C in THIS terminal stops the view; the demo then stops its three servers and etcd.
+EOF
+}
+
+# --interactive: the things to try, then `client watch` in the foreground until the reader's Ctrl-C.
+stage_live_view() {
+	local rc=0 interrupted=0
+	stage "live view" "The live view: a client calls every 200 ms and shows what it sees, until you press Ctrl-C"
+	note "Per server: in rotation or not (and why), calls, errors; below, the latest events."
+	try_list >"$TRY_FILE"
+	printf '\n'
+	sed 's/^/      /' "$TRY_FILE"
+	# The view redraws the whole screen, so the list would vanish at once: let the reader take it in
+	# first. No terminal on stdin, no one to press Enter: go straight on.
+	if [[ -t 0 ]]; then
+		printf '\n      Press Enter to open the live view (it redraws this whole screen) '
+		read -r _ || true
+	fi
+
+	# Ctrl-C signals the terminal's whole foreground process group. The client, in the foreground,
+	# handles it: stops calling, prints its table and exits. This shell only notes it (a trap with a
+	# command, not '', so the client starts with the default action and installs its own handler),
+	# then returns normally: the EXIT trap stops servers and etcd, and the run exits 0.
+	# Meanwhile this shell's stderr is muted: when the client ends, bash would report the server the
+	# reader killed with -9 as "start.sh: line N: PID Killed ...", which the view has shown already.
+	trap 'interrupted=1' INT
+	exec {SHELL_STDERR}>&2 2>/dev/null
+	"$CLIENT_BIN" --interval 200ms watch 2>&"$SHELL_STDERR" || rc=$?
+	exec 2>&"$SHELL_STDERR" {SHELL_STDERR}>&-
+	SHELL_STDERR=''
+	trap 'exit 130' INT
+	if ((!interrupted)); then
+		die "the live view's client exited with status $rc before Ctrl-C (its error is above)"
+	fi
+	# 130: killed by the SIGINT before its handler was installed. 1: a call failed during the session
+	# (say, every instance was out of rotation for a moment); the reader's experiment, not a demo failure.
+	if ((rc != 0 && rc != 130)); then
+		note "the client exited with status $rc: some calls failed or it hit an error (see above)."
+	fi
 }
 
 # ---- cleanup ---------------------------------------------------------------------------------------
 
+# Sends SIGCONT to the local etcd members (each pid checked against its data dir, as
+# scripts/etcd-cluster.sh does). The reader may have frozen one (--interactive suggests it), and a
+# stopped member acts on SIGTERM only once it runs again: `stop` would wait out its deadline, then
+# SIGKILL the whole cluster.
+resume_etcd_members() {
+	local i pid
+	for i in 1 2 3; do
+		pid=$(cat "$ETCD_DIR/n$i.pid" 2>/dev/null) || continue
+		if [[ $pid =~ ^[0-9]+$ && $(ps -o args= -p "$pid" 2>/dev/null) == *"--data-dir $ETCD_DIR/n$i "* ]]; then
+			kill -CONT "$pid" 2>/dev/null
+		fi
+	done
+}
+
+# Runs COMMAND... in a process group of its own and waits for it. A Ctrl-C pressed meanwhile signals
+# only the terminal's foreground group, so it cannot cut the command short; the ignored SIGINT that
+# cleanup passes on is not enough for programs that install their own handler, as docker compose does.
+shielded() {
+	local pid rc=0
+	set -m
+	"$@" </dev/null &
+	pid=$!
+	set +m
+	wait "$pid" || rc=$?
+	return "$rc"
+}
+
 cleanup() {
 	local rc=$?
-	# Runs once (EXIT only; INT and TERM just exit), and a second Ctrl-C must not cut it short and
+	# Runs once (EXIT only; INT, TERM and HUP just exit), and a second Ctrl-C must not cut it short and
 	# leave processes behind. Failing steps here must not stop the rest either.
 	trap - EXIT
-	trap '' INT TERM
+	trap '' INT TERM HUP
 	set +e
+	# A SIGTERM or SIGHUP that ended the live view arrives while this shell's stderr is muted.
+	if [[ -n $SHELL_STDERR ]]; then exec 2>&"$SHELL_STDERR"; fi
 	show_client_output
 	if [[ -n $CLIENT_PID || ${#SERVER_PIDS[@]} -gt 0 || -n $ETCD_STARTED ]]; then
 		say "Cleaning up: stopping what the demo started"
@@ -467,10 +687,14 @@ cleanup() {
 	# Servers before etcd: on SIGTERM each revokes its own lease.
 	stop_processes "${SERVER_PIDS[@]}"
 	case $ETCD_STARTED in
-	local) "$REPO/scripts/etcd-cluster.sh" stop 2>&1 | sed 's/^/    /' ;;
-	docker) compose down --volumes --remove-orphans ;;
+	local)
+		resume_etcd_members
+		"$REPO/scripts/etcd-cluster.sh" stop 2>&1 | sed 's/^/      /'
+		;;
+	docker) shielded docker compose --project-name "$COMPOSE_PROJECT" --file "$REPO/docker-compose.yml" \
+		down --volumes --remove-orphans ;;
 	esac
-	if ((rc == 130 || rc == 143)); then
+	if ((rc == 129 || rc == 130 || rc == 143)); then
 		printf '\nstart.sh: interrupted; everything it started is stopped.%s\n' "${ETCD_STARTED:+ Logs: $LOG_DIR/}" >&2
 	elif ((rc != 0)) && [[ -n $ETCD_STARTED ]]; then
 		printf '\nstart.sh: FAILED (exit status %s), see the error above. Logs: %s/\n' "$rc" "$LOG_DIR" >&2
@@ -481,9 +705,11 @@ cleanup() {
 # ---- main ------------------------------------------------------------------------------------------
 
 LOCAL_ETCD_FLAG=0
+INTERACTIVE=0
 while (($# > 0)); do
 	case $1 in
 	--local-etcd) LOCAL_ETCD_FLAG=1 ;;
+	--interactive) INTERACTIVE=1 ;;
 	-h | --help)
 		usage
 		exit 0
@@ -495,30 +721,41 @@ while (($# > 0)); do
 	esac
 	shift
 done
+if ((INTERACTIVE)); then
+	if [[ ! -t 1 ]]; then
+		printf 'start.sh: --interactive needs a terminal on stdout: its live view redraws the screen in place.\n' >&2
+		printf 'Run it in a terminal, or without --interactive for the scripted demo.\n' >&2
+		exit 2
+	fi
+	STAGES=5
+fi
 
 cd "$REPO"
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+# The terminal closing (or `tmux kill-session`) must clean up too.
+trap 'exit 129' HUP
 
 choose_etcd_mode
-say "Checking prerequisites: cargo, protoc, and etcd ($ETCD_MODE)"
+if [[ $ETCD_MODE == local ]]; then etcd_how="local processes"; else etcd_how="in Docker"; fi
+stage prerequisites "Checking prerequisites: cargo and protoc to build, etcd ($etcd_how) for the registry"
+note "Missing Debian packages are installed with apt-get when this user may (root or passwordless sudo)."
 check_prerequisites
 check_ports_free
 
-say "Building the server and client: cargo build -p server -p client"
+stage build "Building the server and client: cargo build -p server -p client"
+note "Quick when nothing changed; a first build compiles every dependency and takes a few minutes."
 cargo build -p server -p client || die "the build failed (cargo's output is above)"
-demo_started=$SECONDS
 
 mkdir -p "$LOG_DIR"
-rm -f "$LOG_DIR"/server-*.log "$LOG_DIR"/client-*.log
+rm -f "$LOG_DIR"/server-*.log "$LOG_DIR"/client-*.log "$TRY_FILE"
 start_etcd
 start_servers
-stage_round_robin
-stage_failover
-
-say "Summary"
-for line in "${SUMMARY[@]}"; do note "$line"; done
-note "logs: .demo/logs/ (server-<port>.log, client-round-robin.log, client-failover.log)"
-if [[ $ETCD_MODE == local ]]; then note "etcd logs: .demo/etcd/n<i>.log"; fi
-note "took $((SECONDS - demo_started)) s after the build"
+if ((INTERACTIVE)); then
+	stage_live_view
+else
+	stage_round_robin
+	stage_failover
+	summary
+fi
