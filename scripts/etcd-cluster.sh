@@ -19,7 +19,10 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly REPO_ROOT
 readonly DEFAULT_DIR="$REPO_ROOT/.demo/etcd"
 readonly MEMBERS=(1 2 3)
-readonly CLUSTER_TOKEN=etcd-grpc-discovery-demo
+# A new token for every start: etcd derives the cluster id from it, and clients tell a cluster
+# rebuilt from scratch by its new id (a fixed token would give the rebuilt cluster the old id).
+CLUSTER_TOKEN="etcd-grpc-discovery-demo-$(date +%s)-$$"
+readonly CLUSTER_TOKEN
 # On loopback the cluster is healthy 0.5-3 s after launch (raft's randomised election); 20 s leaves
 # room for a loaded CI machine.
 readonly READY_TIMEOUT_S=20

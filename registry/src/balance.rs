@@ -83,6 +83,8 @@ pub struct BalanceOptions {
     pub seed: Option<u64>,
     /// When consecutive failures take an instance out of rotation for a while.
     pub outlier: OutlierPolicy,
+    /// How often each connected instance is asked for its `grpc.health.v1` status.
+    pub health_check_interval: Duration,
 }
 
 impl Default for BalanceOptions {
@@ -102,6 +104,7 @@ impl Default for BalanceOptions {
             selector: Selector::default(),
             seed: None,
             outlier: OutlierPolicy::default(),
+            health_check_interval: Duration::from_secs(1),
         }
     }
 }
@@ -503,6 +506,8 @@ impl Shared {
             .map(|k| k.as_bytes().to_vec());
         let key = key.as_deref();
         if !self.retry.enabled() {
+            let mut request = request;
+            set_grpc_timeout(request.headers_mut(), deadline);
             let (backend, channel) = self.pick_or_wait(&[], key, deadline).await?;
             let _in_flight = backend.start_call();
             let started = Instant::now();
@@ -529,12 +534,7 @@ impl Shared {
         loop {
             attempt += 1;
             let (backend, channel) = self.pick_or_wait(&tried, key, deadline).await?;
-            // Tell the server how long it has left, so it can give up when we do.
-            let left = deadline.saturating_duration_since(Instant::now());
-            if let Ok(value) = http::HeaderValue::from_str(&format!("{}m", left.as_millis().max(1)))
-            {
-                parts.headers.insert("grpc-timeout", value);
-            }
+            set_grpc_timeout(&mut parts.headers, deadline);
             let request = http::Request::from_parts(parts.clone(), body.attempt());
             let in_flight = backend.start_call();
             let started = Instant::now();
@@ -568,6 +568,14 @@ impl Shared {
             tried.push(backend.addr.clone());
             tokio::time::sleep_until((Instant::now() + backoff.next_delay()).min(deadline)).await;
         }
+    }
+}
+
+/// Tells the server how long the call has left (`grpc-timeout`), so it can give up when we do.
+fn set_grpc_timeout(headers: &mut http::HeaderMap, deadline: Instant) {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if let Ok(value) = http::HeaderValue::from_str(&format!("{}m", left.as_millis().max(1))) {
+        headers.insert("grpc-timeout", value);
     }
 }
 
@@ -694,9 +702,18 @@ fn reconcile(
         backends.retain(|addr, _| wanted.contains_key(addr));
         stops.retain(|addr, _| wanted.contains_key(addr));
         for (addr, instance) in wanted {
-            if let Some(backend) = backends.get(&addr) {
-                backend.set_metadata(&instance.metadata);
-                continue;
+            match backends.get(&addr) {
+                // Same instance: its metadata may have changed.
+                Some(backend) if *backend.instance_id == *instance.id => {
+                    backend.set_metadata(&instance.metadata);
+                    continue;
+                }
+                // Another instance now at this address (a restart under a new id): start afresh.
+                Some(_) => {
+                    backends.remove(&addr);
+                    stops.remove(&addr);
+                }
+                None => {}
             }
             let Some(endpoint) = endpoint(&addr, options) else {
                 continue;
@@ -719,6 +736,7 @@ fn reconcile(
             tokio::spawn(connection::maintain(
                 backend.clone(),
                 endpoint,
+                options.health_check_interval,
                 on_change,
                 backend_stop.clone(),
             ));

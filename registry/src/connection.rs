@@ -11,7 +11,7 @@
 //!
 //! A new connection enters the rotation only once the server has answered a health check (the kernel
 //! accepts TCP connections for a frozen process, so "connected" alone proves nothing), and while it
-//! lives the instance's `grpc.health.v1` status is followed: NOT_SERVING takes it out of rotation.
+//! lives the instance's `grpc.health.v1` status is polled: NOT_SERVING takes it out of rotation.
 //! Each backend also keeps its calls in flight (for `least_request`) and its record of consecutive
 //! failures (outlier ejection).
 
@@ -251,6 +251,7 @@ impl Drop for InFlight {
 pub(crate) async fn maintain(
     backend: Arc<Backend>,
     endpoint: Endpoint,
+    health_interval: Duration,
     on_change: impl Fn(),
     stop: CancellationToken,
 ) {
@@ -298,7 +299,7 @@ pub(crate) async fn maintain(
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = closed.cancelled() => {}
-                    _ = watch_health(&backend, channel, &on_change) => {}
+                    _ = watch_health(&backend, channel, health_interval, probe_timeout, &on_change) => {}
                 }
                 backend.set(None);
                 on_change();
@@ -349,13 +350,35 @@ async fn probe(channel: &Channel, timeout: Duration) -> Result<bool, String> {
 
 /// Follows the instance's health while the connection lives, so an instance that reports
 /// NOT_SERVING (draining, or flipped by an operator) leaves the rotation and comes back when SERVING
-/// again. While SERVING it holds a `grpc.health.v1.Health/Watch` stream for immediate news; on
-/// NOT_SERVING it drops the stream and polls `Check` instead, because an open stream would keep a
-/// draining server from finishing its graceful shutdown. Never returns while there is something to
-/// follow; an instance without a health service simply stays serving.
-async fn watch_health(backend: &Backend, channel: Channel, on_change: &impl Fn()) {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
-    let set = |serving: bool| {
+/// again: a `grpc.health.v1.Health/Check` every `interval`, each bounded by `timeout`.
+///
+/// Polling rather than holding a `Health/Watch` stream open, on purpose: an open stream makes
+/// hyper's keep-alive ping an otherwise idle connection every second, which grpc-go servers answer
+/// with GOAWAY `too_many_pings` (their default allows a ping every 5 minutes without data), and it
+/// would keep a draining server from finishing its graceful shutdown. A short unary call exchanges
+/// data, so it neither provokes pings nor counts as abuse. An instance without a health service
+/// (UNIMPLEMENTED) simply stays serving and is not asked again.
+async fn watch_health(
+    backend: &Backend,
+    channel: Channel,
+    interval: Duration,
+    timeout: Duration,
+    on_change: &impl Fn(),
+) {
+    let mut health = HealthClient::new(channel);
+    loop {
+        tokio::time::sleep(interval).await;
+        let request = HealthCheckRequest {
+            service: String::new(),
+        };
+        let serving = match tokio::time::timeout(timeout, health.check(request)).await {
+            Ok(Ok(reply)) => reply.get_ref().status() != ServingStatus::NotServing,
+            Ok(Err(status)) if matches!(status.code(), Code::Unimplemented | Code::NotFound) => {
+                return std::future::pending().await;
+            }
+            // No answer: the connection's own checks (socket, keep-alive) decide about it.
+            Ok(Err(_)) | Err(_) => continue,
+        };
         if backend.serving.swap(serving, Ordering::AcqRel) != serving {
             info!(addr = %backend.addr, id = %backend.instance_id, serving, "health changed");
             if serving {
@@ -365,43 +388,6 @@ async fn watch_health(backend: &Backend, channel: Channel, on_change: &impl Fn()
             }
             on_change();
         }
-    };
-    let request = || HealthCheckRequest {
-        service: String::new(),
-    };
-    loop {
-        if backend.is_serving() {
-            match HealthClient::new(channel.clone()).watch(request()).await {
-                Ok(stream) => {
-                    let mut stream = stream.into_inner();
-                    while let Ok(Some(reply)) = stream.message().await {
-                        backoff.reset();
-                        let serving = reply.status() != ServingStatus::NotServing;
-                        set(serving);
-                        if !serving {
-                            break;
-                        }
-                    }
-                }
-                Err(status) if matches!(status.code(), Code::Unimplemented | Code::NotFound) => {
-                    return std::future::pending().await;
-                }
-                Err(_) => {}
-            }
-        } else {
-            // Not serving: ask now and then, without holding a stream open.
-            if let Ok(reply) = HealthClient::new(channel.clone()).check(request()).await {
-                set(reply.get_ref().status() != ServingStatus::NotServing);
-                if backend.is_serving() {
-                    continue;
-                }
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
-        // The stream ended or failed without the connection closing (that ends this task from
-        // outside): try again shortly.
-        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 

@@ -63,6 +63,9 @@ pub struct Membership {
     pub synced: bool,
     /// The current problem talking to etcd, if any; the instances are then the last known set.
     pub problem: Option<String>,
+    /// Full lists of the prefix made so far: the first, then one per watch that could not be
+    /// resumed (compaction, cancellation, a rebuilt cluster).
+    pub lists: u64,
 }
 
 /// A difference between two instance sets.
@@ -275,6 +278,11 @@ async fn run(
         };
         let mut position = match listed {
             Ok((mut instances, position)) => {
+                // Counted without waking subscribers: nothing they can see changed yet.
+                tx.send_if_modified(|m| {
+                    m.lists += 1;
+                    false
+                });
                 if let Some(c) = &mut carried {
                     c.ids.retain(|id| !instances.contains_key(id));
                 }

@@ -372,7 +372,7 @@ async fn guard_key(
                             key,
                             lease = format_args!("{id:x}"),
                             revision = kv.mod_revision(),
-                            "our key was deleted while its lease is alive (by an operator?); putting it back"
+                            "our key was deleted (by an operator, or with its lease); putting it back on the lease"
                         );
                         match restore(etcd, key, value, id, cancel).await {
                             Ok(now) => revision = now,

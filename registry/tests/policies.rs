@@ -292,7 +292,7 @@ async fn not_serving_instances_are_skipped_until_serving_again() {
         let a = a.clone();
         move |ready: Vec<std::sync::Arc<str>>| !ready.iter().any(|r| **r == *a)
     };
-    eventually(Duration::from_secs(2), "a to leave the rotation", || {
+    eventually(Duration::from_secs(3), "a to leave the rotation", || {
         let gone = out(channel.ready_addrs());
         async move { gone.then_some(()) }
     })
@@ -309,7 +309,7 @@ async fn not_serving_instances_are_skipped_until_serving_again() {
     );
 
     servers[0].set_serving(true).await;
-    eventually(Duration::from_secs(2), "a to come back", || {
+    eventually(Duration::from_secs(3), "a to come back", || {
         let back = !out(channel.ready_addrs());
         async move { back.then_some(()) }
     })
