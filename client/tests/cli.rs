@@ -3,14 +3,9 @@
 
 mod common;
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
-use common::{Server, client};
+use common::{Running, Server, client};
 use testkit::{EtcdCluster, free_port, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,60 +62,27 @@ async fn duration_mode_reports_instances_joining_and_leaving_without_failed_call
     let first = Server::start(&cluster);
     let second = Server::start(&cluster);
 
-    let mut child = testkit::spawn(
-        client(&cluster)
-            .args(["--duration", "30s", "--interval", "20ms"])
-            .stdout(Stdio::piped()),
-    );
-    let stdout = child.child_mut().stdout.take().unwrap();
-    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-    let reader = {
-        let lines = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(line);
-            }
-        })
-    };
-    let seen = |needle: String| {
-        let lines = lines.clone();
-        move || lines.lock().unwrap().iter().any(|l| l.contains(&needle))
-    };
-    wait_until(
-        Duration::from_secs(10),
-        "the first calls",
-        seen("call    3 ".into()),
-    );
+    let run = Running::start(client(&cluster).args(["--duration", "30s", "--interval", "20ms"]));
+    run.wait_for_line(Duration::from_secs(10), "call    3 ");
 
     let third = Server::start(&cluster);
     let third_id = third.addr.replace(':', "-");
-    wait_until(
+    run.wait_for_line(
         Duration::from_secs(5),
-        "the join line",
-        seen(format!("+ instance {third_id} joined")),
+        &format!("+ instance {third_id} joined"),
     );
-    wait_until(
-        Duration::from_secs(5),
-        "a call to the new instance",
-        seen(format!(" {} ", third.addr)),
-    );
+    run.wait_for_line(Duration::from_secs(5), &format!(" {} ", third.addr));
 
     let second_id = second.addr.replace(':', "-");
     second.stop().await;
-    wait_until(
+    run.wait_for_line(
         Duration::from_secs(5),
-        "the leave line",
-        seen(format!("- instance {second_id} left")),
+        &format!("- instance {second_id} left"),
     );
 
     // Ctrl-C ends the run early; the client then prints its table and reports failures.
-    child.signal(libc::SIGINT);
-    let status = child
-        .wait_timeout(Duration::from_secs(10))
-        .expect("client did not exit on SIGINT");
-    reader.join().unwrap();
-    let text = lines.lock().unwrap().join("\n");
-    assert!(status.success(), "{text}");
+    let (success, text) = run.interrupt();
+    assert!(success, "{text}");
     assert!(text.contains(", 0 failed"), "{text}");
     first.stop().await;
     third.stop().await;
@@ -255,68 +217,43 @@ async fn watch_prints_membership_and_rotation_events_as_plain_lines() {
     let second = Server::start(&cluster);
 
     // stdout is a pipe, so the view degrades to plain lines.
-    let mut child = testkit::spawn(
-        client(&cluster)
-            .args(["--interval", "20ms", "watch", "--refresh", "100ms"])
-            .stdout(Stdio::piped()),
-    );
-    let stdout = child.child_mut().stdout.take().unwrap();
-    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-    let reader = {
-        let lines = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(line);
-            }
-        })
-    };
-    let seen = |needle: String| {
-        let lines = lines.clone();
-        move || lines.lock().unwrap().iter().any(|l| l.contains(&needle))
-    };
+    let run = Running::start(client(&cluster).args([
+        "--interval",
+        "20ms",
+        "watch",
+        "--refresh",
+        "100ms",
+    ]));
     for server in [&first, &second] {
         let id = server.addr.replace(':', "-");
-        wait_until(
+        run.wait_for_line(Duration::from_secs(10), &format!("+ instance {id} joined"));
+        run.wait_for_line(
             Duration::from_secs(10),
-            "the join line",
-            seen(format!("+ instance {id} joined")),
-        );
-        wait_until(
-            Duration::from_secs(10),
-            "in rotation",
-            seen(format!("{} ({id}) is in rotation", server.addr)),
+            &format!("{} ({id}) is in rotation", server.addr),
         );
     }
 
     let third = Server::start(&cluster);
     let third_id = third.addr.replace(':', "-");
-    wait_until(
+    run.wait_for_line(
         Duration::from_secs(5),
-        "the new instance",
-        seen(format!("+ instance {third_id} joined")),
+        &format!("+ instance {third_id} joined"),
     );
-    wait_until(
+    run.wait_for_line(
         Duration::from_secs(5),
-        "it in rotation",
-        seen(format!("{} ({third_id}) is in rotation", third.addr)),
+        &format!("{} ({third_id}) is in rotation", third.addr),
     );
 
     let second_id = second.addr.replace(':', "-");
     second.stop().await;
-    wait_until(
+    run.wait_for_line(
         Duration::from_secs(5),
-        "the leave line",
-        seen(format!("- instance {second_id} left")),
+        &format!("- instance {second_id} left"),
     );
 
     // Open-ended until Ctrl-C, then the table, and no call failed.
-    child.signal(libc::SIGINT);
-    let status = child
-        .wait_timeout(Duration::from_secs(10))
-        .expect("watch stops on SIGINT");
-    reader.join().unwrap();
-    let text = lines.lock().unwrap().join("\n");
-    assert!(status.success(), "{text}");
+    let (success, text) = run.interrupt();
+    assert!(success, "{text}");
     assert!(text.contains(", 0 failed"), "{text}");
     assert!(
         !text.contains("\u{1b}["),

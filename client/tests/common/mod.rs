@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests of the `client` binary: in-process servers (the `server`
 //! library on real sockets) registered in a real etcd cluster, and the `client` command line.
 
+#![allow(dead_code)] // each test file uses a different subset
+
 use std::{process::Command, time::Duration};
 
 use clap::Parser;
@@ -62,4 +64,59 @@ pub(crate) fn client(cluster: &EtcdCluster) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_client"));
     cmd.args(["--etcd-endpoints", &cluster.endpoints().join(",")]);
     cmd
+}
+
+/// A running `client` whose stdout is collected line by line as it is printed, so a test can wait
+/// for a line to appear.
+pub(crate) struct Running {
+    pub(crate) child: testkit::ChildGuard,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Starts `cmd` with stdout piped and a thread collecting its lines.
+    pub(crate) fn start(cmd: &mut Command) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = testkit::spawn(cmd.stdout(std::process::Stdio::piped()));
+        let stdout = child.child_mut().stdout.take().expect("stdout is piped");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let reader = {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    lines.lock().unwrap().push(line);
+                }
+            })
+        };
+        Self {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    /// Waits up to `timeout` for a line containing `needle`.
+    pub(crate) fn wait_for_line(&self, timeout: Duration, needle: &str) {
+        wait_until(timeout, &format!("a line with {needle:?}"), || {
+            self.lines
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains(needle))
+        });
+    }
+
+    /// Sends SIGINT (Ctrl-C), waits for the exit, and returns whether it succeeded and the output.
+    pub(crate) fn interrupt(mut self) -> (bool, String) {
+        self.child.signal(libc::SIGINT);
+        let status = self
+            .child
+            .wait_timeout(Duration::from_secs(10))
+            .expect("the client did not exit on SIGINT");
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("the output reader panicked");
+        }
+        (status.success(), self.lines.lock().unwrap().join("\n"))
+    }
 }
