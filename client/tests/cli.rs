@@ -5,7 +5,7 @@ mod common;
 
 use std::{process::Command, time::Duration};
 
-use common::{Running, Server, client};
+use common::{Running, Server, client, run_ok};
 use testkit::{EtcdCluster, free_port, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -13,16 +13,7 @@ async fn the_client_spreads_calls_evenly_and_prints_who_served_each() {
     let cluster = EtcdCluster::start();
     let servers: Vec<_> = (0..3).map(|_| Server::start(&cluster)).collect();
 
-    let output = client(&cluster)
-        .args(["--requests", "9", "--interval", "10ms"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = run_ok(client(&cluster).args(["--requests", "9", "--interval", "10ms"]));
 
     let calls: Vec<_> = stdout.lines().filter(|l| l.starts_with("call ")).collect();
     assert_eq!(calls.len(), 9, "{stdout}");

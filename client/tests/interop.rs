@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Server, client};
+use common::{Server, client, run_ok};
 use tempfile::TempDir;
 use testkit::{ChildGuard, EtcdCluster, free_port, wait_for, wait_until};
 
@@ -231,16 +231,7 @@ async fn our_client_spreads_calls_over_our_servers_and_a_python_server_put_by_et
 
     // Not held up by the foreign server: no connect or health-probe timeout is waited out.
     let started = Instant::now();
-    let output = client(&cluster)
-        .args(["--requests", "9", "--interval", "10ms"])
-        .output()
-        .expect("running the client");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = run_ok(client(&cluster).args(["--requests", "9", "--interval", "10ms"]));
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "the client took {:?}",
@@ -277,16 +268,7 @@ async fn a_python_server_without_health_service_and_with_foreign_metadata_is_cal
     // Metadata of another tool's making, without our instance_id: the key names the instance.
     theirs.put_in_etcd(&cluster, r#"{"lang":"python","weight":1}"#);
 
-    let output = client(&cluster)
-        .args(["--requests", "4", "--interval", "10ms"])
-        .output()
-        .expect("running the client");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = run_ok(client(&cluster).args(["--requests", "4", "--interval", "10ms"]));
     assert!(stdout.contains("total 4 calls, 0 failed"), "{stdout}");
     assert_served(&stdout, &ours.addr, &ours.addr.replace(':', "-"), 2);
     assert_served(&stdout, &theirs.addr, &theirs.id, 2);

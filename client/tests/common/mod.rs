@@ -120,3 +120,16 @@ impl Running {
         (status.success(), self.lines.lock().unwrap().join("\n"))
     }
 }
+
+/// Runs `cmd` to completion and returns its stdout, failing the test (with stdout and stderr) if it
+/// did not exit 0.
+pub(crate) fn run_ok(cmd: &mut Command) -> String {
+    let output = cmd.output().expect("running the client");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
