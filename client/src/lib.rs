@@ -411,10 +411,15 @@ fn print_call(outcome: &CallOutcome) {
 }
 
 fn print_change(change: &Change) {
+    println!("  {}", describe(change));
+}
+
+/// One line about a membership change, the same in both output modes.
+fn describe(change: &Change) -> String {
     match change {
-        Change::Added(i) => println!("  + instance {} joined at {}", i.id, i.addr),
-        Change::Removed(i) => println!("  - instance {} left ({})", i.id, i.addr),
-        Change::Updated { new, .. } => println!("  ~ instance {} now at {}", new.id, new.addr),
+        Change::Added(i) => format!("+ instance {} joined at {}", i.id, i.addr),
+        Change::Removed(i) => format!("- instance {} left ({})", i.id, i.addr),
+        Change::Updated { new, .. } => format!("~ instance {} now at {}", new.id, new.addr),
     }
 }
 

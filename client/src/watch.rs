@@ -98,12 +98,7 @@ impl View {
     }
 
     pub(crate) fn membership(&mut self, change: &Change) {
-        let text = match change {
-            Change::Added(i) => format!("+ instance {} joined at {}", i.id, i.addr),
-            Change::Removed(i) => format!("- instance {} left ({})", i.id, i.addr),
-            Change::Updated { new, .. } => format!("~ instance {} updated ({})", new.id, new.addr),
-        };
-        self.event(text);
+        self.event(crate::describe(change));
     }
 
     pub(crate) fn call(&mut self, outcome: &CallOutcome) {
