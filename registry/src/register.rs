@@ -4,7 +4,9 @@
 //! The owned task runs a two-phase loop:
 //! 1. *register*: grant a lease, put the key with it. On failure (etcd down, no quorum), retry with
 //!    capped, jittered backoff, forever; the state says [`RegistrationState::Lost`] meanwhile.
-//! 2. *keep alive* (`lease.rs`) until the lease is lost, then back to 1 with a new lease.
+//! 2. *keep alive* (`lease.rs`) until the lease is lost, then back to 1 with a new lease. Meanwhile
+//!    `guard_key` watches the key itself and puts it back on the same lease if something deletes it
+//!    (an operator's `etcdctl del`); a put-back that finds the lease gone ends phase 2 at once.
 //!
 //! Reconnecting the keep-alive stream alone is not enough after a long outage: if the lease expired,
 //! etcd deleted the key, so the only fix is a new lease and a new put (the bug behind go-zero #1926,
