@@ -94,13 +94,25 @@ async fn weighted_round_robin_follows_weights_and_weight_zero_gets_nothing() {
     let (_servers, _registrations) = servers(&etcd, &specs).await;
     let channel = channel(&etcd, with_policy(Policy::WeightedRoundRobin), 3).await;
 
-    let counts = spread(&channel, 600, None).await;
-    eprintln!("weights 1:2:3:0 over 600 calls: {counts:?}");
-    for (id, expected) in [("a", 100.0), ("b", 200.0), ("c", 300.0)] {
+    // 6000 calls from eight callers at once (as the issue asks), in a few seconds.
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let channel = channel.clone();
+            tokio::spawn(async move { spread(&channel, 750, None).await })
+        })
+        .collect();
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for worker in workers {
+        for (id, n) in worker.await.unwrap() {
+            *counts.entry(id).or_default() += n;
+        }
+    }
+    eprintln!("weights 1:2:3:0 over 6000 calls: {counts:?}");
+    for (id, expected) in [("a", 1000.0), ("b", 2000.0), ("c", 3000.0)] {
         let got = counts.get(id).copied().unwrap_or(0) as f64;
         assert!(
             (got - expected).abs() <= expected * 0.02,
-            "{id}: {got} of 600 ({counts:?})"
+            "{id}: {got} of 6000 ({counts:?})"
         );
     }
     assert_eq!(
