@@ -51,9 +51,10 @@ pub struct Config {
     )]
     pub min_instances: usize,
 
-    /// Number of calls to make (ignored with --duration or --forever).
-    #[arg(long, default_value_t = 10)]
-    pub requests: u64,
+    /// Number of calls to make [default: 10; ignored with --duration or --forever; watch runs
+    /// until Ctrl-C unless given].
+    #[arg(long)]
+    pub requests: Option<u64>,
 
     /// Pause between calls.
     #[arg(long, default_value = "200ms", value_parser = parse_duration)]
@@ -115,6 +116,9 @@ pub struct Config {
     #[allow(missing_docs)]
     pub command: Option<Command>,
 }
+
+/// Calls made when neither `--requests`, `--duration` nor `--forever` says otherwise.
+pub const DEFAULT_REQUESTS: u64 = 10;
 
 /// What to show while calling.
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -283,7 +287,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 view.membership(&Change::Added(instance.clone()));
             }
             // Watching runs until stopped unless a length was asked for explicitly.
-            let open_ended = config.duration.is_none() && !requests_given();
+            let open_ended = config.duration.is_none() && config.requests.is_none();
             (Some(view), *refresh, config.forever || open_ended)
         }
     };
@@ -302,7 +306,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         } else if let Some(deadline) = deadline {
             Instant::now() < deadline
         } else {
-            n < config.requests
+            n < config.requests.unwrap_or(DEFAULT_REQUESTS)
         };
         if !more {
             break;
@@ -349,12 +353,6 @@ fn parse_hash_key(text: &str) -> Result<String, String> {
     text.parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>()
         .map(|_| text.to_owned())
         .map_err(|_| format!("{text:?} cannot be sent as gRPC metadata: use visible ASCII"))
-}
-
-/// Whether `--requests` was given on the command line (it has a default, so the value alone does
-/// not tell).
-fn requests_given() -> bool {
-    std::env::args().any(|a| a == "--requests" || a.starts_with("--requests="))
 }
 
 /// Makes call number `n`.

@@ -457,6 +457,28 @@ impl Shared {
             .ok_or_else(|| self.unavailable())
     }
 
+    /// Sends one attempt to `backend`, bounded by `deadline`, counting it in flight while it runs
+    /// and recording its outcome.
+    async fn send(
+        &self,
+        backend: &Arc<Backend>,
+        channel: Channel,
+        request: http::Request<Body>,
+        deadline: Instant,
+    ) -> Result<Result<http::Response<Body>, tonic::transport::Error>, tokio::time::error::Elapsed>
+    {
+        let in_flight = backend.start_call();
+        let started = Instant::now();
+        let outcome = tokio::time::timeout_at(deadline, channel.oneshot(request)).await;
+        drop(in_flight);
+        self.record(
+            backend,
+            !matches!(&outcome, Ok(Ok(r)) if !is_failure_response(r)),
+            started.elapsed(),
+        );
+        outcome
+    }
+
     /// Counts an attempt's outcome: in the metrics, and towards the instance's outlier detection.
     fn record(&self, backend: &Backend, failed: bool, elapsed: Duration) {
         backend.metrics.call(elapsed, failed);
@@ -509,15 +531,7 @@ impl Shared {
             let mut request = request;
             set_grpc_timeout(request.headers_mut(), deadline);
             let (backend, channel) = self.pick_or_wait(&[], key, deadline).await?;
-            let _in_flight = backend.start_call();
-            let started = Instant::now();
-            let outcome = tokio::time::timeout_at(deadline, channel.oneshot(request)).await;
-            self.record(
-                &backend,
-                !matches!(&outcome, Ok(Ok(r)) if !is_failure_response(r)),
-                started.elapsed(),
-            );
-            return match outcome {
+            return match self.send(&backend, channel, request, deadline).await {
                 Ok(Ok(response)) => Ok(served_by(response, &backend)),
                 Ok(Err(error)) => Err(transport_failure(&backend, &error).into()),
                 Err(_) => Err(deadline_exceeded(&backend, timeout).into()),
@@ -536,16 +550,7 @@ impl Shared {
             let (backend, channel) = self.pick_or_wait(&tried, key, deadline).await?;
             set_grpc_timeout(&mut parts.headers, deadline);
             let request = http::Request::from_parts(parts.clone(), body.attempt());
-            let in_flight = backend.start_call();
-            let started = Instant::now();
-            let outcome = tokio::time::timeout_at(deadline, channel.oneshot(request)).await;
-            drop(in_flight);
-            self.record(
-                &backend,
-                !matches!(&outcome, Ok(Ok(r)) if !is_failure_response(r)),
-                started.elapsed(),
-            );
-            let (safe, failure) = match outcome {
+            let (safe, failure) = match self.send(&backend, channel, request, deadline).await {
                 Err(_) => return Err(deadline_exceeded(&backend, timeout).into()),
                 Ok(Ok(response)) if idempotent && is_unavailable_response(&response) => {
                     (true, Ok(served_by(response, &backend)))

@@ -495,10 +495,6 @@ async fn watch_from(
             for event in events {
                 let Some(kv) = event.kv() else { continue };
                 let Ok(key) = kv.key_str() else { continue };
-                if let (Some(c), Some(id)) = (carried.as_mut(), key::instance_id(prefix, key)) {
-                    // The rebuilt cluster has spoken about this instance: no longer carried.
-                    c.ids.remove(id);
-                }
                 let Some(id) = key::instance_id(prefix, key) else {
                     if event.event_type() == EventType::Put {
                         warn!(
@@ -508,6 +504,10 @@ async fn watch_from(
                     }
                     continue;
                 };
+                if let Some(c) = carried.as_mut() {
+                    // The rebuilt cluster has spoken about this instance: no longer carried.
+                    c.ids.remove(id);
+                }
                 match event.event_type() {
                     EventType::Delete => {
                         instances.remove(id);

@@ -80,6 +80,27 @@ async fn spread(channel: &BalancedChannel, n: usize, key: Option<&str>) -> BTree
     counts
 }
 
+/// [`spread`] from `callers` tasks at once, `each` calls apiece, counts added up.
+async fn spread_from(
+    callers: usize,
+    channel: &BalancedChannel,
+    each: usize,
+) -> BTreeMap<String, usize> {
+    let workers: Vec<_> = (0..callers)
+        .map(|_| {
+            let channel = channel.clone();
+            tokio::spawn(async move { spread(&channel, each, None).await })
+        })
+        .collect();
+    let mut counts = BTreeMap::new();
+    for worker in workers {
+        for (id, n) in worker.await.unwrap() {
+            *counts.entry(id).or_default() += n;
+        }
+    }
+    counts
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_round_robin_follows_weights_and_weight_zero_gets_nothing() {
     let (_cluster, etcd) = cluster().await;
@@ -95,18 +116,7 @@ async fn weighted_round_robin_follows_weights_and_weight_zero_gets_nothing() {
     let channel = channel(&etcd, with_policy(Policy::WeightedRoundRobin), 3).await;
 
     // 6000 calls from eight callers at once (as the issue asks), in a few seconds.
-    let workers: Vec<_> = (0..8)
-        .map(|_| {
-            let channel = channel.clone();
-            tokio::spawn(async move { spread(&channel, 750, None).await })
-        })
-        .collect();
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for worker in workers {
-        for (id, n) in worker.await.unwrap() {
-            *counts.entry(id).or_default() += n;
-        }
-    }
+    let counts = spread_from(8, &channel, 750).await;
     eprintln!("weights 1:2:3:0 over 6000 calls: {counts:?}");
     for (id, expected) in [("a", 1000.0), ("b", 2000.0), ("c", 3000.0)] {
         let got = counts.get(id).copied().unwrap_or(0) as f64;
@@ -138,18 +148,7 @@ async fn least_request_sends_fewer_calls_to_a_slow_instance() {
     let channel = channel(&etcd, with_policy(Policy::LeastRequest), 3).await;
 
     // Eight callers at once, so calls pile up on whichever instance is slow.
-    let workers: Vec<_> = (0..8)
-        .map(|_| {
-            let channel = channel.clone();
-            tokio::spawn(async move { spread(&channel, 40, None).await })
-        })
-        .collect();
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for worker in workers {
-        for (id, n) in worker.await.unwrap() {
-            *counts.entry(id).or_default() += n;
-        }
-    }
+    let counts = spread_from(8, &channel, 40).await;
     eprintln!("least_request, one instance 30 ms slower, 320 calls: {counts:?}");
     let slow = counts.get("slow").copied().unwrap_or(0);
     assert!(
