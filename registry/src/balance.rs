@@ -85,6 +85,8 @@ pub struct BalanceOptions {
     pub outlier: OutlierPolicy,
     /// How often each connected instance is asked for its `grpc.health.v1` status.
     pub health_check_interval: Duration,
+    /// TLS to the instances (e.g. from [`crate::tls::Tls::client_config`]); `None` is plaintext.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Default for BalanceOptions {
@@ -105,6 +107,7 @@ impl Default for BalanceOptions {
             seed: None,
             outlier: OutlierPolicy::default(),
             health_check_interval: Duration::from_secs(1),
+            tls: None,
         }
     }
 }
@@ -755,16 +758,26 @@ fn reconcile(
 /// The tonic endpoint for one instance. Discovery only admits dialable addresses, so this fails only
 /// if the two disagree; the instance is then skipped with a warning.
 fn endpoint(addr: &str, options: &BalanceOptions) -> Option<Endpoint> {
-    match Endpoint::from_shared(format!("http://{addr}")) {
-        Ok(endpoint) => Some(
-            // No `.timeout()`: deadlines are enforced per call, across retries, in `Shared::call`.
-            endpoint
-                .connect_timeout(options.connect_timeout)
-                .http2_keep_alive_interval(options.keep_alive_interval)
-                .keep_alive_timeout(options.keep_alive_timeout),
-        ),
+    let scheme = if options.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}")).and_then(|endpoint| {
+        // No `.timeout()`: deadlines are enforced per call, across retries, in `Shared::call`.
+        let endpoint = endpoint
+            .connect_timeout(options.connect_timeout)
+            .http2_keep_alive_interval(options.keep_alive_interval)
+            .keep_alive_timeout(options.keep_alive_timeout);
+        match &options.tls {
+            Some(tls) => endpoint.tls_config(tls.clone()),
+            None => Ok(endpoint),
+        }
+    });
+    match endpoint {
+        Ok(endpoint) => Some(endpoint),
         Err(error) => {
-            tracing::warn!(addr, %error, "skipping an instance whose address is not a valid URI");
+            tracing::warn!(addr, %error, "skipping an instance whose address is not a valid URI or TLS setting");
             None
         }
     }

@@ -4,17 +4,21 @@
 //! Values found in etcd that do not decode are *not* errors of this type: discovery skips them with a
 //! warning (see [`crate::endpoint::DecodeError`]), because one bad record must never take down a client.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 /// Errors returned by the registry library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No etcd endpoint was configured.
-    #[error("no etcd endpoints configured: give at least one as host:port or http://host:port")]
+    #[error(
+        "no etcd endpoints configured: give at least one as host:port, http://host:port or https://host:port"
+    )]
     NoEndpoints,
 
     /// An etcd endpoint could not be parsed.
-    #[error("invalid etcd endpoint {endpoint:?}: {reason}; expected host:port or http://host:port")]
+    #[error(
+        "invalid etcd endpoint {endpoint:?}: {reason}; expected host:port, http://host:port or https://host:port"
+    )]
     InvalidEndpoint {
         /// The endpoint as given.
         endpoint: String,
@@ -45,6 +49,61 @@ pub enum Error {
     InvalidTtl {
         /// The TTL as given.
         ttl: Duration,
+    },
+
+    /// A setting is out of range or inconsistent with another.
+    #[error("invalid setting {setting}: {reason}")]
+    InvalidConfig {
+        /// The setting, by its flag / config-file name (`ttl`, `etcd-endpoints`).
+        setting: &'static str,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+
+    /// A TLS file cannot be used.
+    #[error("cannot use {what} {path:?}: {problem}")]
+    TlsFile {
+        /// Which file (`CA certificate`, `certificate`, `private key`).
+        what: &'static str,
+        /// Where it was looked for.
+        path: PathBuf,
+        /// Why it cannot be used.
+        problem: String,
+    },
+
+    /// TLS settings that do not fit together.
+    #[error("invalid TLS settings: {reason}")]
+    InvalidTls {
+        /// What is wrong.
+        reason: &'static str,
+    },
+
+    /// etcd refused the username or password (or auth is not enabled on the cluster).
+    #[error(
+        "etcd at {endpoints} refused to authenticate user {user:?}: {reason}; check the username and password (--etcd-username, --etcd-password or --etcd-password-file)"
+    )]
+    Unauthenticated {
+        /// The user we authenticated as.
+        user: String,
+        /// The etcd endpoints.
+        endpoints: String,
+        /// etcd's reason.
+        reason: String,
+    },
+
+    /// The etcd user's roles do not allow an operation on a key.
+    #[error(
+        "etcd user {user:?} may not {op} {key:?} (endpoints {endpoints}): grant its role readwrite on the prefix, e.g. `etcdctl role grant-permission ROLE --prefix=true readwrite services/`"
+    )]
+    PermissionDenied {
+        /// The operation.
+        op: &'static str,
+        /// The key or prefix.
+        key: String,
+        /// The user (empty without auth).
+        user: String,
+        /// The etcd endpoints.
+        endpoints: String,
     },
 
     /// An etcd request failed; `source` holds etcd's or the transport's reason.
@@ -84,6 +143,11 @@ pub enum Error {
         /// How long we waited.
         waited: Duration,
     },
+
+    /// The layered configuration (defaults, file, environment, flags) cannot be read.
+    #[cfg(feature = "cli")]
+    #[error("configuration: {0}")]
+    Config(#[from] Box<figment::Error>),
 
     /// The Prometheus exporter could not be started.
     #[cfg(feature = "cli")]

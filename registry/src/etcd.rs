@@ -9,6 +9,12 @@
 //! - `require_leader`, so a member cut off from the quorum fails watches and requests at once
 //!   instead of serving a stale view;
 //! - a deadline on every unary request ([`Etcd::call`]), so nothing waits forever.
+//!
+//! Security is optional and off by default: TLS ([`EtcdConfig::tls`], `https://` endpoints) and
+//! username/password ([`EtcdConfig::auth`]). With a password, etcd-client authenticates while
+//! connecting and fetches a new token whenever etcd says the old one expired, so a long-running
+//! process survives token expiry; failures that retrying cannot fix (a wrong password, an untrusted
+//! certificate, a role that does not cover the key) are reported at once, with what to change.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -17,8 +23,10 @@ use tokio::time::Instant;
 
 use crate::{
     backoff::Backoff,
+    config::Credentials,
     endpoint::is_dialable,
-    error::{Error, Result},
+    error::{Error, Result, chain},
+    tls::Tls,
 };
 
 /// Where and how to reach etcd.
@@ -37,6 +45,11 @@ pub struct EtcdConfig {
     pub keep_alive_interval: Duration,
     /// How long a ping may go unanswered before the connection is dropped.
     pub keep_alive_timeout: Duration,
+    /// TLS to etcd: the CA to trust and, for client-certificate auth, our certificate and key.
+    /// Requires `https://` endpoints.
+    pub tls: Option<Tls>,
+    /// Username and password, when the cluster has auth enabled.
+    pub auth: Option<Credentials>,
 }
 
 impl EtcdConfig {
@@ -65,36 +78,143 @@ impl EtcdConfig {
             // (`--grpc-keepalive-min-time`). 6 s + 2 s still notices a frozen member within 8 s.
             keep_alive_interval: Duration::from_secs(6),
             keep_alive_timeout: Duration::from_secs(2),
+            tls: None,
+            auth: None,
         })
     }
 
-    /// Opens a client. etcd-client connects lazily, so this does not fail when etcd is down; the
-    /// first request does, with an error naming the endpoints.
+    /// Opens a client.
+    ///
+    /// Without credentials or TLS, etcd-client connects lazily, so this does not fail when etcd is
+    /// down; the first request does, with an error naming the endpoints. With credentials, it
+    /// authenticates now (retrying an unreachable cluster for up to `request_timeout`); with TLS it
+    /// makes one request to check the handshake. Either way a wrong password or an untrusted
+    /// certificate fails here, at startup, rather than in every later request.
     ///
     /// # Errors
-    /// [`Error::Etcd`] if the client cannot be built from the endpoints.
+    /// [`Error::InvalidConfig`] for endpoints whose scheme does not match the TLS setting,
+    /// [`Error::Unauthenticated`] for refused credentials, [`Error::Etcd`] for a failed TLS check
+    /// or a client that cannot be built, [`Error::Timeout`] if authentication got no answer.
     pub async fn connect(&self) -> Result<Etcd> {
-        let options = ConnectOptions::new()
+        self.check_schemes()?;
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(self.connect_timeout)
             .with_keep_alive(self.keep_alive_interval, self.keep_alive_timeout)
             .with_keep_alive_while_idle(false)
             .with_require_leader(true);
-        let client = Client::connect(&self.endpoints, Some(options))
-            .await
-            .map_err(|source| Error::Etcd {
-                op: "connect",
-                key: String::new(),
-                endpoints: self.endpoints.join(","),
-                source,
-            })?;
-        Ok(Etcd {
+        if let Some(tls) = &self.tls {
+            options = options.with_tls(tls.client_config(None));
+        }
+        if let Some(auth) = &self.auth {
+            options = options
+                .with_user(auth.username(), auth.password().expose())
+                .with_auto_token_refresh(true);
+        }
+        let client = self.open(options).await?;
+        let etcd = Etcd {
             client,
             config: Arc::new(self.clone()),
-        })
+        };
+        if self.tls.is_some() && self.auth.is_none() {
+            etcd.check_handshake().await?;
+        }
+        Ok(etcd)
+    }
+
+    /// Builds the client; with credentials that means authenticating, so transient failures are
+    /// retried, each attempt bounded (a balanced channel with no reachable member waits forever).
+    async fn open(&self, options: ConnectOptions) -> Result<Client> {
+        let deadline = Instant::now() + self.request_timeout;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let mut last_error = None;
+        loop {
+            let attempt = tokio::time::timeout(
+                self.attempt_timeout.max(self.connect_timeout),
+                Client::connect(&self.endpoints, Some(options.clone())),
+            )
+            .await;
+            match attempt {
+                Ok(Ok(client)) => return Ok(client),
+                Ok(Err(source)) => {
+                    if let (Some(auth), Some(reason)) = (&self.auth, auth_refusal(&source)) {
+                        return Err(Error::Unauthenticated {
+                            user: auth.username().to_owned(),
+                            endpoints: self.endpoints.join(","),
+                            reason,
+                        });
+                    }
+                    if !is_transient(&source) {
+                        return Err(self.connect_error(source));
+                    }
+                    last_error = Some(source);
+                }
+                Err(_) => {}
+            }
+            let retry_at = Instant::now() + backoff.next_delay();
+            if retry_at >= deadline {
+                return Err(match last_error {
+                    Some(source) => self.connect_error(source),
+                    None => Error::Timeout {
+                        op: "authenticate",
+                        key: String::new(),
+                        endpoints: self.endpoints.join(","),
+                        timeout: self.request_timeout,
+                    },
+                });
+            }
+            tokio::time::sleep_until(retry_at).await;
+        }
+    }
+
+    fn connect_error(&self, source: etcd_client::Error) -> Error {
+        Error::Etcd {
+            op: "connect",
+            key: String::new(),
+            endpoints: self.endpoints.join(","),
+            source,
+        }
+    }
+
+    /// `https://` endpoints need TLS settings, and TLS settings need `https://` endpoints: a
+    /// mismatch would otherwise surface as an obscure handshake or protocol error per request.
+    pub(crate) fn check_schemes(&self) -> Result<()> {
+        let tls = self.tls.is_some();
+        match self
+            .endpoints
+            .iter()
+            .find(|e| e.starts_with("https://") != tls)
+        {
+            None => Ok(()),
+            Some(endpoint) if tls => Err(Error::InvalidConfig {
+                setting: "etcd-endpoints",
+                reason: format!(
+                    "{endpoint} is plain http but TLS is configured (etcd-ca, etcd-cert, etcd-key): \
+                     write the endpoints as https://host:port or host:port"
+                ),
+            }),
+            Some(endpoint) => Err(Error::InvalidConfig {
+                setting: "etcd-endpoints",
+                reason: format!(
+                    "{endpoint} is https but no TLS settings are given: set etcd-ca to the CA that \
+                     signed etcd's certificate"
+                ),
+            }),
+        }
     }
 }
 
-/// Parses one endpoint given as `host:port` or `http://host:port` into `http://host:port`.
+/// The reason etcd refused our credentials, if that is what `error` is.
+fn auth_refusal(error: &etcd_client::Error) -> Option<String> {
+    let etcd_client::Error::GRpcStatus(status) = error else {
+        return None;
+    };
+    let message = status.message();
+    (message.contains("authentication failed") || message.contains("authentication is not enabled"))
+        .then(|| message.trim_start_matches("etcdserver: ").to_owned())
+}
+
+/// Parses one endpoint given as `host:port`, `http://host:port` or `https://host:port` into
+/// `scheme://host:port`; a bare `host:port` becomes `http://` (see [`with_scheme`] for TLS).
 ///
 /// # Errors
 /// [`Error::InvalidEndpoint`] saying what is wrong.
@@ -103,16 +223,30 @@ pub fn parse_endpoint(endpoint: &str) -> Result<String> {
         endpoint: endpoint.to_owned(),
         reason,
     };
-    let authority = match endpoint.split_once("://") {
-        None => endpoint,
-        Some(("http", rest)) => rest.strip_suffix('/').unwrap_or(rest),
-        Some(("https", _)) => return Err(invalid("TLS (https) is not supported yet")),
-        Some(_) => return Err(invalid("the scheme must be http")),
+    let (scheme, authority) = match endpoint.split_once("://") {
+        None => ("http", endpoint),
+        Some((scheme @ ("http" | "https"), rest)) => {
+            (scheme, rest.strip_suffix('/').unwrap_or(rest))
+        }
+        Some(_) => return Err(invalid("the scheme must be http or https")),
     };
     if !is_dialable(authority) {
         return Err(invalid("not a host:port with a port in 1-65535"));
     }
-    Ok(format!("http://{authority}"))
+    Ok(format!("{scheme}://{authority}"))
+}
+
+/// Like [`parse_endpoint`], but a bare `host:port` gets `https://` when `tls` is on.
+///
+/// # Errors
+/// [`Error::InvalidEndpoint`] saying what is wrong.
+pub fn with_scheme(endpoint: &str, tls: bool) -> Result<String> {
+    let parsed = parse_endpoint(endpoint)?;
+    Ok(if tls && !endpoint.contains("://") {
+        parsed.replacen("http://", "https://", 1)
+    } else {
+        parsed
+    })
 }
 
 /// A connected etcd client with its configuration: cheap to clone, shared by every registration and
@@ -164,6 +298,14 @@ impl Etcd {
             let attempt_deadline = (Instant::now() + self.config.attempt_timeout).min(deadline);
             match tokio::time::timeout_at(attempt_deadline, request(self.client.clone())).await {
                 Ok(Ok(value)) => return Ok(value),
+                Ok(Err(source)) if is_expired_token(&source) => {
+                    // etcd-client refreshes the token for unary requests itself; a stream that
+                    // failed on one mid-way (a watch or keep-alive reopened later) needs it here.
+                    if let Err(e) = self.client.refresh_token().await {
+                        tracing::debug!(error = %chain(&e), "refreshing the etcd auth token failed; retrying");
+                    }
+                    last_error = Some(source);
+                }
                 Ok(Err(source)) if !is_transient(&source) => {
                     return Err(self.error(op, key, source));
                 }
@@ -186,7 +328,54 @@ impl Etcd {
         }
     }
 
+    /// One request over TLS, to turn an untrusted certificate into an error at startup. Transient
+    /// failures are not errors here (etcd may simply not be up yet, and later requests retry),
+    /// except one: a cluster that wants a client certificate we do not have accepts the handshake
+    /// and then closes every connection, which looks transient but never passes.
+    async fn check_handshake(&self) -> Result<()> {
+        let checked = self
+            .call(
+                "TLS check",
+                "status",
+                |mut c| async move { c.status().await },
+            )
+            .await;
+        let Err(Error::Etcd { source, .. }) = checked else {
+            return Ok(());
+        };
+        let has_identity = self.config.tls.as_ref().is_some_and(Tls::has_identity);
+        if is_tls_failure(&source) {
+            return Err(self.error("TLS handshake", "status", source));
+        }
+        if !has_identity && chain(&source).contains("connection closed") {
+            return Err(Error::InvalidConfig {
+                setting: "etcd-cert",
+                reason: format!(
+                    "etcd at {} closed every connection right after the TLS handshake: it \
+                     probably requires a client certificate; set etcd-cert and etcd-key",
+                    self.endpoints()
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn error(&self, op: &'static str, key: &str, source: etcd_client::Error) -> Error {
+        if let etcd_client::Error::GRpcStatus(status) = &source {
+            if status.code() == tonic::Code::PermissionDenied {
+                return Error::PermissionDenied {
+                    op,
+                    key: key.to_owned(),
+                    user: self
+                        .config
+                        .auth
+                        .as_ref()
+                        .map(|a| a.username().to_owned())
+                        .unwrap_or_default(),
+                    endpoints: self.endpoints(),
+                };
+            }
+        }
         Error::Etcd {
             op,
             key: key.to_owned(),
@@ -202,15 +391,45 @@ impl Etcd {
 }
 
 /// Errors worth another attempt: the transport failed, or etcd is between leaders or overloaded.
-/// Anything else (a lease that does not exist, a permission, a malformed request) will not change.
+/// Anything else (a lease that does not exist, a permission, a malformed request, a certificate we
+/// do not trust) will not change.
 fn is_transient(error: &etcd_client::Error) -> bool {
     use tonic::Code;
+    if is_tls_failure(error) {
+        return false;
+    }
     match error {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
         etcd_client::Error::GRpcStatus(status) => matches!(
             status.code(),
             Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::ResourceExhausted
         ),
+        _ => false,
+    }
+}
+
+/// A TLS handshake that failed on a certificate: retrying will not help.
+fn is_tls_failure(error: &etcd_client::Error) -> bool {
+    let text = chain(error);
+    [
+        "certificate",
+        "UnknownIssuer",
+        "NotValidForName",
+        "CertNotValidForName",
+        "handshake",
+    ]
+    .iter()
+    .any(|needle| text.contains(needle))
+}
+
+/// etcd's answer to an expired or unknown auth token (see etcd-client's `caller.rs`: the lock and
+/// election services report it with code Unknown).
+fn is_expired_token(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::Unauthenticated
+                || status.message().contains("invalid auth token")
+        }
         _ => false,
     }
 }
@@ -226,6 +445,9 @@ mod tests {
             cfg.endpoints,
             ["http://127.0.0.1:2379", "http://10.0.0.1:23791"]
         );
+        assert_eq!(with_scheme("h:1", true).unwrap(), "https://h:1");
+        assert_eq!(with_scheme("http://h:1", true).unwrap(), "http://h:1");
+        assert_eq!(with_scheme("https://h:1", false).unwrap(), "https://h:1");
     }
 
     #[test]
@@ -239,7 +461,7 @@ mod tests {
             "localhost",
             "127.0.0.1:0",
             "ftp://h:1",
-            "https://h:1",
+            "https://h",
             "h:1:2",
             "http://",
         ] {

@@ -11,7 +11,9 @@
 //! waits without a deadline.
 //!
 //! # Layout
-//! - [`etcd`]: endpoints, connection options, the shared [`Etcd`] handle.
+//! - [`config`]: [`RegistryConfig`], the one validated configuration, and its builder.
+//! - [`etcd`]: endpoints, connection options (TLS, auth), the shared [`Etcd`] handle.
+//! - [`tls`]: certificates and keys from PEM files, for etcd, clients and servers.
 //! - [`key`]: the key layout `<namespace>/<service>/<instance-id>`.
 //! - [`endpoint`]: the value codec, compatible with Go's `endpoints.Manager`.
 //! - [`register`]: [`Registration`], a key kept alive for as long as its handle lives.
@@ -52,6 +54,7 @@ pub mod backoff;
 pub mod balance;
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod config;
 mod connection;
 pub mod discover;
 pub mod endpoint;
@@ -64,8 +67,10 @@ pub mod policy;
 pub mod register;
 pub mod retry;
 pub mod select;
+pub mod tls;
 
 pub use balance::{BalanceOptions, BalancedChannel, InstanceStatus, OutlierPolicy, ServedBy};
+pub use config::{Credentials, RegistryConfig, Secret};
 pub use discover::{Change, Discovery, Instance, Membership};
 pub use endpoint::{Endpoint, Format};
 pub use error::{Error, Result};

@@ -73,6 +73,66 @@ pub struct EtcdCluster {
     /// remembers the old cluster cannot join the new one.
     token: String,
     members: Vec<Member>,
+    options: ClusterOptions,
+}
+
+/// TLS files for the members' client URLs (PEM paths); see [`crate::certs`] to generate them.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// CA that etcdctl trusts, and that must sign client certificates when `client_cert_auth` is
+    /// on.
+    pub ca: PathBuf,
+    /// The members' certificate (valid for 127.0.0.1).
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// Require clients to present a certificate signed by `ca`.
+    pub client_cert_auth: bool,
+}
+
+/// How [`EtcdCluster::builder`] starts a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    members: usize,
+    tls: Option<ServerTls>,
+    args: Vec<String>,
+    etcdctl_user: Option<String>,
+    etcdctl_cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl ClusterOptions {
+    /// The number of members (default 3).
+    pub fn members(mut self, members: usize) -> Self {
+        self.members = members;
+        self
+    }
+
+    /// Serve clients over TLS (`https://` client URLs; peers stay plaintext on loopback).
+    pub fn tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// The certificate and key etcdctl presents when `client_cert_auth` is on.
+    pub fn etcdctl_cert(mut self, cert: PathBuf, key: PathBuf) -> Self {
+        self.etcdctl_cert = Some((cert, key));
+        self
+    }
+
+    /// One more etcd flag for every member, e.g. `--auth-token-ttl=2`.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Starts the cluster and waits until every member reports healthy.
+    ///
+    /// # Panics
+    ///
+    /// As [`EtcdCluster::start_with`].
+    pub fn start(self) -> EtcdCluster {
+        EtcdCluster::launch_new(self)
+    }
 }
 
 /// One etcd process and the ports it owns for the cluster's whole life.
@@ -81,6 +141,10 @@ struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// Plain-HTTP `/health` and `/metrics`, whatever the client URLs speak (TLS, auth).
+    metrics_port: u16,
+    /// `https` when the cluster serves clients over TLS.
+    scheme: &'static str,
     /// `None` while the member is killed.
     process: Option<ChildGuard>,
     /// Stopped with `SIGSTOP`: the process exists but answers nothing.
@@ -89,7 +153,7 @@ struct Member {
 
 impl Member {
     fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.client_port)
     }
 
     fn peer_url(&self) -> String {
@@ -138,6 +202,28 @@ impl EtcdCluster {
     /// Panics if `members` is 0, if a binary cannot be found, or if the cluster is not healthy
     /// within 20 s.
     pub fn start_with(members: usize) -> EtcdCluster {
+        EtcdCluster::builder().members(members).start()
+    }
+
+    /// Options for a cluster with TLS or extra flags: `EtcdCluster::builder().tls(..).start()`.
+    pub fn builder() -> ClusterOptions {
+        ClusterOptions {
+            members: 3,
+            tls: None,
+            args: Vec::new(),
+            etcdctl_user: None,
+            etcdctl_cert: None,
+        }
+    }
+
+    /// Makes every later etcdctl call authenticate as `user:password` (after `auth enable`), or
+    /// not at all with `None`.
+    pub fn set_etcdctl_user(&mut self, user: Option<&str>) {
+        self.options.etcdctl_user = user.map(str::to_owned);
+    }
+
+    fn launch_new(options: ClusterOptions) -> EtcdCluster {
+        let members = options.members;
         assert!(
             members > 0,
             "testkit: an etcd cluster needs at least one member"
@@ -151,6 +237,12 @@ impl EtcdCluster {
                 name: format!("n{n}"),
                 client_port: free_port(),
                 peer_port: free_port(),
+                metrics_port: free_port(),
+                scheme: if options.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                },
                 process: None,
                 frozen: false,
             })
@@ -161,6 +253,7 @@ impl EtcdCluster {
             dir,
             token: new_token(),
             members,
+            options,
         };
         cluster.launch_all(ClusterState::New);
         cluster
@@ -232,7 +325,7 @@ impl EtcdCluster {
     ///
     /// Panics if `i` is not a member index.
     pub fn is_healthy(&self, i: usize) -> bool {
-        http_health(self.member(i).client_port)
+        http_health(self.member(i).metrics_port)
     }
 
     /// Runs `etcdctl` (API v3) against the live members with `--command-timeout=5s`.
@@ -497,9 +590,27 @@ impl EtcdCluster {
             .args(["--initial-cluster-state", state.as_flag()])
             .args(["--logger", "zap", "--log-outputs"])
             .arg(&log)
+            .arg(format!(
+                "--listen-metrics-urls=http://127.0.0.1:{}",
+                member.metrics_port
+            ))
+            .args(&self.options.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
+        if let Some(tls) = &self.options.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key);
+            // etcd 3.4 requires a client certificate from everyone as soon as it has a trusted
+            // CA, whatever `--client-cert-auth` says: pass the CA only when that is the point.
+            if tls.client_cert_auth {
+                cmd.arg("--client-cert-auth")
+                    .arg("--trusted-ca-file")
+                    .arg(&tls.ca);
+            }
+        }
         // etcd reads every `ETCD_*` variable as a flag; one left over in the test's environment
         // (ETCD_BIN among them) would change or clash with the command line above.
         remove_etcd_env(&mut cmd);
@@ -517,7 +628,7 @@ impl EtcdCluster {
             if let Some(reason) = self.exited_member(&pending) {
                 break reason;
             }
-            pending.retain(|&i| !http_health(self.members[i].client_port));
+            pending.retain(|&i| !http_health(self.members[i].metrics_port));
             if pending.is_empty() {
                 return;
             }
@@ -589,9 +700,17 @@ impl EtcdCluster {
         remove_etcd_env(&mut cmd);
         cmd.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", endpoints.join(",")))
-            .arg(format!("--command-timeout={command_timeout}"))
-            .args(args)
-            .stdin(Stdio::null());
+            .arg(format!("--command-timeout={command_timeout}"));
+        if let Some(tls) = &self.options.tls {
+            cmd.arg("--cacert").arg(&tls.ca);
+        }
+        if let Some((cert, key)) = &self.options.etcdctl_cert {
+            cmd.arg("--cert").arg(cert).arg("--key").arg(key);
+        }
+        if let Some(user) = &self.options.etcdctl_user {
+            cmd.arg(format!("--user={user}"));
+        }
+        cmd.args(args).stdin(Stdio::null());
         // A plain `output()`, not a `ChildGuard`: the call blocks this thread until etcdctl
         // exits, which its own command timeout bounds, so there is no moment at which the test
         // could drop or lose the process.

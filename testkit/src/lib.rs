@@ -15,6 +15,7 @@
 //! - [`etcd`]: [`EtcdCluster`], an etcd cluster (three members by default) in a temporary
 //!   directory, with `etcdctl` helpers and fault injection (`kill`, `restart`, `freeze`, `thaw`,
 //!   `wipe`, `leader`).
+//! - [`certs`]: [`Certs`], a CA with server and client certificates generated at test time.
 //! - [`process`]: [`ChildGuard`] and [`spawn`], for any process a test starts; killed and reaped
 //!   on drop, and killed by the kernel if the test process dies first.
 //! - [`port`]: [`free_port`], a loopback port never handed out twice in one process.
@@ -53,12 +54,14 @@
 //! // `_server` and `cluster` are killed when they go out of scope, even if an assertion fails.
 //! ```
 
+pub mod certs;
 pub mod etcd;
 pub mod http;
 pub mod port;
 pub mod process;
 pub mod wait;
 
+pub use certs::Certs;
 pub use etcd::EtcdCluster;
 pub use port::free_port;
 pub use process::{ChildGuard, spawn};
