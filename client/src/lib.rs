@@ -19,28 +19,34 @@ use registry::{
     BalanceOptions, BalancedChannel, Change, Discovery, Format, Policy, RetryPolicy, Selector,
     ServedBy,
     balance::{HASH_KEY, INSTANCE},
-    cli::{EtcdArgs, MetricsArgs, parse_duration},
+    cli::{EtcdArgs, GrpcTlsArgs, Layered, MetricsArgs, duration, pairs, parse_duration, text},
     discover::diff,
     select::parse_pair,
 };
+use serde::{Deserialize, Serialize};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 mod watch;
 
-/// Flags of the `client` binary.
-#[derive(Debug, Clone, Parser)]
+/// Settings of the `client` binary: flags, environment variables, or the same names in
+/// `client.toml` (see `registry::cli` for the layering). The `watch` subcommand's flags are
+/// command-line only.
+#[derive(Debug, Clone, Parser, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 #[command(
     version,
     about = "Calls helloworld.Greeter instances found in etcd, round robin."
 )]
 pub struct Config {
     #[command(flatten)]
+    #[serde(flatten)]
     #[allow(missing_docs)]
     pub etcd: EtcdArgs,
 
     /// How long to wait for the first instances (once etcd answered) before giving up.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "duration")]
     pub wait: Duration,
 
     /// Start calling only once this many instances are registered and connected.
@@ -54,14 +60,21 @@ pub struct Config {
     /// Number of calls to make [default: 10; ignored with --duration or --forever; watch runs
     /// until Ctrl-C unless given].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub requests: Option<u64>,
 
     /// Pause between calls.
     #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    #[serde(with = "duration")]
     pub interval: Duration,
 
     /// Keep calling for this long instead of a fixed number of calls.
     #[arg(long, value_parser = parse_duration, conflicts_with = "forever")]
+    #[serde(
+        with = "duration::option",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub duration: Option<Duration>,
 
     /// Keep calling until interrupted (Ctrl-C).
@@ -70,6 +83,7 @@ pub struct Config {
 
     /// Deadline of each call.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[serde(with = "duration")]
     pub timeout: Duration,
 
     /// The name to greet.
@@ -84,37 +98,57 @@ pub struct Config {
     /// How calls are spread: round_robin, weighted_round_robin, random, least_request,
     /// consistent_hash or pick_first.
     #[arg(long, default_value = "round_robin")]
+    #[serde(with = "text")]
     pub policy: Policy,
 
     /// Key sent with every call for consistent_hash (same key, same instance).
     #[arg(long, value_parser = parse_hash_key)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub hash_key: Option<String>,
 
     /// Only call instances whose metadata has KEY=VALUE (e.g. version=v2); repeatable.
     #[arg(long = "select", value_name = "KEY=VALUE", value_parser = parse_pair)]
+    #[serde(with = "pairs")]
     pub select: Vec<(String, String)>,
 
     /// Prefer instances whose metadata has KEY=VALUE (e.g. zone=a), falling back to the others when
     /// none has; repeatable.
     #[arg(long = "prefer", value_name = "KEY=VALUE", value_parser = parse_pair)]
+    #[serde(with = "pairs")]
     pub prefer: Vec<(String, String)>,
 
     /// How instances are recorded in etcd: go-naming (ours, Go's naming package), go-zero or
     /// kratos (to call services registered by those frameworks).
     #[arg(long, default_value = "go-naming")]
+    #[serde(with = "text")]
     pub format: Format,
 
     /// Seed for the random choices of random and least_request, for repeatable runs.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
 
+    /// TLS to the servers: --tls-ca (the CA that signed their certificates) turns it on;
+    /// --tls-cert and --tls-key present a client certificate (mutual TLS).
     #[command(flatten)]
+    #[serde(flatten)]
+    pub tls: GrpcTlsArgs,
+
+    #[command(flatten)]
+    #[serde(flatten)]
     #[allow(missing_docs)]
     pub metrics: MetricsArgs,
 
     #[command(subcommand)]
+    #[serde(skip)]
     #[allow(missing_docs)]
     pub command: Option<Command>,
+}
+
+impl Layered for Config {
+    fn keep_command_line_only(&mut self, parsed: Self) {
+        self.command = parsed.command;
+    }
 }
 
 /// Calls made when neither `--requests`, `--duration` nor `--forever` says otherwise.
@@ -206,14 +240,19 @@ impl Report {
 /// If etcd is unusable or no instance shows up within `--wait`. Failed calls are not errors: they
 /// are counted in the [`Report`].
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<Report> {
+    let registry_config = config
+        .etcd
+        .registry_config(registry::register::DEFAULT_TTL)
+        .context("etcd settings")?;
+    let tls = config.tls.load().context("TLS settings")?;
+    if tls.as_ref().is_some_and(|tls| tls.files().ca.is_none()) {
+        anyhow::bail!(
+            "--tls-cert/--tls-key without --tls-ca: set --tls-ca to the CA that signed the servers' certificates"
+        );
+    }
     config.metrics.install()?;
     let endpoints = config.etcd.etcd_endpoints.join(",");
-    let etcd = config
-        .etcd
-        .etcd_config()
-        .context("--etcd-endpoints")?
-        .connect()
-        .await?;
+    let etcd = registry_config.connect().await?;
     let discovery = Discovery::start_with_format(
         &etcd,
         &config.etcd.namespace,
@@ -233,6 +272,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             prefer: config.prefer.clone(),
         },
         seed: config.seed,
+        tls: tls.map(|tls| tls.client_config(None)),
         ..BalanceOptions::default()
     };
     let channel = BalancedChannel::new(discovery.clone(), options);

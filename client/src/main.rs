@@ -1,15 +1,25 @@
-//! `client`: parse flags, install logging and Ctrl-C handling, run, print the table.
+//! `client`: load the configuration (defaults < client.toml < environment < flags), install logging and Ctrl-C handling, run, print the table.
 
 use std::{io::IsTerminal, process::ExitCode};
 
-use clap::Parser;
+use clap::{CommandFactory, error::ErrorKind};
 use client::Config;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
+    let loaded = match registry::cli::load::<Config>("client") {
+        Ok(loaded) => loaded,
+        Err(e) => Config::command()
+            .error(ErrorKind::ValueValidation, format!("{e:#}"))
+            .exit(),
+    };
+    if loaded.print_config {
+        print!("{}", loaded.report());
+        return ExitCode::SUCCESS;
+    }
+    let config = loaded.value;
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),

@@ -233,55 +233,12 @@ async fn etcd_with_client_certificates_requires_ours() {
 }
 
 /// A cluster with auth on: `root`, `greeter` (readwrite on `services/`) and `outsider`
-/// (readwrite on `elsewhere/` only). Simple tokens live `token_ttl` seconds.
+/// (readwrite on `elsewhere/` only). Simple tokens expire after 2 s unused.
 fn auth_cluster() -> EtcdCluster {
     let mut cluster = EtcdCluster::builder().arg("--auth-token-ttl=2").start();
-    for args in [
-        vec!["role", "add", "root"],
-        vec![
-            "user",
-            "add",
-            "root",
-            &format!("--new-user-password={ROOT_PASSWORD}"),
-        ],
-        vec!["user", "grant-role", "root", "root"],
-        vec!["role", "add", "services-rw"],
-        vec![
-            "role",
-            "grant-permission",
-            "services-rw",
-            "--prefix=true",
-            "readwrite",
-            "services/",
-        ],
-        vec![
-            "user",
-            "add",
-            "greeter",
-            &format!("--new-user-password={GREETER_PASSWORD}"),
-        ],
-        vec!["user", "grant-role", "greeter", "services-rw"],
-        vec!["role", "add", "elsewhere-rw"],
-        vec![
-            "role",
-            "grant-permission",
-            "elsewhere-rw",
-            "--prefix=true",
-            "readwrite",
-            "elsewhere/",
-        ],
-        vec![
-            "user",
-            "add",
-            "outsider",
-            &format!("--new-user-password={OUTSIDER_PASSWORD}"),
-        ],
-        vec!["user", "grant-role", "outsider", "elsewhere-rw"],
-        vec!["auth", "enable"],
-    ] {
-        cluster.etcdctl_ok(&args);
-    }
-    cluster.set_etcdctl_user(Some(&format!("root:{ROOT_PASSWORD}")));
+    cluster.add_user("greeter", GREETER_PASSWORD, "services/");
+    cluster.add_user("outsider", OUTSIDER_PASSWORD, "elsewhere/");
+    cluster.enable_auth(ROOT_PASSWORD);
     cluster
 }
 

@@ -21,10 +21,8 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::{Context, bail};
 use clap::Parser;
 use proto::helloworld::greeter_server::GreeterServer;
-use registry::{
-    Registration,
-    cli::{EtcdArgs, MetricsArgs, parse_duration},
-};
+use registry::cli::{EtcdArgs, GrpcTlsArgs, Layered, MetricsArgs, duration, pairs, parse_duration};
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -34,26 +32,31 @@ use tracing::{info, warn};
 
 pub mod greeter;
 
-/// Flags of the `server` binary.
-#[derive(Debug, Clone, Parser)]
+/// Settings of the `server` binary: flags, `SERVER_*`/`ETCD_*` environment variables, or the same
+/// names in `server.toml` (see `registry::cli` for the layering).
+#[derive(Debug, Clone, Parser, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 #[command(version, about = "A helloworld Greeter that registers itself in etcd.")]
 pub struct Config {
     /// Host or IP to listen on.
     #[arg(long, env = "SERVER_HOST", default_value = "127.0.0.1")]
     pub host: String,
 
-    /// Port to listen on (0 picks a free port, registered as bound).
+    /// Port to listen on (0 picks a free port, registered as bound); required.
     #[arg(long, env = "SERVER_PORT")]
-    pub port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 
     /// Address clients should dial, host:port [default: HOST:PORT; required when listening on
     /// 0.0.0.0 or ::].
     #[arg(long, env = "SERVER_ADVERTISE_ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise_addr: Option<String>,
 
     /// Instance id, the last segment of the etcd key [default: HOST-PORT of the advertised
     /// address].
     #[arg(long, env = "SERVER_INSTANCE_ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
 
     /// Relative capacity published as metadata, for weighted_round_robin clients; 0 drains the
@@ -64,37 +67,53 @@ pub struct Config {
     /// Version of this deployment, published as the `version` metadata (clients can select on
     /// it, e.g. --select version=v2).
     #[arg(long, env = "SERVER_SERVICE_VERSION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub service_version: Option<String>,
 
     /// Zone published as metadata (clients can prefer their own, e.g. --prefer zone=a).
     #[arg(long, env = "SERVER_ZONE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
 
     /// More metadata, as key=value; repeatable.
     #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = registry::select::parse_pair)]
+    #[serde(with = "pairs")]
     pub meta: Vec<(String, String)>,
 
     /// Lease TTL: how long the key outlives a crashed server (at least 2s).
     #[arg(long, env = "REGISTRY_TTL", default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "duration")]
     pub ttl: Duration,
 
     /// After revoking the lease on shutdown, keep serving this long so clients can act on the
     /// DELETE before the listener closes.
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    #[serde(with = "duration")]
     pub deregister_grace: Duration,
 
     /// Deadline for in-flight calls to finish on shutdown.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "duration")]
     pub drain_timeout: Duration,
 
     #[command(flatten)]
+    #[serde(flatten)]
     #[allow(missing_docs)]
     pub etcd: EtcdArgs,
 
+    /// TLS for the gRPC port: --tls-cert and --tls-key serve TLS; --tls-ca also requires client
+    /// certificates signed by that CA (mutual TLS).
     #[command(flatten)]
+    #[serde(flatten)]
+    pub tls: GrpcTlsArgs,
+
+    #[command(flatten)]
+    #[serde(flatten)]
     #[allow(missing_docs)]
     pub metrics: MetricsArgs,
 }
+
+impl Layered for Config {}
 
 impl Config {
     /// Checks what clap cannot: a usable advertised address and instance id, and the TTL.
@@ -102,6 +121,14 @@ impl Config {
     /// # Errors
     /// A message naming the flag to fix.
     pub fn validate(&self) -> anyhow::Result<()> {
+        if self.port.is_none() {
+            bail!("no port: pass --port PORT (or set SERVER_PORT, or port in the config file)");
+        }
+        if self.tls.tls_ca.is_some() && self.tls.tls_cert.is_none() {
+            bail!(
+                "--tls-ca requires client certificates, which needs TLS: also pass --tls-cert and --tls-key"
+            );
+        }
         if self.ttl < registry::register::MIN_TTL {
             bail!(
                 "--ttl {:?} is too short: etcd grants leases of at least 2s",
@@ -161,8 +188,15 @@ pub fn default_instance_id(advertised: &str) -> String {
 /// # Errors
 /// When the port cannot be bound, etcd cannot be reached within `--etcd-timeout`, or serving fails.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.validate()?;
+    let registry_config = config
+        .etcd
+        .registry_config(config.ttl)
+        .context("etcd settings")?;
+    let tls = config.tls.load().context("TLS settings")?;
     config.metrics.install()?;
-    let bind = format!("{}:{}", bracket(&config.host), config.port);
+    let port = config.port.unwrap_or_default();
+    let bind = format!("{}:{}", bracket(&config.host), port);
     let listener = TcpListener::bind(&bind)
         .await
         .with_context(|| format!("cannot listen on {bind}; is another process using the port?"))?;
@@ -188,7 +222,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let stop_serving = CancellationToken::new();
     let greeter = greeter::Greeter::new(instance_id.clone(), addr.clone());
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        builder = builder
+            .tls_config(tls.server_config()?)
+            .context("configuring TLS on the gRPC port")?;
+    }
+    let server = builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -198,15 +238,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             stop_serving.clone().cancelled_owned(),
         );
     let mut server = tokio::spawn(server);
-    info!(listen = %local, %addr, id = %instance_id, "serving");
+    let mode = match &tls {
+        None => "plaintext",
+        Some(tls) if tls.files().ca.is_some() => "mutual TLS",
+        Some(_) => "TLS",
+    };
+    info!(listen = %local, %addr, id = %instance_id, mode, "serving");
 
-    let etcd = config
-        .etcd
-        .etcd_config()
-        .context("--etcd-endpoints")?
-        .connect()
-        .await?;
-    let mut builder = Registration::builder(&config.etcd.service, &instance_id, &addr)
+    let etcd = registry_config.connect().await?;
+    let mut builder = registry_config
+        .registration(&config.etcd.service, &instance_id, &addr)
         .metadata("weight", config.weight);
     for (key, value) in [("version", &config.service_version), ("zone", &config.zone)] {
         if let Some(value) = value {
@@ -216,11 +257,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     for (key, value) in &config.meta {
         builder = builder.metadata(key.as_str(), value.as_str());
     }
-    let registration = builder
-        .namespace(&config.etcd.namespace)
-        .ttl(config.ttl)
-        .start(&etcd)
-        .context("starting registration")?;
+    let registration = builder.start(&etcd).context("starting registration")?;
 
     tokio::select! {
         registered = registration.wait_registered(config.etcd.etcd_timeout) => {
@@ -338,6 +375,14 @@ mod tests {
     #[test]
     fn validation_names_the_flag() {
         let parse = |args: &[&str]| Config::try_parse_from([&["server"], args].concat());
+        assert!(
+            parse(&[])
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--port")
+        );
         let wildcard = parse(&["--port", "1", "--host", "0.0.0.0"]).unwrap();
         assert!(
             wildcard

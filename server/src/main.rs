@@ -1,15 +1,26 @@
-//! `server`: parse flags, install logging and the shutdown signal, run. See the library for the rest.
+//! `server`: load the configuration (defaults < server.toml < environment < flags), install logging
+//! and the shutdown signal, run. See the library for the rest.
 
 use std::{io::IsTerminal, process::ExitCode};
 
-use clap::{CommandFactory, Parser, error::ErrorKind};
+use clap::{CommandFactory, error::ErrorKind};
 use server::Config;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
+    let loaded = match registry::cli::load::<Config>("server") {
+        Ok(loaded) => loaded,
+        Err(e) => Config::command()
+            .error(ErrorKind::ValueValidation, format!("{e:#}"))
+            .exit(),
+    };
+    if loaded.print_config {
+        print!("{}", loaded.report());
+        return ExitCode::SUCCESS;
+    }
+    let config = loaded.value;
     if let Err(e) = config.validate() {
         // Exit code 2 and clap's formatting, like any other bad flag.
         Config::command()

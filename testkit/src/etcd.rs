@@ -222,6 +222,59 @@ impl EtcdCluster {
         self.options.etcdctl_user = user.map(str::to_owned);
     }
 
+    /// Turns auth on: creates `root` with `root_password` and the root role, enables auth, and
+    /// makes later etcdctl calls authenticate as root.
+    ///
+    /// # Panics
+    ///
+    /// Panics, quoting etcdctl, if a step fails.
+    pub fn enable_auth(&mut self, root_password: &str) {
+        for args in [
+            vec!["role", "add", "root"],
+            vec![
+                "user",
+                "add",
+                "root",
+                &format!("--new-user-password={root_password}"),
+            ],
+            vec!["user", "grant-role", "root", "root"],
+            vec!["auth", "enable"],
+        ] {
+            self.etcdctl_ok(&args);
+        }
+        self.set_etcdctl_user(Some(&format!("root:{root_password}")));
+    }
+
+    /// Creates `user` with `password` and a role `<user>-role` allowed to read and write keys under
+    /// `prefix` only.
+    ///
+    /// # Panics
+    ///
+    /// Panics, quoting etcdctl, if a step fails.
+    pub fn add_user(&self, user: &str, password: &str, prefix: &str) {
+        let role = format!("{user}-role");
+        for args in [
+            vec!["role", "add", &role],
+            vec![
+                "role",
+                "grant-permission",
+                &role,
+                "--prefix=true",
+                "readwrite",
+                prefix,
+            ],
+            vec![
+                "user",
+                "add",
+                user,
+                &format!("--new-user-password={password}"),
+            ],
+            vec!["user", "grant-role", user, &role],
+        ] {
+            self.etcdctl_ok(&args);
+        }
+    }
+
     fn launch_new(options: ClusterOptions) -> EtcdCluster {
         let members = options.members;
         assert!(
