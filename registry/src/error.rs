@@ -96,10 +96,10 @@ pub enum Error {
         source: metrics_exporter_prometheus::BuildError,
     },
 
-    /// The background task owning a registration stopped unexpectedly.
+    /// The background task owning a registration (or a lease) stopped unexpectedly.
     #[error("the registration task for {key:?} stopped unexpectedly")]
     TaskLost {
-        /// The key the task was keeping registered.
+        /// The key the task was keeping registered (or the lease's name).
         key: String,
         /// Why the task ended (a panic or cancellation by the runtime).
         #[source]
