@@ -1,7 +1,7 @@
 //! Leases: one per process, kept alive by one task, and knowing for certain when it is gone.
 //!
 //! [`SharedLease`] is the lease a process hangs its keys on: every [`Registration`](crate::Registration)
-//! (and, later, every lock) that is given the same handle shares one lease id and one
+//! and every [`Lock`](crate::Lock) that is given the same handle shares one lease id and one
 //! keep-alive stream, however many there are. When the lease is lost it grants a new one and puts
 //! every attached registration key back on it before announcing the new id; locks are *not* taken
 //! again (whoever held one is told it is lost). The lease is revoked when the last handle is released
@@ -74,7 +74,8 @@ pub enum LeaseState {
 /// One etcd lease shared by everything a process keeps in etcd: registrations and locks.
 ///
 /// Start one per process and TTL with [`SharedLease::start`], then hand it to
-/// [`RegistrationBuilder::lease`](crate::register::RegistrationBuilder::lease). One task keeps it alive over one keep-alive stream, so ten
+/// [`RegistrationBuilder::lease`](crate::register::RegistrationBuilder::lease) and
+/// [`Lock::new`](crate::Lock::new). One task keeps it alive over one keep-alive stream, so ten
 /// registrations cost one stream and one request every `ttl / 3`, not ten.
 ///
 /// On loss (revoked, expired during an outage) the task grants a new lease, puts every attached
@@ -86,7 +87,7 @@ pub enum LeaseState {
 ///
 /// ```no_run
 /// use std::time::Duration;
-/// use registry::{EtcdConfig, Registration, SharedLease};
+/// use registry::{EtcdConfig, Lock, Registration, SharedLease};
 /// # async fn demo() -> Result<(), registry::Error> {
 /// let etcd = EtcdConfig::new(["127.0.0.1:2379"])?.connect().await?;
 /// let lease = SharedLease::start(&etcd, Duration::from_secs(10))?;
@@ -96,7 +97,8 @@ pub enum LeaseState {
 /// let admin = Registration::builder("admin", "node-1", "127.0.0.1:50052")
 ///     .lease(&lease)
 ///     .start(&etcd)?;
-/// // Both keys hang on lease `id`.
+/// let locks = Lock::new(&lease);
+/// // Both keys and any lock taken through `locks` hang on lease `id`.
 /// let id = lease.wait_live(Duration::from_secs(5)).await?;
 /// # Ok(())
 /// # }
@@ -254,7 +256,9 @@ impl SharedLease {
         // Cancels the task: it revokes the lease and ends.
         drop(shared);
         match task {
-            Some(task) => task.await.map_err(|source| Error::TaskLost { key: label, source })?,
+            Some(task) => task
+                .await
+                .map_err(|source| Error::TaskLost { key: label, source })?,
             None => Ok(()),
         }
     }

@@ -17,6 +17,8 @@
 //! - [`register`]: [`Registration`], a key kept alive for as long as its handle lives.
 //! - [`lease`]: [`SharedLease`], one lease per process for all its registrations and locks, kept
 //!   alive by one loop that tells a broken stream from a lost lease.
+//! - [`lock`]: [`Lock`], distributed locks on etcd's lock service, released when the holder's lease
+//!   ends.
 //! - [`discover`]: [`Discovery`], list-then-watch into a live [`Membership`].
 //! - [`balance`]: [`BalancedChannel`], round robin over connected instances for generated clients.
 //! - [`retry`]: which failed calls are safe to send again, the retry budget, request replay.
@@ -60,6 +62,7 @@ pub mod error;
 pub mod etcd;
 pub mod key;
 pub mod lease;
+pub mod lock;
 pub mod metrics;
 pub mod policy;
 pub mod register;
@@ -72,6 +75,7 @@ pub use endpoint::{Endpoint, Format};
 pub use error::{Error, Result};
 pub use etcd::{Etcd, EtcdConfig};
 pub use lease::{LeaseState, SharedLease};
+pub use lock::{Lock, LockGuard};
 pub use policy::Policy;
 pub use register::{Registration, RegistrationState};
 pub use retry::RetryPolicy;
