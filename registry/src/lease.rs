@@ -127,7 +127,8 @@ struct Shared {
     /// on the same lease would share one key and both believe they hold the lock.
     local_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     cancel: CancellationToken,
-    task: Mutex<Option<JoinHandle<Result<()>>>>,
+    /// Ends with the id of the lease it revoked, if any.
+    task: Mutex<Option<JoinHandle<Result<Option<i64>>>>>,
 }
 
 /// A registration key attached to the lease.
@@ -248,8 +249,13 @@ impl SharedLease {
     /// [`Error::Etcd`] / [`Error::Timeout`] if the revoke failed (the lease then expires within one
     /// TTL), or [`Error::TaskLost`] if the keep-alive task had died.
     pub async fn release(self) -> Result<()> {
+        self.release_last().await.map(drop)
+    }
+
+    /// [`SharedLease::release`], returning the id of the lease revoked if this was the last handle.
+    pub(crate) async fn release_last(self) -> Result<Option<i64>> {
         let Some(shared) = Arc::into_inner(self.inner) else {
-            return Ok(());
+            return Ok(None);
         };
         let task = locked(&shared.task).take();
         let label = shared.label.clone();
@@ -259,7 +265,7 @@ impl SharedLease {
             Some(task) => task
                 .await
                 .map_err(|source| Error::TaskLost { key: label, source })?,
-            None => Ok(()),
+            None => Ok(None),
         }
     }
 
@@ -351,7 +357,7 @@ pub(crate) async fn replaced(state: &mut watch::Receiver<LeaseState>, id: i64) -
 }
 
 /// The shared lease's task: grant and put the attached keys, keep alive, start over on loss; revoke
-/// on cancellation.
+/// on cancellation, returning the revoked lease's id.
 async fn run(
     etcd: Etcd,
     ttl: Duration,
@@ -360,7 +366,7 @@ async fn run(
     state: watch::Sender<LeaseState>,
     mut lost: mpsc::UnboundedReceiver<(i64, String)>,
     cancel: CancellationToken,
-) -> Result<()> {
+) -> Result<Option<i64>> {
     // A 1 s cap: after an outage the keys are back within about a second of etcd answering again.
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
     let mut current = None;
@@ -416,9 +422,9 @@ async fn run(
                     warn!(lease = %label, error = %chain(e), ttl_s = ttl.as_secs(), "could not revoke the lease; its keys expire within one TTL")
                 }
             }
-            revoked
+            revoked.map(|()| Some(id))
         }
-        None => Ok(()),
+        None => Ok(None),
     };
     state.send_replace(LeaseState::Closed);
     result

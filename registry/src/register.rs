@@ -330,17 +330,22 @@ async fn run(
     }
 
     let deleted = lease.detach(&key).await;
-    match &deleted {
-        Ok(()) => info!(key, "deregistered: key deleted"),
-        Err(e) => {
-            warn!(key, error = %crate::error::chain(e), "could not delete the key; it expires with its lease")
+    // Revokes the lease if this registration was its last user.
+    let released = lease.release_last().await;
+    match (&deleted, &released) {
+        (Ok(()), Ok(Some(id))) => info!(
+            key,
+            lease = format_args!("{id:x}"),
+            "deregistered: lease revoked, key deleted"
+        ),
+        (Ok(()), Ok(None)) => info!(key, "deregistered: key deleted; the shared lease stays"),
+        (Err(e), _) | (_, Err(e)) => {
+            warn!(key, error = %crate::error::chain(e), "could not delete the key or revoke its lease; the key expires with its lease")
         }
     }
-    // Revokes the lease if this registration was its last user.
-    let released = lease.release().await;
     metrics::registered(&key, false);
     state.send_replace(RegistrationState::Deregistered);
-    deleted.and(released)
+    deleted.and(released.map(drop))
 }
 
 /// Watches our own key from just after `revision` and puts it back, on the same lease, whenever
