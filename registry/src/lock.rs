@@ -97,8 +97,9 @@ impl Lock {
             let key = lock_key(name, id);
             let mut client = self.lease.etcd().client();
             // Not through `Etcd::call`: its per-attempt timeout would abandon every wait longer than
-            // a second. Dropping the future cancels the RPC; etcd then deletes our waiter key itself,
-            // and `withdraw` makes sure of it.
+            // a second. Dropping the future resets the HTTP/2 stream, and etcd's lock service then
+            // deletes our waiter key itself (seen with 3.4.23); `withdraw` makes sure of it for when
+            // the reset cannot reach etcd (the connection broke).
             let asked = client.lock(name, Some(LockOptions::new().with_lease(id)));
             let error = match tokio::time::timeout_at(deadline, asked).await {
                 Ok(Ok(resp)) => {
@@ -128,6 +129,11 @@ impl Lock {
             if lease::is_lease_not_found(&error) {
                 self.lease
                     .report_lost(id, format!("etcd no longer knows lease {id:x}"));
+                // Ask again on the next lease, not on this one.
+                let mut state = self.lease.state();
+                tokio::time::timeout_at(deadline, lease::replaced(&mut state, id))
+                    .await
+                    .map_err(|_| timed_out("a live lease"))?;
                 continue;
             }
             // A member died under the waiting RPC, or etcd is between leaders: ask again, on our
