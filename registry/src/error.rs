@@ -160,10 +160,36 @@ pub enum Error {
         source: metrics_exporter_prometheus::BuildError,
     },
 
-    /// The background task owning a registration stopped unexpectedly.
+    /// A lock was not acquired in time: someone else held it all along, or the lease could not be
+    /// granted (see [`crate::lease::LeaseState::Lost`]).
+    #[error(
+        "lock {name:?} not acquired within {waited:?} (still waiting for {waiting_for}); try again later or wait longer"
+    )]
+    LockTimeout {
+        /// The lock's name.
+        name: String,
+        /// How long we waited.
+        waited: Duration,
+        /// What we were still waiting for: the holder to release it, or a live lease.
+        waiting_for: &'static str,
+    },
+
+    /// A lock was lost before it was released: its lease was lost or its key deleted, so another
+    /// contender may have held it meanwhile.
+    #[error(
+        "lock {name:?} was lost before it was released ({reason}); work done under it may have overlapped another holder's: check or redo it"
+    )]
+    LockLost {
+        /// The lock's name.
+        name: String,
+        /// Why ownership ended.
+        reason: String,
+    },
+
+    /// The background task owning a registration (or a lease) stopped unexpectedly.
     #[error("the registration task for {key:?} stopped unexpectedly")]
     TaskLost {
-        /// The key the task was keeping registered.
+        /// The key the task was keeping registered (or the lease's name).
         key: String,
         /// Why the task ended (a panic or cancellation by the runtime).
         #[source]

@@ -1,26 +1,43 @@
-//! Keeping one etcd lease alive, and knowing for certain when it is gone.
+//! Leases: one per process, kept alive by one task, and knowing for certain when it is gone.
+//!
+//! [`SharedLease`] is the lease a process hangs its keys on: every [`Registration`](crate::Registration)
+//! and every [`Lock`](crate::Lock) that is given the same handle shares one lease id and one
+//! keep-alive stream, however many there are. When the lease is lost it grants a new one and puts
+//! every attached registration key back on it before announcing the new id; locks are *not* taken
+//! again (whoever held one is told it is lost). The lease is revoked when the last handle is released
+//! or dropped.
 //!
 //! etcd-client's `LeaseKeeper::keep_alive()` sends a single request; there is no background loop.
-//! This module is that loop: send every `ttl / 3`, read every reply, and end with
-//! [`LeaseEnd::Lost`] as soon as the lease cannot be trusted any more:
+//! [`SharedLease`]'s task runs that loop (`keep_alive` here): send every `ttl / 3`, read every reply,
+//! and end with `LeaseEnd::Lost` as soon as the lease cannot be trusted any more:
 //! - a reply with TTL 0, or "lease not found" when reopening the stream: etcd says it is gone;
 //! - no successful reply until the moment the lease would have expired: whatever etcd thinks, our
-//!   key may already have been deleted, so the caller must grant a new lease and put the key again.
+//!   keys may already have been deleted, so a new lease must be granted and the keys put again.
 //!
 //! A broken stream (the member carrying it died, a network blip) is not a lost lease: it is reopened,
 //! on whichever member the client reaches, with a short capped backoff, until that deadline.
 
-use std::time::Duration;
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::Duration,
+};
 
-use tokio::time::{Instant, sleep_until};
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+    time::{Instant, sleep_until},
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::{
     backoff::Backoff,
-    error::{Error, chain},
+    error::{Error, Result, chain},
     etcd::Etcd,
     metrics,
+    register::MIN_TTL,
 };
 
 /// How a keep-alive session ended.
@@ -32,8 +49,468 @@ pub(crate) enum LeaseEnd {
     Lost(String),
 }
 
+/// Where a [`SharedLease`] stands. Observe it with [`SharedLease::state`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseState {
+    /// The first grant is in progress.
+    Granting,
+    /// The lease exists and is being kept alive; every attached registration key is on it.
+    Live {
+        /// The lease id (`etcdctl lease timetolive <id as hex>`).
+        id: i64,
+    },
+    /// The lease was lost (or etcd cannot be reached to grant one); granting a new one with backoff.
+    /// Keys attached to the old lease may be missing from etcd meanwhile, and locks taken under it
+    /// are gone.
+    Lost {
+        /// Why, for display.
+        reason: String,
+    },
+    /// Every handle was released or dropped; the lease was revoked (or left to expire if the revoke
+    /// failed) and nothing is kept alive any more.
+    Closed,
+}
+
+/// One etcd lease shared by everything a process keeps in etcd: registrations and locks.
+///
+/// Start one per process and TTL with [`SharedLease::start`], then hand it to
+/// [`RegistrationBuilder::lease`](crate::register::RegistrationBuilder::lease) and
+/// [`Lock::new`](crate::Lock::new). One task keeps it alive over one keep-alive stream, so ten
+/// registrations cost one stream and one request every `ttl / 3`, not ten.
+///
+/// On loss (revoked, expired during an outage) the task grants a new lease, puts every attached
+/// registration key on it, and only then announces [`LeaseState::Live`] with the new id. Locks are
+/// not re-taken: a lock held under the old lease is reported lost to its holder.
+///
+/// Cloning is cheap; the task stops and the lease is revoked when the last clone (including those
+/// held by registrations and locks) is released with [`SharedLease::release`] or dropped.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use registry::{EtcdConfig, Lock, Registration, SharedLease};
+/// # async fn demo() -> Result<(), registry::Error> {
+/// let etcd = EtcdConfig::new(["127.0.0.1:2379"])?.connect().await?;
+/// let lease = SharedLease::start(&etcd, Duration::from_secs(10))?;
+/// let greeter = Registration::builder("greeter", "node-1", "127.0.0.1:50051")
+///     .lease(&lease)
+///     .start(&etcd)?;
+/// let admin = Registration::builder("admin", "node-1", "127.0.0.1:50052")
+///     .lease(&lease)
+///     .start(&etcd)?;
+/// let locks = Lock::new(&lease);
+/// // Both keys and any lock taken through `locks` hang on lease `id`.
+/// let id = lease.wait_live(Duration::from_secs(5)).await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct SharedLease {
+    inner: Arc<Shared>,
+}
+
+/// What every clone of a [`SharedLease`] shares. Dropping it (the last clone went away) cancels the
+/// task, which revokes the lease on its way out.
+#[derive(Debug)]
+struct Shared {
+    etcd: Etcd,
+    ttl: Duration,
+    /// Names the lease in logs and metrics: the registration key for a registration's own lease.
+    label: String,
+    /// Registration keys to keep on the lease, shared with the task, which re-puts them all after a
+    /// new grant.
+    keys: Arc<Mutex<BTreeMap<String, Attached>>>,
+    state: watch::Receiver<LeaseState>,
+    /// Tells the task that a user found the lease gone before the keep-alive did (a put answered
+    /// "lease not found"), so it re-grants at once.
+    lost: mpsc::UnboundedSender<(i64, String)>,
+    /// One holder per lock name in this process: etcd's lock key is `<name>/<lease>`, so two holders
+    /// on the same lease would share one key and both believe they hold the lock.
+    local_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    cancel: CancellationToken,
+    /// Ends with the id of the lease it revoked, if any.
+    task: Mutex<Option<JoinHandle<Result<Option<i64>>>>>,
+}
+
+/// A registration key attached to the lease.
+#[derive(Debug)]
+struct Attached {
+    value: String,
+    /// The lease id and revision of the last successful put, if any.
+    put: Option<(i64, i64)>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The task revokes the lease on its way out (if the runtime still runs).
+        self.cancel.cancel();
+    }
+}
+
+/// A panic while holding one of these locks cannot leave the data half-updated (every critical
+/// section is a single map operation), so a poisoned lock is used as is.
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl SharedLease {
+    /// Starts granting a lease of `ttl` (rounded up to whole seconds) and keeping it alive in the
+    /// background; returns at once. [`SharedLease::wait_live`] waits for the first grant.
+    ///
+    /// # Errors
+    /// [`Error::InvalidTtl`] below [`MIN_TTL`]; etcd problems are never errors here: the task
+    /// retries them and reports them through [`SharedLease::state`].
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime (it spawns the keep-alive task).
+    pub fn start(etcd: &Etcd, ttl: Duration) -> Result<Self> {
+        Self::start_labelled(etcd, ttl, "shared-lease".to_owned())
+    }
+
+    /// [`SharedLease::start`] with the name the lease goes by in logs and metrics.
+    pub(crate) fn start_labelled(etcd: &Etcd, ttl: Duration, label: String) -> Result<Self> {
+        if ttl < MIN_TTL {
+            return Err(Error::InvalidTtl { ttl });
+        }
+        let keys = Arc::new(Mutex::new(BTreeMap::new()));
+        let (state_tx, state) = watch::channel(LeaseState::Granting);
+        let (lost, lost_rx) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(
+            etcd.clone(),
+            ttl,
+            label.clone(),
+            keys.clone(),
+            state_tx,
+            lost_rx,
+            cancel.clone(),
+        ));
+        Ok(Self {
+            inner: Arc::new(Shared {
+                etcd: etcd.clone(),
+                ttl,
+                label,
+                keys,
+                state,
+                lost,
+                local_locks: Mutex::new(HashMap::new()),
+                cancel,
+                task: Mutex::new(Some(task)),
+            }),
+        })
+    }
+
+    /// The TTL the lease is granted with.
+    pub fn ttl(&self) -> Duration {
+        self.inner.ttl
+    }
+
+    /// A receiver of state changes.
+    pub fn state(&self) -> watch::Receiver<LeaseState> {
+        self.inner.state.clone()
+    }
+
+    /// The current lease id, if the lease is live.
+    pub fn id(&self) -> Option<i64> {
+        match *self.inner.state.borrow() {
+            LeaseState::Live { id } => Some(id),
+            _ => None,
+        }
+    }
+
+    /// Waits until the lease is live, returning its id.
+    ///
+    /// # Errors
+    /// [`Error::GaveUp`] after `timeout`, with the last reason granting failed.
+    pub async fn wait_live(&self, timeout: Duration) -> Result<i64> {
+        let mut state = self.state();
+        let live = state.wait_for(|s| matches!(s, LeaseState::Live { .. } | LeaseState::Closed));
+        let gave_up = |why: String| Error::GaveUp {
+            what: format!("a live lease for {} ({why})", self.inner.label),
+            waited: timeout,
+        };
+        match tokio::time::timeout(timeout, live).await {
+            Ok(Ok(state)) => match *state {
+                LeaseState::Live { id } => Ok(id),
+                ref other => Err(gave_up(format!("the lease is {other:?}"))),
+            },
+            Ok(Err(_)) => Err(gave_up("the lease task stopped".into())),
+            Err(_) => Err(gave_up(match &*self.inner.state.borrow() {
+                LeaseState::Lost { reason } => reason.clone(),
+                other => format!("still {other:?}"),
+            })),
+        }
+    }
+
+    /// Gives up this handle. If it was the last one (no other clone, registration or lock uses the
+    /// lease), stops the keep-alive and revokes the lease, waiting for the revoke: every key still
+    /// on it is deleted at once. Otherwise the lease lives on for the others.
+    ///
+    /// # Errors
+    /// [`Error::Etcd`] / [`Error::Timeout`] if the revoke failed (the lease then expires within one
+    /// TTL), or [`Error::TaskLost`] if the keep-alive task had died.
+    pub async fn release(self) -> Result<()> {
+        self.release_last().await.map(drop)
+    }
+
+    /// [`SharedLease::release`], returning the id of the lease revoked if this was the last handle.
+    pub(crate) async fn release_last(self) -> Result<Option<i64>> {
+        let Some(shared) = Arc::into_inner(self.inner) else {
+            return Ok(None);
+        };
+        let task = locked(&shared.task).take();
+        let label = shared.label.clone();
+        // Cancels the task: it revokes the lease and ends.
+        drop(shared);
+        match task {
+            Some(task) => task
+                .await
+                .map_err(|source| Error::TaskLost { key: label, source })?,
+            None => Ok(None),
+        }
+    }
+
+    pub(crate) fn etcd(&self) -> &Etcd {
+        &self.inner.etcd
+    }
+
+    /// Adds a registration key to the set re-put after every new grant. The caller puts it on the
+    /// current lease itself (see [`SharedLease::ensure_put`]).
+    pub(crate) fn attach(&self, key: &str, value: &str) {
+        locked(&self.inner.keys).insert(
+            key.to_owned(),
+            Attached {
+                value: value.to_owned(),
+                put: None,
+            },
+        );
+    }
+
+    /// Makes sure attached `key` is in etcd on lease `id`, returning the revision of its put: the
+    /// task may already have put it there when it granted `id`; otherwise put it now.
+    pub(crate) async fn ensure_put(&self, key: &str, value: &str, id: i64) -> Result<i64> {
+        let done = locked(&self.inner.keys)
+            .get(key)
+            .and_then(|a| a.put)
+            .filter(|&(lease, _)| lease == id);
+        match done {
+            Some((_, revision)) => Ok(revision),
+            None => self.put(key, value, id).await,
+        }
+    }
+
+    /// Puts attached `key` on lease `id` (again), returning the put's revision.
+    pub(crate) async fn put(&self, key: &str, value: &str, id: i64) -> Result<i64> {
+        let revision = put(&self.inner.etcd, key, value, id).await?;
+        record_put(&self.inner.etcd, &self.inner.keys, key, id, revision).await;
+        Ok(revision)
+    }
+
+    /// Stops keeping `key` and deletes it from etcd, if it is still on the lease we last put it on
+    /// (so an instance that took the same key over meanwhile keeps it).
+    pub(crate) async fn detach(&self, key: &str) -> Result<()> {
+        let removed = locked(&self.inner.keys).remove(key);
+        match removed.and_then(|a| a.put) {
+            Some((id, _)) => delete_if_on(&self.inner.etcd, key, id).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Reports that lease `id` turned out to be gone (a put said "lease not found"); the task
+    /// re-grants at once if `id` is still the current lease.
+    pub(crate) fn report_lost(&self, id: i64, reason: String) {
+        // The task holds the receiver for as long as any handle exists; a send can only fail while
+        // everything shuts down, when there is nothing left to re-grant for.
+        let _ = self.inner.lost.send((id, reason));
+    }
+
+    /// The in-process mutex serialising holders of lock `name` on this lease.
+    pub(crate) fn local_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        locked(&self.inner.local_locks)
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets lock `name`'s in-process mutex once nobody holds or waits for it.
+    pub(crate) fn prune_local_lock(&self, name: &str) {
+        let mut locks = locked(&self.inner.local_locks);
+        // Every holder and waiter has a clone, taken under this lock: one reference is the map's.
+        if locks.get(name).is_some_and(|m| Arc::strong_count(m) == 1) {
+            locks.remove(name);
+        }
+    }
+}
+
+/// Waits until lease `id` is no longer the live lease, and returns why.
+pub(crate) async fn replaced(state: &mut watch::Receiver<LeaseState>, id: i64) -> String {
+    let current = LeaseState::Live { id };
+    let Ok(now) = state.wait_for(|s| *s != current).await else {
+        // The lease task ended: nothing keeps lease `id` alive any more.
+        return format!("the keep-alive of lease {id:x} stopped");
+    };
+    match &*now {
+        LeaseState::Lost { reason } => reason.clone(),
+        LeaseState::Live { id: new } => format!("lease {id:x} was replaced by {new:x}"),
+        LeaseState::Granting => format!("lease {id:x} is being replaced"),
+        LeaseState::Closed => format!("lease {id:x} was released"),
+    }
+}
+
+/// The shared lease's task: grant and put the attached keys, keep alive, start over on loss; revoke
+/// on cancellation, returning the revoked lease's id.
+async fn run(
+    etcd: Etcd,
+    ttl: Duration,
+    label: String,
+    keys: Arc<Mutex<BTreeMap<String, Attached>>>,
+    state: watch::Sender<LeaseState>,
+    mut lost: mpsc::UnboundedReceiver<(i64, String)>,
+    cancel: CancellationToken,
+) -> Result<Option<i64>> {
+    // A 1 s cap: after an outage the keys are back within about a second of etcd answering again.
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+    let mut current = None;
+    let mut last_problem: Option<String> = None;
+
+    loop {
+        let attempt = tokio::select! {
+            _ = cancel.cancelled() => break,
+            attempt = grant_and_put_all(&etcd, ttl, &label, &keys) => attempt,
+        };
+        let id = match attempt {
+            Ok(id) => id,
+            Err(e) => {
+                let reason = e.to_string();
+                // One warning per distinct problem, not one per attempt.
+                if last_problem.as_deref() != Some(reason.as_str()) {
+                    warn!(lease = %label, error = %chain(&e), "granting a lease failed; retrying with backoff");
+                    last_problem = Some(reason.clone());
+                }
+                state.send_replace(LeaseState::Lost { reason });
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                }
+            }
+        };
+        debug!(lease = %label, id = format_args!("{id:x}"), ttl_s = ttl.as_secs(), "lease granted");
+        backoff.reset();
+        last_problem = None;
+        current = Some(id);
+        state.send_replace(LeaseState::Live { id });
+
+        let end = tokio::select! {
+            end = keep_alive(&etcd, id, ttl, &label, &cancel) => end,
+            reason = reported_lost(&mut lost, id) => LeaseEnd::Lost(reason),
+        };
+        match end {
+            LeaseEnd::Cancelled => break,
+            LeaseEnd::Lost(reason) => {
+                warn!(lease = %label, id = format_args!("{id:x}"), %reason, "lease lost; granting a new one");
+                state.send_replace(LeaseState::Lost { reason });
+                current = None;
+            }
+        }
+    }
+
+    let result = match current {
+        Some(id) => {
+            let revoked = revoke(&etcd, id, &label).await;
+            match &revoked {
+                Ok(()) => debug!(lease = %label, id = format_args!("{id:x}"), "lease revoked"),
+                Err(e) => {
+                    warn!(lease = %label, error = %chain(e), ttl_s = ttl.as_secs(), "could not revoke the lease; its keys expire within one TTL")
+                }
+            }
+            revoked.map(|()| Some(id))
+        }
+        None => Ok(None),
+    };
+    state.send_replace(LeaseState::Closed);
+    result
+}
+
+/// Waits for a report that lease `id` is gone; reports about earlier leases are stale.
+async fn reported_lost(lost: &mut mpsc::UnboundedReceiver<(i64, String)>, id: i64) -> String {
+    loop {
+        match lost.recv().await {
+            Some((reported, reason)) if reported == id => return reason,
+            Some(_) => {}
+            // Every handle is gone; the cancellation that comes with that ends the task.
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Grants a fresh lease and puts every attached key on it, returning the lease id. A lease whose
+/// puts then failed is left to expire: a key put on it moves to the next lease with the next put.
+async fn grant_and_put_all(
+    etcd: &Etcd,
+    ttl: Duration,
+    label: &str,
+    keys: &Mutex<BTreeMap<String, Attached>>,
+) -> Result<i64> {
+    let id = grant(etcd, ttl, label).await?;
+    let attached: Vec<(String, String)> = locked(keys)
+        .iter()
+        .map(|(key, a)| (key.clone(), a.value.clone()))
+        .collect();
+    for (key, value) in attached {
+        let revision = put(etcd, &key, &value, id).await?;
+        record_put(etcd, keys, &key, id, revision).await;
+    }
+    Ok(id)
+}
+
+/// Records that attached `key` is on lease `id` since `revision`. If it was detached while the put
+/// was in flight, the put came after the detach's delete: delete it again.
+async fn record_put(
+    etcd: &Etcd,
+    keys: &Mutex<BTreeMap<String, Attached>>,
+    key: &str,
+    id: i64,
+    revision: i64,
+) {
+    let still_attached = match locked(keys).get_mut(key) {
+        Some(attached) => {
+            attached.put = Some((id, revision));
+            true
+        }
+        None => false,
+    };
+    if !still_attached {
+        if let Err(e) = delete_if_on(etcd, key, id).await {
+            warn!(key, error = %chain(&e), "could not delete a key detached during a put; it expires with its lease");
+        }
+    }
+}
+
+/// Puts `key` attached to lease `id`; returns the revision of the put.
+pub(crate) async fn put(etcd: &Etcd, key: &str, value: &str, id: i64) -> Result<i64> {
+    let resp = etcd
+        .call("put", key, |mut c| async move {
+            c.put(key, value, Some(PutOptions::new().with_lease(id)))
+                .await
+        })
+        .await?;
+    Ok(resp.header().map_or(0, |h| h.revision()))
+}
+
+/// Deletes `key` if it is attached to lease `id`.
+async fn delete_if_on(etcd: &Etcd, key: &str, id: i64) -> Result<()> {
+    let txn = Txn::new()
+        .when([Compare::lease(key, CompareOp::Equal, id)])
+        .and_then([TxnOp::delete(key, None)]);
+    etcd.call("delete", key, |mut c| {
+        let txn = txn.clone();
+        async move { c.txn(txn).await }
+    })
+    .await
+    .map(drop)
+}
+
 /// Grants a lease of `ttl` (whole seconds, rounded up) and returns its id.
-pub(crate) async fn grant(etcd: &Etcd, ttl: Duration, key: &str) -> Result<i64, Error> {
+async fn grant(etcd: &Etcd, ttl: Duration, key: &str) -> Result<i64, Error> {
     let seconds = ttl_seconds(ttl);
     let resp = etcd
         .call("lease grant", key, |mut c| async move {
@@ -44,7 +521,7 @@ pub(crate) async fn grant(etcd: &Etcd, ttl: Duration, key: &str) -> Result<i64, 
 }
 
 /// Revokes a lease, deleting every key attached to it at once.
-pub(crate) async fn revoke(etcd: &Etcd, id: i64, key: &str) -> Result<(), Error> {
+async fn revoke(etcd: &Etcd, id: i64, key: &str) -> Result<(), Error> {
     etcd.call("lease revoke", key, |mut c| async move {
         c.lease_revoke(id).await
     })

@@ -17,7 +17,10 @@
 //! - [`key`]: the key layout `<namespace>/<service>/<instance-id>`.
 //! - [`endpoint`]: the value codec, compatible with Go's `endpoints.Manager`.
 //! - [`register`]: [`Registration`], a key kept alive for as long as its handle lives.
-//! - `lease`: the keep-alive loop that tells a broken stream from a lost lease.
+//! - [`lease`]: [`SharedLease`], one lease per process for all its registrations and locks, kept
+//!   alive by one loop that tells a broken stream from a lost lease.
+//! - [`lock`]: [`Lock`], distributed locks on etcd's lock service, released when the holder's lease
+//!   ends.
 //! - [`discover`]: [`Discovery`], list-then-watch into a live [`Membership`].
 //! - [`balance`]: [`BalancedChannel`], round robin over connected instances for generated clients.
 //! - [`retry`]: which failed calls are safe to send again, the retry budget, request replay.
@@ -61,7 +64,8 @@ pub mod endpoint;
 pub mod error;
 pub mod etcd;
 pub mod key;
-mod lease;
+pub mod lease;
+pub mod lock;
 pub mod metrics;
 pub mod policy;
 pub mod register;
@@ -75,6 +79,8 @@ pub use discover::{Change, Discovery, Instance, Membership};
 pub use endpoint::{Endpoint, Format};
 pub use error::{Error, Result};
 pub use etcd::{Etcd, EtcdConfig};
+pub use lease::{LeaseState, SharedLease};
+pub use lock::{Lock, LockGuard};
 pub use policy::Policy;
 pub use register::{Registration, RegistrationState};
 pub use retry::RetryPolicy;

@@ -1,20 +1,25 @@
 //! Registration: put `<namespace>/<service>/<instance-id>` under a lease and keep it there for as long
 //! as the [`Registration`] handle lives, whatever happens to etcd in between.
 //!
-//! The owned task runs a two-phase loop:
-//! 1. *register*: grant a lease, put the key with it. On failure (etcd down, no quorum), retry with
-//!    capped, jittered backoff, forever; the state says [`RegistrationState::Lost`] meanwhile.
-//! 2. *keep alive* (`lease.rs`) until the lease is lost, then back to 1 with a new lease. Meanwhile
-//!    `guard_key` watches the key itself and puts it back on the same lease if something deletes it
-//!    (an operator's `etcdctl del`); a put-back that finds the lease gone ends phase 2 at once.
+//! The lease is a [`SharedLease`]: the one given with [`RegistrationBuilder::lease`] (shared with the
+//! process's other registrations and locks), or one of its own. The lease's task grants and keeps it
+//! alive, and after a loss grants a new one and puts every attached key back on it. The registration's
+//! own task follows the lease:
+//! 1. *register*: wait for a live lease, put the key on it (unless the lease's task already did). On
+//!    failure (etcd down, no quorum), retry with capped, jittered backoff, forever; the state says
+//!    [`RegistrationState::Lost`] meanwhile.
+//! 2. *guard* until the lease is replaced, then back to 1. Meanwhile `guard_key` watches the key itself
+//!    and puts it back on the same lease if something deletes it (an operator's `etcdctl del`); a
+//!    put-back that finds the lease gone tells the lease's task, which re-grants at once.
 //!
 //! Reconnecting the keep-alive stream alone is not enough after a long outage: if the lease expired,
 //! etcd deleted the key, so the only fix is a new lease and a new put (the bug behind go-zero #1926,
-//! kratos #3883 and rpcx #420). Deregistration revokes the lease, which deletes the key at once.
+//! kratos #3883 and rpcx #420). Deregistration deletes the key at once (and revokes the lease when no
+//! one else uses it).
 
 use std::time::Duration;
 
-use etcd_client::{EventType, PutOptions, WatchOptions};
+use etcd_client::{EventType, WatchOptions};
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -25,7 +30,7 @@ use crate::{
     error::{Error, Result},
     etcd::Etcd,
     key,
-    lease::{self, LeaseEnd},
+    lease::{self, LeaseEnd, LeaseState, SharedLease},
     metrics,
 };
 
@@ -62,6 +67,7 @@ pub struct RegistrationBuilder {
     instance_id: String,
     addr: String,
     ttl: Duration,
+    lease: Option<SharedLease>,
     metadata: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -79,9 +85,18 @@ impl RegistrationBuilder {
         self
     }
 
-    /// Sets the lease TTL (default [`DEFAULT_TTL`], at least [`MIN_TTL`]).
+    /// Sets the lease TTL (default [`DEFAULT_TTL`], at least [`MIN_TTL`]) of the registration's own
+    /// lease. Ignored with [`RegistrationBuilder::lease`]: a shared lease has its own TTL.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
+        self
+    }
+
+    /// Hangs the key on `lease`, shared with the process's other registrations and locks, instead of
+    /// a lease of its own: one lease id and one keep-alive stream for all of them. Deregistering
+    /// then deletes just this key; the lease is revoked when its last user is gone.
+    pub fn lease(mut self, lease: &SharedLease) -> Self {
+        self.lease = Some(lease.clone());
         self
     }
 
@@ -104,16 +119,14 @@ impl RegistrationBuilder {
             }
         }
         let value = endpoint.encode();
+        let lease = match self.lease {
+            Some(lease) => lease,
+            // Its own lease, named after the key in logs and metrics as before leases were shared.
+            None => SharedLease::start_labelled(etcd, self.ttl, key.clone())?,
+        };
         let (state_tx, state) = watch::channel(RegistrationState::Registering);
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(run(
-            etcd.clone(),
-            key.clone(),
-            value,
-            self.ttl,
-            state_tx,
-            cancel.clone(),
-        ));
+        let task = tokio::spawn(run(lease, key.clone(), value, state_tx, cancel.clone()));
         Ok(Registration {
             key,
             state,
@@ -124,8 +137,9 @@ impl RegistrationBuilder {
 }
 
 /// A live registration. While it exists, the key is kept in etcd; [`Registration::deregister`] removes
-/// it at once. Dropping the handle stops the keep-alive and, if the runtime is still running, revokes
-/// the lease in the background; otherwise the key disappears when the lease expires (at most one TTL).
+/// it at once. Dropping the handle does the same in the background if the runtime is still running
+/// (and revokes the lease if nothing else uses it); otherwise the key disappears when the lease
+/// expires (at most one TTL).
 #[derive(Debug)]
 pub struct Registration {
     key: String,
@@ -147,6 +161,7 @@ impl Registration {
             instance_id: instance_id.into(),
             addr: addr.into(),
             ttl: DEFAULT_TTL,
+            lease: None,
             metadata: serde_json::Map::new(),
         }
     }
@@ -185,12 +200,13 @@ impl Registration {
         }
     }
 
-    /// Stops keeping the key alive and revokes its lease, so the key is deleted at once and watchers
-    /// see a DELETE immediately instead of after the TTL.
+    /// Stops keeping the key and deletes it, so watchers see a DELETE immediately instead of after
+    /// the TTL; revokes the lease too if nothing else uses it.
     ///
     /// # Errors
-    /// [`Error::Etcd`] / [`Error::Timeout`] if the revoke failed (the key then expires within one
-    /// TTL), or [`Error::TaskLost`] if the task had died.
+    /// [`Error::Etcd`] / [`Error::Timeout`] if the delete or revoke failed (the key then expires
+    /// with its lease, within one TTL if nothing else keeps that alive), or [`Error::TaskLost`] if
+    /// the task had died.
     pub async fn deregister(mut self) -> Result<()> {
         self.cancel.cancel();
         match self.task.take() {
@@ -205,33 +221,54 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        // The task sees the cancellation and revokes the lease on its way out.
+        // The task sees the cancellation and deletes the key (and revokes an unshared lease) on its
+        // way out.
         self.cancel.cancel();
     }
 }
 
-/// The registration task: register, keep alive, re-register on loss; revoke on cancellation.
+/// The registration task: follow the lease, put the key on each new one, guard it; delete it on
+/// cancellation.
 async fn run(
-    etcd: Etcd,
+    lease: SharedLease,
     key: String,
     value: String,
-    ttl: Duration,
     state: watch::Sender<RegistrationState>,
     cancel: CancellationToken,
 ) -> Result<()> {
+    lease.attach(&key, &value);
+    let mut lease_state = lease.state();
     // A 1 s cap: after an outage the key is back within about a second of etcd answering again.
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-    let mut lease_id = None;
     let mut last_problem: Option<String> = None;
     let mut registrations = 0u64;
 
-    loop {
+    'register: loop {
+        // 1. A live lease. While there is none, say why (the lease's task is re-granting).
+        let id = loop {
+            let current = lease_state.borrow_and_update().clone();
+            match current {
+                LeaseState::Live { id } => break id,
+                LeaseState::Lost { reason } => {
+                    state.send_replace(RegistrationState::Lost { reason });
+                }
+                LeaseState::Granting => {}
+                // Cannot happen while we hold a handle; nothing would keep the key anyway.
+                LeaseState::Closed => break 'register,
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break 'register,
+                changed = lease_state.changed() => if changed.is_err() { break 'register },
+            }
+        };
+        // 2. The key on that lease: the lease's task put it already if it granted the lease after
+        // we attached; otherwise put it now.
         let attempt = tokio::select! {
             _ = cancel.cancelled() => break,
-            attempt = grant_and_put(&etcd, &key, &value, ttl) => attempt,
+            attempt = lease.ensure_put(&key, &value, id) => attempt,
         };
-        let (id, put_revision) = match attempt {
-            Ok(registered) => registered,
+        let put_revision = match attempt {
+            Ok(revision) => revision,
             Err(e) => {
                 let reason = e.to_string();
                 // One warning per distinct problem, not one per attempt.
@@ -239,7 +276,17 @@ async fn run(
                     warn!(key, error = %crate::error::chain(&e), "registration failed; retrying with backoff");
                     last_problem = Some(reason.clone());
                 }
-                state.send_replace(RegistrationState::Lost { reason });
+                state.send_replace(RegistrationState::Lost {
+                    reason: reason.clone(),
+                });
+                if lease::is_lease_not_found(&e) {
+                    // Not worth retrying on this lease: wait for the next one.
+                    lease.report_lost(id, reason);
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = lease::replaced(&mut lease_state, id) => continue,
+                    }
+                }
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = tokio::time::sleep(backoff.next_delay()) => continue,
@@ -249,7 +296,7 @@ async fn run(
         info!(
             key,
             lease = format_args!("{id:x}"),
-            ttl_s = ttl.as_secs(),
+            ttl_s = lease.ttl().as_secs(),
             "registered"
         );
         metrics::registered(&key, true);
@@ -259,66 +306,46 @@ async fn run(
         registrations += 1;
         backoff.reset();
         last_problem = None;
-        lease_id = Some(id);
         state.send_replace(RegistrationState::Registered { lease_id: id });
 
-        // Keep the lease alive and, at the same time, keep the key there: either ends only when
-        // the lease is gone (or we are cancelled).
+        // 3. Keep the key there until the lease is replaced (or we are cancelled).
         let end = tokio::select! {
-            end = lease::keep_alive(&etcd, id, ttl, &key, &cancel) => end,
-            end = guard_key(&etcd, &key, &value, id, put_revision, &cancel) => end,
+            reason = lease::replaced(&mut lease_state, id) => LeaseEnd::Lost(reason),
+            end = guard_key(&lease, &key, &value, id, put_revision, &cancel) => end,
         };
         match end {
             LeaseEnd::Cancelled => break,
             LeaseEnd::Lost(reason) => {
                 warn!(key, lease = format_args!("{id:x}"), %reason, "lease lost; registering again with a new lease");
+                lease.report_lost(id, reason.clone());
                 metrics::registered(&key, false);
                 state.send_replace(RegistrationState::Lost { reason });
-                lease_id = None;
+                // Until the lease's task has acted on the loss, the state still names lease `id`.
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = lease::replaced(&mut lease_state, id) => {}
+                }
             }
         }
     }
 
-    let result = match lease_id {
-        Some(id) => {
-            let revoked = lease::revoke(&etcd, id, &key).await;
-            match &revoked {
-                Ok(()) => info!(
-                    key,
-                    lease = format_args!("{id:x}"),
-                    "deregistered: lease revoked, key deleted"
-                ),
-                Err(e) => {
-                    warn!(key, error = %crate::error::chain(e), ttl_s = ttl.as_secs(), "could not revoke the lease; the key expires within one TTL")
-                }
-            }
-            revoked
+    let deleted = lease.detach(&key).await;
+    // Revokes the lease if this registration was its last user.
+    let released = lease.release_last().await;
+    match (&deleted, &released) {
+        (Ok(()), Ok(Some(id))) => info!(
+            key,
+            lease = format_args!("{id:x}"),
+            "deregistered: lease revoked, key deleted"
+        ),
+        (Ok(()), Ok(None)) => info!(key, "deregistered: key deleted; the shared lease stays"),
+        (Err(e), _) | (_, Err(e)) => {
+            warn!(key, error = %crate::error::chain(e), "could not delete the key or revoke its lease; the key expires with its lease")
         }
-        None => Ok(()),
-    };
+    }
     metrics::registered(&key, false);
     state.send_replace(RegistrationState::Deregistered);
-    result
-}
-
-/// Grants a fresh lease and puts the key with it, returning the lease and the put's revision. A lease
-/// granted by an attempt whose put then failed is simply left to expire: it has no keys, so it costs
-/// nothing.
-async fn grant_and_put(etcd: &Etcd, key: &str, value: &str, ttl: Duration) -> Result<(i64, i64)> {
-    let id = lease::grant(etcd, ttl, key).await?;
-    let revision = put(etcd, key, value, id).await?;
-    Ok((id, revision))
-}
-
-/// Puts `key` attached to lease `id`; returns the revision of the put.
-async fn put(etcd: &Etcd, key: &str, value: &str, id: i64) -> Result<i64> {
-    let resp = etcd
-        .call("put", key, |mut c| async move {
-            c.put(key, value, Some(PutOptions::new().with_lease(id)))
-                .await
-        })
-        .await?;
-    Ok(resp.header().map_or(0, |h| h.revision()))
+    deleted.and(released.map(drop))
 }
 
 /// Watches our own key from just after `revision` and puts it back, on the same lease, whenever
@@ -326,13 +353,14 @@ async fn put(etcd: &Etcd, key: &str, value: &str, id: i64) -> Result<i64> {
 /// does the same.) Returns when cancelled, or when putting it back shows the lease is gone, which
 /// is also how an expired lease is noticed the moment etcd deletes the key.
 async fn guard_key(
-    etcd: &Etcd,
+    lease: &SharedLease,
     key: &str,
     value: &str,
     id: i64,
     mut revision: i64,
     cancel: &CancellationToken,
 ) -> LeaseEnd {
+    let etcd = lease.etcd();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
     loop {
         let start = revision + 1;
@@ -357,7 +385,7 @@ async fn guard_key(
                     // Our start revision was compacted away: look at the key itself instead.
                     match key_present(etcd, key).await {
                         Ok((true, now)) => revision = now,
-                        Ok((false, _)) => match restore(etcd, key, value, id, cancel).await {
+                        Ok((false, _)) => match restore(lease, key, value, id, cancel).await {
                             Ok(now) => revision = now,
                             Err(end) => return end,
                         },
@@ -376,7 +404,7 @@ async fn guard_key(
                             revision = kv.mod_revision(),
                             "our key was deleted (by an operator, or with its lease); putting it back on the lease"
                         );
-                        match restore(etcd, key, value, id, cancel).await {
+                        match restore(lease, key, value, id, cancel).await {
                             Ok(now) => revision = now,
                             Err(end) => return end,
                         }
@@ -393,7 +421,7 @@ async fn guard_key(
 
 /// Puts the key back on lease `id`, retrying transient failures; `Err` ends the guard.
 async fn restore(
-    etcd: &Etcd,
+    lease: &SharedLease,
     key: &str,
     value: &str,
     id: i64,
@@ -403,7 +431,7 @@ async fn restore(
     loop {
         let attempt = tokio::select! {
             _ = cancel.cancelled() => return Err(LeaseEnd::Cancelled),
-            attempt = put(etcd, key, value, id) => attempt,
+            attempt = lease.put(key, value, id) => attempt,
         };
         match attempt {
             Ok(revision) => {
