@@ -2,24 +2,15 @@
 
 use std::{io::IsTerminal, process::ExitCode};
 
-use clap::{CommandFactory, error::ErrorKind};
 use client::Config;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let loaded = match registry::cli::load::<Config>("client") {
-        Ok(loaded) => loaded,
-        Err(e) => Config::command()
-            .error(ErrorKind::ValueValidation, format!("{e:#}"))
-            .exit(),
+    let Some(config) = registry::cli::load_or_exit::<Config>("client") else {
+        return ExitCode::SUCCESS; // --print-config
     };
-    if loaded.print_config {
-        print!("{}", loaded.report());
-        return ExitCode::SUCCESS;
-    }
-    let config = loaded.value;
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),

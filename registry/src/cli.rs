@@ -270,6 +270,21 @@ pub fn load<T: Layered>(binary: &str) -> Result<Loaded<T>> {
     load_from(binary, &command, &matches, Path::new("."))
 }
 
+/// What a binary's `main` does with [`load`]: on an error, print it like a bad flag and exit 2; on
+/// `--print-config`, print the report and return `None` (the binary exits 0); else the settings.
+pub fn load_or_exit<T: Layered>(binary: &str) -> Option<T> {
+    match load::<T>(binary) {
+        Ok(loaded) if loaded.print_config => {
+            print!("{}", loaded.report());
+            None
+        }
+        Ok(loaded) => Some(loaded.value),
+        Err(e) => T::command()
+            .error(clap::error::ErrorKind::ValueValidation, format!("{e:#}"))
+            .exit(),
+    }
+}
+
 /// [`load`] with explicit arguments and working directory, for tests.
 ///
 /// # Errors

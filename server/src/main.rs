@@ -10,17 +10,9 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let loaded = match registry::cli::load::<Config>("server") {
-        Ok(loaded) => loaded,
-        Err(e) => Config::command()
-            .error(ErrorKind::ValueValidation, format!("{e:#}"))
-            .exit(),
+    let Some(config) = registry::cli::load_or_exit::<Config>("server") else {
+        return ExitCode::SUCCESS; // --print-config
     };
-    if loaded.print_config {
-        print!("{}", loaded.report());
-        return ExitCode::SUCCESS;
-    }
-    let config = loaded.value;
     if let Err(e) = config.validate() {
         // Exit code 2 and clap's formatting, like any other bad flag.
         Config::command()
