@@ -12,14 +12,18 @@ fn lease_hex(id: i64) -> String {
     format!("{id:x}")
 }
 
-/// The lease ids etcd knows, as `etcdctl lease list` prints them.
+/// The lease ids etcd knows, in [`lease_hex`]'s form: `etcdctl lease list` pads ids to 16 hex
+/// digits (`076ea201ded27005`), so leading zeros are dropped to compare.
 fn leases(cluster: &testkit::EtcdCluster) -> Vec<String> {
     cluster
         .etcdctl_ok(&["lease", "list"])
         .lines()
         .skip(1) // "found N leases"
         .filter(|l| !l.is_empty())
-        .map(str::to_owned)
+        .map(|l| {
+            let digits = l.trim().trim_start_matches('0');
+            if digits.is_empty() { "0" } else { digits }.to_owned()
+        })
         .collect()
 }
 
