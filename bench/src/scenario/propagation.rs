@@ -1,0 +1,204 @@
+//! Scenario 2, propagation: from an instance's registration (and, separately, its deregistration)
+//! to the first call a running client routes accordingly.
+//!
+//! The instance is a Greeter served inside the bench (so registering it costs no process start);
+//! its lease is granted beforehand, and the clock starts when the bench sends the put of its key,
+//! the one raft commit a registration is made of (a [`registry::Registration`] grants the lease
+//! first, a commit not counted here). Deregistration is the lease revoke a server's graceful
+//! shutdown sends. Two clients run during every trial, each under an open-loop load of
+//! [`RATE`] calls a second (so figures have a resolution of 1 ms): ours (round robin) and tonic's
+//! `balance_channel` fed by the same discovery.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use etcd_client::PutOptions;
+use proto::helloworld::greeter_server::GreeterServer;
+use registry::{Endpoint, Policy, key};
+use tokio::{net::TcpListener, time::Instant};
+use tokio_stream::wrappers::TcpListenerStream;
+
+use super::Ctx;
+use crate::{
+    chart::{self, Chart, Series},
+    clients::{self, Kind, NAMESPACE, SERVICE},
+    fixture::Fixture,
+    load::{Call, Load},
+    report::Section,
+    scenario::calibration::put_latencies,
+    stats::{Summary, cells, ms, num},
+};
+
+/// Calls a second per client.
+const RATE: u32 = 1000;
+
+/// Runs the scenario.
+///
+/// # Errors
+/// When the cluster, the servers or the clients cannot be started, or an instance never shows.
+pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
+    let fixture = Fixture::start(2, &[]).await?;
+    let floor =
+        Summary::of_ms(&put_latencies(&fixture.etcd, 200).await?).context("no put latencies")?;
+
+    // The instance whose registration is timed, served here.
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the timed instance")?;
+    let addr = listener.local_addr().context("its address")?.to_string();
+    let id = server::default_instance_id(&addr);
+    let (_health, health_service) = tonic_health::server::health_reporter();
+    let served = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(GreeterServer::new(server::greeter::Greeter::new(
+                id.clone(),
+                addr.clone(),
+            )))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let _stop_serving = crate::clients::AbortOnDrop(tokio::spawn(async move {
+        if let Ok(Err(e)) = served.await {
+            tracing::warn!(error = %e, "the timed instance stopped serving");
+        }
+    }));
+
+    let kinds = [Kind::Ours(Policy::RoundRobin), Kind::Tonic];
+    let addrs = fixture.addrs();
+    let mut loads = Vec::new();
+    for kind in kinds {
+        let client = clients::start(kind, &fixture.etcd, &addrs).await?;
+        client.warm_up(&addrs, Duration::from_secs(10)).await?;
+        loads.push(Load::start(client, RATE));
+    }
+
+    let trials = ctx.trials(20, 5);
+    let key = key::instance_key(NAMESPACE, SERVICE, &id)?;
+    let value = Endpoint::new(addr.clone(), &id)?.encode();
+    let mut etcd = fixture.etcd.client();
+    let mut joined: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
+    let mut left: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
+    for _ in 0..trials {
+        let lease = etcd
+            .lease_grant(30, None)
+            .await
+            .context("granting a lease")?
+            .id();
+        let registered = Instant::now();
+        etcd.put(
+            key.as_str(),
+            value.as_str(),
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .context("registering the timed instance")?;
+        for (i, load) in loads.iter().enumerate() {
+            let first = load
+                .wait_served_by(&addr, registered, Duration::from_secs(10))
+                .await?;
+            joined[i].push(ms(first - registered));
+        }
+
+        let revoked = Instant::now();
+        etcd.lease_revoke(lease)
+            .await
+            .context("deregistering the timed instance")?;
+        fixture
+            .wait_member(&id, false, Duration::from_secs(10))
+            .await?;
+        for (i, load) in loads.iter().enumerate() {
+            let discovery = load.client().discovery().context("clients here discover")?;
+            let mut rx = discovery.subscribe();
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                rx.wait_for(|m| !m.instances.contains_key(&id)),
+            )
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("{:?} still lists {id} 10 s after the revoke", load.client())
+            })?
+            .context("discovery ended")?;
+            // Enough calls after the removal to see where they went.
+            super::wait_calls(load, Instant::now(), 20, Duration::from_secs(5)).await?;
+            left[i].push(ms(routed_away(&load.calls(), &addr, revoked) - revoked));
+        }
+    }
+    let mut s = Section::new("2. Propagation: registration and deregistration to routing");
+    s.line(format!(
+        "{trials} trials. Clock starts when the bench sends the put of the instance key (lease \
+         granted beforehand) or the lease revoke; it stops at the *completion* of the first call \
+         served by the new instance, or at the send of the first call after the last one that \
+         still went to the removed instance. Each client runs an open-loop load of {RATE} calls/s \
+         (1 ms resolution) over two server processes plus the timed instance. The same cluster's \
+         put latency, measured just before: median {} ms, p99 {} ms.\n",
+        num(floor.median),
+        num(floor.p99)
+    ));
+    s.line("| client | registration → first call to it: median ms | p99 ms | deregistration → calls avoid it: median ms | p99 ms |\n|---|---|---|---|---|");
+    let mut series = Vec::new();
+    for (i, kind) in kinds.iter().enumerate() {
+        let (j, l) = (Summary::of(&joined[i]), Summary::of(&left[i]));
+        s.line(format!("| {kind} | {} | {} |", cells(j), cells(l)));
+        series.push(cdf(&format!("{kind}: registration"), &joined[i]));
+        series.push(cdf(&format!("{kind}: deregistration"), &left[i]));
+        if let Kind::Ours(_) = kind {
+            let bound = floor.p99 + 5.0;
+            for (what, summary) in [("registration", j), ("deregistration", l)] {
+                let p99 = summary.map_or(f64::NAN, |x| x.p99);
+                s.verdict(
+                    format!("{what}: p99 ≤ put p99 + 5 ms ({} ms)", num(bound)),
+                    format!("p99 {} ms", num(p99)),
+                    summary.map(|_| p99 <= bound),
+                );
+            }
+        }
+    }
+    let (path, name) = ctx.chart("propagation.svg");
+    chart::lines(
+        &path,
+        &Chart {
+            title: "Propagation: share of trials done within x ms",
+            x: "milliseconds",
+            y: "share of trials",
+            log_x: false,
+        },
+        &series,
+    )?;
+    s.line(format!("\n![propagation]({name})"));
+    for load in loads {
+        load.finish().await;
+    }
+    Ok(s)
+}
+
+/// When calls stopped going to `addr` after `since`: the send time of the first successful call
+/// to another instance after the last call that still went to `addr`.
+fn routed_away(calls: &[Call], addr: &str, since: Instant) -> Instant {
+    let mut after: Vec<&Call> = calls.iter().filter(|c| c.sent >= since).collect();
+    after.sort_by_key(|c| c.sent);
+    let last_to_it = after
+        .iter()
+        .filter(|c| c.outcome.as_deref() == Ok(addr))
+        .map(|c| c.sent)
+        .max()
+        .unwrap_or(since);
+    after
+        .iter()
+        .find(|c| c.sent > last_to_it && c.outcome.as_ref().is_ok_and(|a| a != addr))
+        .map_or(last_to_it, |c| c.sent)
+}
+
+/// An empirical CDF of `samples`.
+fn cdf(name: &str, samples: &[f64]) -> Series {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len().max(1) as f64;
+    Series {
+        name: name.to_owned(),
+        points: sorted
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| (x, (i + 1) as f64 / n))
+            .collect(),
+    }
+}
