@@ -140,7 +140,6 @@ pub async fn flap(
             .await
             .context("registering the flapping instances")?;
     }
-    println!("registered {count}");
     let mut present = vec![true; count];
     let mut tick = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
     let end = Instant::now() + Duration::from_secs_f64(seconds);

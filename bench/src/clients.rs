@@ -251,13 +251,26 @@ impl Client {
         result.map(|r| r.into_inner().addr).map_err(|s| s.code())
     }
 
-    /// Waits until every one of `addrs` has served a call through this client (it connects lazily
-    /// or in the background), calling as fast as answers come.
+    /// Waits until the client is ready to call every one of `addrs`: for ours, until they are in
+    /// rotation; for the others (which connect lazily), until each has served a call, calling as
+    /// fast as answers come.
     ///
     /// # Errors
     /// When some address has served nothing after `timeout`.
     pub async fn warm_up(&self, addrs: &[String], timeout: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
+        if let Client::Ours(channel) = self {
+            // Ours says when its instances are in rotation; some policies (pick_first) would
+            // never call them all.
+            channel
+                .wait_ready(addrs.len(), timeout)
+                .await
+                .with_context(|| format!("{self:?}: warming up"))?;
+            return match self.call().await {
+                Ok(_) => Ok(()),
+                Err(code) => anyhow::bail!("{self:?}: first call failed with {code:?}"),
+            };
+        }
         let mut seen = std::collections::BTreeSet::new();
         while !addrs.iter().all(|a| seen.contains(a)) {
             if tokio::time::Instant::now() > deadline {

@@ -111,15 +111,16 @@ pub fn measure_client(
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     let fixture = Fixture::start(3, &[]).await?;
     let trials = ctx.trials(3, 1);
-    let window = ctx.window(Duration::from_secs(4), Duration::from_secs(2));
+    let window = ctx.window(Duration::from_secs(5), Duration::from_secs(2));
     let kinds = [Kind::Ours(Policy::RoundRobin), Kind::Tonic, Kind::Ideal];
     let mut s = Section::new("9. Footprint: memory and CPU");
     s.line(format!(
         "Each client in its own process: idle (connected, no calls) and at {RATE} calls/s, for \
-         {:.0} s windows, {trials} trials. CPU is % of one core over the window; RSS is VmRSS at \
-         its end. Server figures are the sum of the three server processes over the same windows \
+         {:.0} s windows, {trials} trials. CPU is % of one core over the window (from clock ticks: \
+         a resolution of 10 ms of CPU, i.e. {:.1} % over one window); RSS is VmRSS at its end. Server figures are the sum of the three server processes over the same windows \
          (which include the client process's start).\n",
-        window.as_secs_f64()
+        window.as_secs_f64(),
+        1.0 / window.as_secs_f64()
     ));
     // An idle server, before any client: three processes, no calls.
     let pids: Vec<u32> = fixture.servers.iter().map(|p| p.pid()).collect();

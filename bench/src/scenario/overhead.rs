@@ -52,8 +52,8 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
         client.warm_up(&addrs, Duration::from_secs(10)).await?;
         clients.push(client);
     }
-    let rounds = ctx.trials(3, 1);
-    let window = ctx.window(Duration::from_secs(2), Duration::from_millis(500));
+    let rounds = ctx.trials(4, 1);
+    let window = ctx.window(Duration::from_millis(1500), Duration::from_millis(500));
     let warm = Duration::from_millis(200);
     let mut cells: BTreeMap<(usize, usize), Cell> = BTreeMap::new();
     for round in 0..rounds {

@@ -16,12 +16,12 @@ use etcd_client::PutOptions;
 use proto::helloworld::greeter_server::GreeterServer;
 use registry::{Endpoint, Policy, key};
 use tokio::{net::TcpListener, time::Instant};
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
 
 use super::Ctx;
 use crate::{
     chart::{self, Chart, Series},
-    clients::{self, Kind, NAMESPACE, SERVICE},
+    clients::{self, AbortOnDrop, Kind, NAMESPACE, SERVICE},
     fixture::Fixture,
     load::{Call, Load},
     report::Section,
@@ -41,28 +41,14 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     let floor =
         Summary::of_ms(&put_latencies(&fixture.etcd, 200).await?).context("no put latencies")?;
 
-    // The instance whose registration is timed, served here.
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("binding the timed instance")?;
-    let addr = listener.local_addr().context("its address")?.to_string();
-    let id = server::default_instance_id(&addr);
-    let (_health, health_service) = tonic_health::server::health_reporter();
-    let served = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(GreeterServer::new(server::greeter::Greeter::new(
-                id.clone(),
-                addr.clone(),
-            )))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    let _stop_serving = crate::clients::AbortOnDrop(tokio::spawn(async move {
-        if let Ok(Err(e)) = served.await {
-            tracing::warn!(error = %e, "the timed instance stopped serving");
-        }
-    }));
-
+    // The instances whose registration is timed, served here: one accepting connections as
+    // `server::run` does (through `TcpListenerStream`, which leaves Nagle's algorithm on), one
+    // with TCP_NODELAY on its accepted sockets.
+    let variants = [Variant::AsServerRun, Variant::NoDelay];
+    let mut timed = Vec::new();
+    for variant in variants {
+        timed.push(serve_timed(variant).await?);
+    }
     let kinds = [Kind::Ours(Policy::RoundRobin), Kind::Tonic];
     let addrs = fixture.addrs();
     let mut loads = Vec::new();
@@ -73,54 +59,63 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     }
 
     let trials = ctx.trials(20, 5);
-    let key = key::instance_key(NAMESPACE, SERVICE, &id)?;
-    let value = Endpoint::new(addr.clone(), &id)?.encode();
     let mut etcd = fixture.etcd.client();
-    let mut joined: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
-    let mut left: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
+    // [variant][client] -> samples (ms)
+    let mut joined = vec![vec![Vec::new(); kinds.len()]; variants.len()];
+    let mut left = vec![vec![Vec::new(); kinds.len()]; variants.len()];
     for _ in 0..trials {
-        let lease = etcd
-            .lease_grant(30, None)
-            .await
-            .context("granting a lease")?
-            .id();
-        let registered = Instant::now();
-        etcd.put(
-            key.as_str(),
-            value.as_str(),
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await
-        .context("registering the timed instance")?;
-        for (i, load) in loads.iter().enumerate() {
-            let first = load
-                .wait_served_by(&addr, registered, Duration::from_secs(10))
-                .await?;
-            joined[i].push(ms(first - registered));
-        }
-
-        let revoked = Instant::now();
-        etcd.lease_revoke(lease)
-            .await
-            .context("deregistering the timed instance")?;
-        fixture
-            .wait_member(&id, false, Duration::from_secs(10))
-            .await?;
-        for (i, load) in loads.iter().enumerate() {
-            let discovery = load.client().discovery().context("clients here discover")?;
-            let mut rx = discovery.subscribe();
-            tokio::time::timeout(
-                Duration::from_secs(10),
-                rx.wait_for(|m| !m.instances.contains_key(&id)),
+        for (v, instance) in timed.iter().enumerate() {
+            let key = key::instance_key(NAMESPACE, SERVICE, &instance.id)?;
+            let value = Endpoint::new(instance.addr.clone(), &instance.id)?.encode();
+            let lease = etcd
+                .lease_grant(30, None)
+                .await
+                .context("granting a lease")?
+                .id();
+            let registered = Instant::now();
+            etcd.put(
+                key.as_str(),
+                value.as_str(),
+                Some(PutOptions::new().with_lease(lease)),
             )
             .await
-            .map_err(|_| {
-                anyhow::anyhow!("{:?} still lists {id} 10 s after the revoke", load.client())
-            })?
-            .context("discovery ended")?;
-            // Enough calls after the removal to see where they went.
-            super::wait_calls(load, Instant::now(), 20, Duration::from_secs(5)).await?;
-            left[i].push(ms(routed_away(&load.calls(), &addr, revoked) - revoked));
+            .context("registering the timed instance")?;
+            for (i, load) in loads.iter().enumerate() {
+                let first = load
+                    .wait_served_by(&instance.addr, registered, Duration::from_secs(10))
+                    .await?;
+                joined[v][i].push(ms(first - registered));
+            }
+
+            let revoked = Instant::now();
+            etcd.lease_revoke(lease)
+                .await
+                .context("deregistering the timed instance")?;
+            fixture
+                .wait_member(&instance.id, false, Duration::from_secs(10))
+                .await?;
+            for (i, load) in loads.iter().enumerate() {
+                let discovery = load.client().discovery().context("clients here discover")?;
+                let mut rx = discovery.subscribe();
+                tokio::time::timeout(
+                    Duration::from_secs(10),
+                    rx.wait_for(|m| !m.instances.contains_key(&instance.id)),
+                )
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "{:?} still lists {} 10 s after the revoke",
+                        load.client(),
+                        instance.id
+                    )
+                })?
+                .context("discovery ended")?;
+                // Enough calls after the removal to see where they went.
+                super::wait_calls(load, Instant::now(), 20, Duration::from_secs(5)).await?;
+                left[v][i].push(ms(
+                    routed_away(&load.calls(), &instance.addr, revoked) - revoked
+                ));
+            }
         }
     }
     let mut s = Section::new("2. Propagation: registration and deregistration to routing");
@@ -134,24 +129,44 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
         num(floor.median),
         num(floor.p99)
     ));
-    s.line("| client | registration → first call to it: median ms | p99 ms | deregistration → calls avoid it: median ms | p99 ms |\n|---|---|---|---|---|");
+    s.line("| client | timed instance accepts | registration → first call to it: median ms | p99 ms | deregistration → calls avoid it: median ms | p99 ms |\n|---|---|---|---|---|---|");
     let mut series = Vec::new();
-    for (i, kind) in kinds.iter().enumerate() {
-        let (j, l) = (Summary::of(&joined[i]), Summary::of(&left[i]));
-        s.line(format!("| {kind} | {} | {} |", cells(j), cells(l)));
-        series.push(cdf(&format!("{kind}: registration"), &joined[i]));
-        series.push(cdf(&format!("{kind}: deregistration"), &left[i]));
-        if let Kind::Ours(_) = kind {
-            let bound = floor.p99 + 5.0;
-            for (what, summary) in [("registration", j), ("deregistration", l)] {
-                let p99 = summary.map_or(f64::NAN, |x| x.p99);
-                s.verdict(
-                    format!("{what}: p99 ≤ put p99 + 5 ms ({} ms)", num(bound)),
-                    format!("p99 {} ms", num(p99)),
-                    summary.map(|_| p99 <= bound),
-                );
+    let bound = floor.p99 + 5.0;
+    let mut verdicts = Vec::new();
+    for (v, variant) in variants.iter().enumerate() {
+        for (i, kind) in kinds.iter().enumerate() {
+            let (j, l) = (Summary::of(&joined[v][i]), Summary::of(&left[v][i]));
+            s.line(format!(
+                "| {kind} | {} | {} | {} |",
+                variant.label(),
+                cells(j),
+                cells(l)
+            ));
+            series.push(cdf(
+                &format!("{kind}, {}: registration", variant.label()),
+                &joined[v][i],
+            ));
+            if *variant == Variant::AsServerRun {
+                series.push(cdf(&format!("{kind}: deregistration"), &left[v][i]));
+            }
+            if let Kind::Ours(_) = kind {
+                for (what, summary) in [("registration", j), ("deregistration", l)] {
+                    let p99 = summary.map_or(f64::NAN, |x| x.p99);
+                    verdicts.push((
+                        format!(
+                            "{what} ({}): p99 ≤ put p99 + 5 ms ({} ms)",
+                            variant.label(),
+                            num(bound)
+                        ),
+                        format!("p99 {} ms", num(p99)),
+                        summary.map(|_| p99 <= bound),
+                    ));
+                }
             }
         }
+    }
+    for (target, measured, met) in verdicts {
+        s.verdict(target, measured, met);
     }
     let (path, name) = ctx.chart("propagation.svg");
     chart::lines(
@@ -169,6 +184,67 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
         load.finish().await;
     }
     Ok(s)
+}
+
+/// How the timed instance accepts connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    /// Like `server::run`: `serve_with_incoming(TcpListenerStream)`, whose sockets keep Nagle's
+    /// algorithm (tonic ignores its `tcp_nodelay` setting for a caller-supplied incoming stream).
+    AsServerRun,
+    /// TCP_NODELAY set on every accepted socket.
+    NoDelay,
+}
+
+impl Variant {
+    fn label(self) -> &'static str {
+        match self {
+            Variant::AsServerRun => "as `server::run` (Nagle on)",
+            Variant::NoDelay => "with TCP_NODELAY",
+        }
+    }
+}
+
+/// A Greeter served in this process.
+struct Timed {
+    addr: String,
+    id: String,
+    _serving: AbortOnDrop,
+}
+
+/// Serves a Greeter (and health) on a free loopback port, accepting as `variant` says.
+async fn serve_timed(variant: Variant) -> anyhow::Result<Timed> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the timed instance")?;
+    let addr = listener.local_addr().context("its address")?.to_string();
+    let id = server::default_instance_id(&addr);
+    let (_health, health_service) = tonic_health::server::health_reporter();
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(GreeterServer::new(server::greeter::Greeter::new(
+            id.clone(),
+            addr.clone(),
+        )));
+    let incoming = TcpListenerStream::new(listener);
+    let serving = match variant {
+        Variant::AsServerRun => tokio::spawn(async move {
+            if let Err(e) = router.serve_with_incoming(incoming).await {
+                tracing::warn!(error = %e, "the timed instance stopped serving");
+            }
+        }),
+        Variant::NoDelay => tokio::spawn(async move {
+            let incoming = incoming.map(|s| s.and_then(|s| s.set_nodelay(true).map(|()| s)));
+            if let Err(e) = router.serve_with_incoming(incoming).await {
+                tracing::warn!(error = %e, "the timed instance stopped serving");
+            }
+        }),
+    };
+    Ok(Timed {
+        addr,
+        id,
+        _serving: AbortOnDrop(serving),
+    })
 }
 
 /// When calls stopped going to `addr` after `since`: the send time of the first successful call

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use super::Ctx;
 use crate::{
-    clients::{AbortOnDrop, NAMESPACE, SERVICE},
+    clients::{AbortOnDrop, NAMESPACE},
     fixture::Fixture,
     machine,
     report::Section,
@@ -31,6 +31,9 @@ use crate::{
 
 /// Instance counts measured.
 const SIZES: [usize; 2] = [1_000, 10_000];
+
+/// The service the records belong to: not the fixture's, so its observer stays out of the way.
+const SCALE_SERVICE: &str = "scale";
 
 /// Leases the records share: "a few processes".
 const LEASES: usize = 4;
@@ -66,7 +69,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
             drop(last.take());
             let before = machine::sample(None)?;
             let started = Instant::now();
-            let discovery = Discovery::start(&fixture.etcd, NAMESPACE, SERVICE)?;
+            let discovery = Discovery::start(&fixture.etcd, NAMESPACE, SCALE_SERVICE)?;
             let mut rx = discovery.subscribe();
             tokio::time::timeout(
                 Duration::from_secs(30),
@@ -119,7 +122,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
 /// Puts instances `0..n` (those not there yet) under [`LEASES`] leases, 100 per transaction.
 async fn populate(etcd: &Etcd, n: usize) -> anyhow::Result<()> {
     let mut client = etcd.client();
-    let prefix = key::service_prefix(NAMESPACE, SERVICE)?;
+    let prefix = key::service_prefix(NAMESPACE, SCALE_SERVICE)?;
     let have = client
         .get(
             prefix.as_str(),
@@ -149,7 +152,7 @@ async fn populate(etcd: &Etcd, n: usize) -> anyhow::Result<()> {
             i & 255
         );
         ops.push(TxnOp::put(
-            key::instance_key(NAMESPACE, SERVICE, &id)?,
+            key::instance_key(NAMESPACE, SCALE_SERVICE, &id)?,
             Endpoint::new(addr, &id)?.encode(),
             Some(PutOptions::new().with_lease(leases[i % LEASES])),
         ));
@@ -185,7 +188,7 @@ async fn change_latencies(
     let mut sent_to_applied = Vec::new();
     for j in 0..trials {
         let id = format!("extra-{j:03}");
-        let key = key::instance_key(NAMESPACE, SERVICE, &id)?;
+        let key = key::instance_key(NAMESPACE, SCALE_SERVICE, &id)?;
         let value = Endpoint::new("192.0.2.1:50051", &id)?.encode();
         for put in [true, false] {
             let sent = Instant::now();
@@ -232,7 +235,11 @@ pub type Seen = Arc<Mutex<BTreeMap<i64, Instant>>>;
 /// # Errors
 /// When the watch cannot be opened.
 pub async fn record_raw_watch(etcd: &Etcd, prefix: &str) -> anyhow::Result<(AbortOnDrop, Seen)> {
-    let mut client = etcd.client();
+    // A connection of its own: sharing the discovery's HTTP/2 connection would deliver both
+    // streams' frames together and tie the reference to the measured path.
+    let mut client = etcd_client::Client::connect(&etcd.config().endpoints, None)
+        .await
+        .context("connecting the raw watch")?;
     let mut stream = client
         .watch(prefix, Some(WatchOptions::new().with_prefix()))
         .await
