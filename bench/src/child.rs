@@ -198,6 +198,7 @@ pub async fn client(
     let kind = match kind {
         "tonic" => Kind::Tonic,
         "ideal" => Kind::Ideal,
+        "round_robin-no-retry" => Kind::OursNoRetry,
         policy => Kind::Ours(policy.parse::<Policy>().map_err(anyhow::Error::msg)?),
     };
     let etcd = EtcdConfig::new(&endpoints)?.connect().await?;

@@ -48,6 +48,8 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum Kind {
     /// `BalancedChannel` with this policy.
     Ours(Policy),
+    /// `BalancedChannel`, round robin, with retries disabled: what retrying costs per call.
+    OursNoRetry,
     /// tonic's `balance_channel` fed by `Discovery`.
     Tonic,
     /// Hand-rotated plain channels.
@@ -59,6 +61,7 @@ impl Kind {
     pub fn label(self) -> String {
         match self {
             Kind::Ours(p) => format!("ours ({p})"),
+            Kind::OursNoRetry => "ours (round_robin, retries off)".to_owned(),
             Kind::Tonic => "tonic balance_channel".to_owned(),
             Kind::Ideal => "ideal (3 channels rotated)".to_owned(),
         }
@@ -123,11 +126,15 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Ours, configured like the `client` binary.
-pub fn ours(etcd: &Etcd, policy: Policy) -> anyhow::Result<Client> {
+/// Ours, configured like the `client` binary (or with retries off).
+pub fn ours(etcd: &Etcd, policy: Policy, retry: bool) -> anyhow::Result<Client> {
     let options = BalanceOptions {
         call_timeout: CALL_TIMEOUT,
-        retry: RetryPolicy::default().idempotent("/helloworld.Greeter/SayHello"),
+        retry: if retry {
+            RetryPolicy::default().idempotent("/helloworld.Greeter/SayHello")
+        } else {
+            RetryPolicy::disabled()
+        },
         policy,
         ..BalanceOptions::default()
     };
@@ -215,7 +222,8 @@ pub async fn ideal(addrs: &[String]) -> anyhow::Result<Client> {
 /// When discovery cannot start or an ideal channel cannot connect.
 pub async fn start(kind: Kind, etcd: &Etcd, addrs: &[String]) -> anyhow::Result<Client> {
     match kind {
-        Kind::Ours(policy) => ours(etcd, policy),
+        Kind::Ours(policy) => ours(etcd, policy, true),
+        Kind::OursNoRetry => ours(etcd, Policy::RoundRobin, false),
         Kind::Tonic => tonic(etcd),
         Kind::Ideal => ideal(addrs).await,
     }

@@ -34,7 +34,8 @@ impl Section {
         self.body.push('\n');
     }
 
-    /// Records a target and what was measured; `met` is `None` when nothing could be measured.
+    /// Records a target and what was measured; `met` is `None` for a figure without a target (or
+    /// one that could not be measured, which `measured` then says).
     pub fn verdict(
         &mut self,
         target: impl Into<String>,
@@ -76,7 +77,7 @@ impl Verdict {
         match self.met {
             Some(true) => "met",
             Some(false) => "**missed**",
-            None => "not measured",
+            None => "reported (no target)",
         }
     }
 }

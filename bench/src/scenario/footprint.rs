@@ -30,6 +30,7 @@ const RATE: u32 = 500;
 pub fn kind_arg(kind: Kind) -> String {
     match kind {
         Kind::Ours(policy) => policy.name().to_owned(),
+        Kind::OursNoRetry => "round_robin-no-retry".to_owned(),
         Kind::Tonic => "tonic".to_owned(),
         Kind::Ideal => "ideal".to_owned(),
     }
@@ -170,7 +171,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
                 match kind {
                     Kind::Ours(_) => ours_loaded_cpu = cpu_s.map_or(f64::NAN, |c| c.median),
                     Kind::Tonic => tonic_loaded_cpu = cpu_s.map_or(f64::NAN, |c| c.median),
-                    Kind::Ideal => {}
+                    Kind::Ideal | Kind::OursNoRetry => {}
                 }
             }
             s.line(format!(

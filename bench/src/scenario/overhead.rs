@@ -23,10 +23,12 @@ use crate::{
 /// The concurrencies measured.
 pub const CONCURRENCY: [usize; 3] = [1, 16, 128];
 
-/// The clients compared: the ideal first, tonic, then ours with every policy.
+/// The clients compared: the ideal first, tonic, then ours with every policy, and ours without
+/// retries (to show what they cost).
 pub fn kinds() -> Vec<Kind> {
     let mut kinds = vec![Kind::Ideal, Kind::Tonic];
     kinds.extend(Policy::ALL.into_iter().map(Kind::Ours));
+    kinds.push(Kind::OursNoRetry);
     kinds
 }
 
@@ -112,7 +114,10 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
         });
     }
     // Targets for every policy: ≥ 0.95 × ideal and ≥ tonic, at every concurrency.
-    for (k, kind) in kinds.iter().enumerate().skip(2) {
+    for (k, kind) in kinds.iter().enumerate() {
+        if !matches!(kind, Kind::Ours(_)) {
+            continue;
+        }
         let vs_ideal: Vec<f64> = CONCURRENCY.iter().filter_map(|&c| ratio(k, 0, c)).collect();
         let vs_tonic: Vec<f64> = CONCURRENCY.iter().filter_map(|&c| ratio(k, 1, c)).collect();
         let worst = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
