@@ -147,7 +147,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
         cells(Summary::of(&idle_rss)),
         cells(Summary::of(&idle_cpu))
     ));
-    s.line("| client | state | client RSS MiB (median, p99) | client CPU % (median, p99) | servers' CPU % (sum; median, p99) | servers' RSS MiB (sum; median) | calls | failed |\n|---|---|---|---|---|---|---|---|");
+    s.line("| client | state | client RSS MiB: median | p99 | client CPU %: median | p99 | servers' CPU % (sum): median | p99 | servers' RSS MiB (sum): median | calls | failed |\n|---|---|---|---|---|---|---|---|---|---|---|");
     let mut ours_loaded_cpu = f64::NAN;
     let mut tonic_loaded_cpu = f64::NAN;
     for kind in kinds {
