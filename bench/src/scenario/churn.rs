@@ -3,7 +3,7 @@
 //! servers on `127.0.0.2`.. `127.0.0.201` (the hidden `sink` subcommand), so every one a client
 //! connects to answers. Three stable server processes serve throughout.
 //!
-//! Each client runs in its own process (as in the footprint scenario) at [`RATE`] calls a second,
+//! Each client runs in its own process (as in the footprint scenario) at 200 calls a second,
 //! once with no churn and once with it, so its CPU under churn is compared with its own quiet
 //! figure in the same run. Update latency is measured on a discovery in the bench process (the
 //! same code the clients run): from a raw watch delivering each event to the discovery's

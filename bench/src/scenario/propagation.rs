@@ -6,7 +6,7 @@
 //! the one raft commit a registration is made of (a [`registry::Registration`] grants the lease
 //! first, a commit not counted here). Deregistration is the lease revoke a server's graceful
 //! shutdown sends. Two clients run during every trial, each under an open-loop load of
-//! [`RATE`] calls a second (so figures have a resolution of 1 ms): ours (round robin) and tonic's
+//! 1,000 calls a second (so figures have a resolution of 1 ms): ours (round robin) and tonic's
 //! `balance_channel` fed by the same discovery.
 
 use std::time::Duration;
