@@ -13,7 +13,7 @@
 //! judged the same way.
 
 use std::{
-    collections::BTreeMap,
+    collections::BTreeSet,
     fmt,
     sync::{
         Arc,
@@ -160,15 +160,15 @@ async fn feed(
     mut membership: watch::Receiver<Membership>,
     changes: tokio::sync::mpsc::Sender<Change<String, Endpoint>>,
 ) {
-    let mut known: BTreeMap<String, ()> = BTreeMap::new();
+    let mut known: BTreeSet<String> = BTreeSet::new();
     loop {
         let current = addrs(&membership.borrow_and_update().instances);
-        for gone in known.keys().filter(|a| !current.contains_key(*a)) {
+        for gone in known.difference(&current) {
             if changes.send(Change::Remove(gone.clone())).await.is_err() {
                 return;
             }
         }
-        for new in current.keys().filter(|a| !known.contains_key(*a)) {
+        for new in current.difference(&known) {
             match endpoint(new) {
                 Ok(e) => {
                     if changes.send(Change::Insert(new.clone(), e)).await.is_err() {
@@ -185,8 +185,8 @@ async fn feed(
     }
 }
 
-fn addrs(instances: &InstanceMap) -> BTreeMap<String, ()> {
-    instances.values().map(|i| (i.addr.clone(), ())).collect()
+fn addrs(instances: &InstanceMap) -> BTreeSet<String> {
+    instances.values().map(|i| i.addr.clone()).collect()
 }
 
 /// A lazily connecting endpoint for `addr` with the same connect timeout as ours.
@@ -279,7 +279,7 @@ impl Client {
                 Err(code) => anyhow::bail!("{self:?}: first call failed with {code:?}"),
             };
         }
-        let mut seen = std::collections::BTreeSet::new();
+        let mut seen = BTreeSet::new();
         while !addrs.iter().all(|a| seen.contains(a)) {
             if tokio::time::Instant::now() > deadline {
                 anyhow::bail!(

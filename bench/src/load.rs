@@ -16,7 +16,6 @@ use tokio::{
     time::{Instant, MissedTickBehavior},
 };
 use tokio_util::sync::CancellationToken;
-use tonic::Code;
 
 use crate::clients::{Client, Outcome};
 
@@ -228,9 +227,4 @@ pub async fn closed_loop(client: &Client, concurrency: usize, duration: Duration
         latencies_ms,
         failed,
     }
-}
-
-/// A count of calls per status code, for assertions in the smoke scenario.
-pub fn count_code(calls: &[Call], code: Code) -> usize {
-    calls.iter().filter(|c| c.outcome == Err(code)).count()
 }
