@@ -17,7 +17,10 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::clients::{Client, Outcome};
+use crate::{
+    clients::{self, Client, Kind, Outcome},
+    fixture::Fixture,
+};
 
 /// One call of a load.
 #[derive(Debug, Clone)]
@@ -118,6 +121,33 @@ impl Load {
         }
         let calls = calls.lock().unwrap_or_else(PoisonError::into_inner);
         calls.clone()
+    }
+}
+
+/// Starts one client of each kind against `fixture`'s servers, waits until each has called every
+/// server, and puts each under an open-loop load of `per_second` calls.
+///
+/// # Errors
+/// When a client cannot start or does not reach every server within 10 s.
+pub async fn start_each(
+    kinds: &[Kind],
+    fixture: &Fixture,
+    per_second: u32,
+) -> anyhow::Result<Vec<Load>> {
+    let addrs = fixture.addrs();
+    let mut loads = Vec::new();
+    for &kind in kinds {
+        let client = clients::start(kind, &fixture.etcd, &addrs).await?;
+        client.warm_up(&addrs, Duration::from_secs(10)).await?;
+        loads.push(Load::start(client, per_second));
+    }
+    Ok(loads)
+}
+
+/// Stops every load whose calls are no longer needed.
+pub async fn finish_all(loads: Vec<Load>) {
+    for load in loads {
+        load.finish().await;
     }
 }
 

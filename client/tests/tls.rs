@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::{process::Command, time::Duration};
+use std::process::Command;
 
-use clap::Parser;
-use testkit::{Certs, EtcdCluster, free_port, wait_until};
-use tokio_util::sync::CancellationToken;
+use testkit::{Certs, EtcdCluster};
 
 const ROOT_PASSWORD: &str = "root-Pa55-tls-e2e";
 const PASSWORD: &str = "greeter-Pa55-tls-e2e";
@@ -31,51 +29,23 @@ async fn tls_and_auth_to_etcd_and_mutual_tls_to_the_server() {
     let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
 
     // The server: etcd TLS + auth (password from a file), mutual TLS on its gRPC port.
-    let port = free_port();
-    let config = server::Config::try_parse_from([
-        "server",
-        "--port",
-        &port.to_string(),
-        "--etcd-endpoints",
+    let server = common::Server::start_with(
+        &cluster,
         &endpoints,
-        "--etcd-ca",
-        &path(&certs.ca),
-        "--etcd-username",
-        "greeter",
-        "--etcd-password-file",
-        &path(&password_file),
-        "--tls-cert",
-        &path(&certs.server_cert),
-        "--tls-key",
-        &path(&certs.server_key),
-        "--tls-ca",
-        &path(&certs.ca),
-        "--deregister-grace",
-        "0s",
-    ])
-    .unwrap();
-    let shutdown = CancellationToken::new();
-    let mut server = tokio::spawn(server::run(config, shutdown.clone()));
-    let key = format!("services/helloworld/127.0.0.1-{port}");
-    wait_until(
-        Duration::from_secs(15),
-        "the TLS server to register",
-        || {
-            if server.is_finished() {
-                let ended = futures_now(&mut server);
-                panic!(
-                    "the server stopped: {:#}",
-                    ended
-                        .map(|r| r.map_err(|e| format!("{e:#}")))
-                        .map(|r| r.err().unwrap_or_default())
-                        .unwrap_or_default()
-                );
-            }
-            !cluster
-                .etcdctl_ok(&["get", &key, "--keys-only"])
-                .trim()
-                .is_empty()
-        },
+        &[
+            "--etcd-ca",
+            &path(&certs.ca),
+            "--etcd-username",
+            "greeter",
+            "--etcd-password-file",
+            &path(&password_file),
+            "--tls-cert",
+            &path(&certs.server_cert),
+            "--tls-key",
+            &path(&certs.server_key),
+            "--tls-ca",
+            &path(&certs.ca),
+        ],
     );
 
     let client = |tls: &[&str], password: &str| {
@@ -105,7 +75,7 @@ async fn tls_and_auth_to_etcd_and_mutual_tls_to_the_server() {
         String::from_utf8_lossy(&ok.stderr),
     );
     assert!(ok.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains(&format!("127.0.0.1:{port}")), "{stdout}");
+    assert!(stdout.contains(&server.addr), "{stdout}");
     assert!(
         !stderr.contains(PASSWORD) && !stdout.contains(PASSWORD),
         "password in the output"
@@ -131,11 +101,5 @@ async fn tls_and_auth_to_etcd_and_mutual_tls_to_the_server() {
     );
     assert!(!stderr.contains(wrong), "{stderr}");
 
-    shutdown.cancel();
-    server.await.unwrap().unwrap();
-}
-
-/// The result of a finished task.
-fn futures_now<T>(task: &mut tokio::task::JoinHandle<T>) -> Result<T, tokio::task::JoinError> {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(task))
+    server.stop().await;
 }

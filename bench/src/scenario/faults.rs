@@ -16,9 +16,9 @@ use tokio::time::Instant;
 use super::{Ctx, wait_calls};
 use crate::{
     chart::{self, Chart, Series},
-    clients::{self, Client, Kind},
+    clients::{Client, Kind},
     fixture::Fixture,
-    load::{Call, Load, failed, failures_by_code},
+    load::{self, Call, failed, failures_by_code},
     report::Section,
     stats::{Summary, cells, ms, num},
 };
@@ -45,13 +45,7 @@ const EJECT_TIMEOUT: Duration = Duration::from_secs(20);
 pub async fn run(ctx: &Ctx, fault: Fault) -> anyhow::Result<Section> {
     let mut fixture = Fixture::start(3, &[]).await?;
     let kinds = [Kind::Ours(Policy::RoundRobin), Kind::Tonic];
-    let addrs = fixture.addrs();
-    let mut loads = Vec::new();
-    for kind in kinds {
-        let client = clients::start(kind, &fixture.etcd, &addrs).await?;
-        client.warm_up(&addrs, Duration::from_secs(10)).await?;
-        loads.push(Load::start(client, RATE));
-    }
+    let loads = load::start_each(&kinds, &fixture, RATE).await?;
     let trials = ctx.trials(3, 1);
     let mut ejections: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
     let mut fails: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
@@ -200,9 +194,7 @@ pub async fn run(ctx: &Ctx, fault: Fault) -> anyhow::Result<Section> {
         &chart_series,
     )?;
     s.line(format!("\n![{what}]({chart_name})"));
-    for load in loads {
-        load.finish().await;
-    }
+    load::finish_all(loads).await;
     Ok(s)
 }
 

@@ -21,9 +21,9 @@ use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
 use super::Ctx;
 use crate::{
     chart::{self, Chart, Series},
-    clients::{self, AbortOnDrop, Client, Kind, NAMESPACE, SERVICE},
+    clients::{AbortOnDrop, Client, Kind, NAMESPACE, SERVICE},
     fixture::Fixture,
-    load::{Call, Load},
+    load::{self, Call},
     report::Section,
     scenario::calibration::put_latencies,
     stats::{Summary, cells, ms, num},
@@ -50,13 +50,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
         timed.push(serve_timed(variant).await?);
     }
     let kinds = [Kind::Ours(Policy::RoundRobin), Kind::Tonic];
-    let addrs = fixture.addrs();
-    let mut loads = Vec::new();
-    for kind in kinds {
-        let client = clients::start(kind, &fixture.etcd, &addrs).await?;
-        client.warm_up(&addrs, Duration::from_secs(10)).await?;
-        loads.push(Load::start(client, RATE));
-    }
+    let loads = load::start_each(&kinds, &fixture, RATE).await?;
 
     let trials = ctx.trials(20, 5);
     let mut etcd = fixture.etcd.client();
@@ -199,9 +193,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
         &series,
     )?;
     s.line(format!("\n![propagation]({name})"));
-    for load in loads {
-        load.finish().await;
-    }
+    load::finish_all(loads).await;
     Ok(s)
 }
 

@@ -10,9 +10,9 @@ use tokio::time::Instant;
 
 use super::Ctx;
 use crate::{
-    clients::{self, Kind},
+    clients::Kind,
     fixture::{Fixture, REGISTER_TIMEOUT},
-    load::{Load, failed, failures_by_code},
+    load::{self, failed, failures_by_code},
     report::Section,
     stats::{Summary, cells, ms},
 };
@@ -27,13 +27,7 @@ const RATE: u32 = 200;
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     let mut fixture = Fixture::start(3, &[]).await?;
     let kinds = [Kind::Ours(Policy::RoundRobin), Kind::Tonic];
-    let addrs = fixture.addrs();
-    let mut loads = Vec::new();
-    for kind in kinds {
-        let client = clients::start(kind, &fixture.etcd, &addrs).await?;
-        client.warm_up(&addrs, Duration::from_secs(10)).await?;
-        loads.push(Load::start(client, RATE));
-    }
+    let loads = load::start_each(&kinds, &fixture, RATE).await?;
     let cycles = ctx.trials(10, 2);
     let started = Instant::now();
     let mut per_cycle: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];

@@ -20,25 +20,38 @@ pub(crate) struct Server {
 impl Server {
     /// Starts a server on a free port and waits until its key is in etcd.
     pub(crate) fn start(cluster: &EtcdCluster) -> Self {
+        Self::start_with(cluster, &cluster.endpoints().join(","), &[])
+    }
+
+    /// Starts a server reaching etcd at `endpoints` with `extra` flags, and waits until its key
+    /// is in etcd; panics with the server's error if it stops first.
+    pub(crate) fn start_with(cluster: &EtcdCluster, endpoints: &str, extra: &[&str]) -> Self {
         let port = free_port();
-        let config = server::Config::try_parse_from([
+        let port_text = port.to_string();
+        let args = [
             "server",
             "--port",
-            &port.to_string(),
+            &port_text,
             "--etcd-endpoints",
-            &cluster.endpoints().join(","),
+            endpoints,
             "--deregister-grace",
             "0s",
-        ])
-        .unwrap();
+        ];
+        let config = server::Config::try_parse_from(args.iter().chain(extra)).unwrap();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(server::run(config, shutdown.clone()));
+        let mut task = tokio::spawn(server::run(config, shutdown.clone()));
         let addr = format!("127.0.0.1:{port}");
         let key = format!("services/helloworld/127.0.0.1-{port}");
         wait_until(
             Duration::from_secs(15),
             &format!("{key} to register"),
             || {
+                if task.is_finished() {
+                    let ended = tokio::task::block_in_place(|| {
+                        tokio::runtime::Handle::current().block_on(&mut task)
+                    });
+                    panic!("the server stopped before registering: {ended:?}");
+                }
                 !cluster
                     .etcdctl_ok(&["get", &key, "--keys-only"])
                     .trim()
