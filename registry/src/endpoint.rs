@@ -2,7 +2,14 @@
 //!
 //! Go's `endpoints.Manager` stores `json.Marshal(Update{Op, Addr, Metadata})`, a struct without
 //! JSON tags, so the field names are capitalised: `{"Op":0,"Addr":"10.0.0.5:50051","Metadata":null}`.
-//! We write exactly that shape, with `Metadata` an object carrying at least our instance id.
+//! We write exactly that shape, with `Metadata` a JSON *string* that holds our metadata object:
+//! `{"Op":0,"Addr":"10.0.0.5:50051","Metadata":"{\"instance_id\":\"node-a\",\"weight\":1}"}`.
+//!
+//! Why a string and not the object itself: etcd's Go resolver copies `Metadata` into grpc-go's
+//! `resolver.Address.Metadata`, and grpc-go's balancers use addresses as map keys. A JSON object
+//! decodes to a Go map, which is not hashable, and round_robin panics with `hash of unhashable type
+//! map[string]interface {}` (grpc/grpc-go#8225, etcd-io/etcd#19700). A string is hashable, so a stock
+//! Go client dials our instances with no option of its own, while our clients unwrap the string.
 //!
 //! Reading is deliberately tolerant, like Go's decoder: field names match case-insensitively, unknown
 //! fields are ignored, `Op` may be missing (etcd's own docs show values without it) and is ignored
@@ -27,6 +34,8 @@ pub struct Endpoint {
     /// `host:port` to dial.
     pub addr: String,
     /// Any JSON value (`null` when unset); ours is an object with at least [`INSTANCE_ID_KEY`].
+    /// On the wire an object travels as a JSON string (see the module docs); this field always
+    /// holds the decoded object.
     pub metadata: Value,
 }
 
@@ -73,7 +82,9 @@ impl Endpoint {
         self.metadata.get(INSTANCE_ID_KEY)?.as_str()
     }
 
-    /// Encodes the record exactly as Go's `endpoints.Manager` would: `{"Op":0,"Addr":..,"Metadata":..}`.
+    /// Encodes the record in the shape Go's `endpoints.Manager` writes, `{"Op":0,"Addr":..,
+    /// "Metadata":..}`, with an object or array metadata wrapped in a JSON string so that grpc-go
+    /// can hash it (see the module docs); `null`, strings, numbers and booleans go as they are.
     pub fn encode(&self) -> String {
         // Go marshals struct fields in declaration order; a struct (not a map, which serde_json
         // sorts) keeps that order here.
@@ -86,17 +97,26 @@ impl Endpoint {
             #[serde(rename = "Metadata")]
             metadata: &'a Value,
         }
+        let wrapped;
+        let metadata = match &self.metadata {
+            Value::Object(_) | Value::Array(_) => {
+                wrapped = Value::String(self.metadata.to_string());
+                &wrapped
+            }
+            hashable => hashable,
+        };
         let wire = Wire {
             op: 0,
             addr: &self.addr,
-            metadata: &self.metadata,
+            metadata,
         };
         // Infallible: a string, an integer and a `Value` (whose map keys are strings) always
         // serialise, and writing to a String does no I/O.
         serde_json::to_string(&wire).expect("an endpoint record always serialises")
     }
 
-    /// Decodes a value written by us, by Go's naming package, or by hand with `etcdctl put`.
+    /// Decodes a value written by us (metadata wrapped in a string, or as a bare object before
+    /// we wrapped it), by Go's naming package, or by hand with `etcdctl put`.
     ///
     /// # Errors
     /// A [`DecodeError`] saying why the value is unusable.
@@ -110,9 +130,21 @@ impl Endpoint {
         }
         Ok(Self {
             addr: addr.to_owned(),
-            metadata: field(&fields, "Metadata").cloned().unwrap_or(Value::Null),
+            metadata: field(&fields, "Metadata").map_or(Value::Null, unwrap_metadata),
         })
     }
+}
+
+/// Our metadata travels as a string holding a JSON object (or array); unwrap it. Any other string
+/// (a Go service's own `Metadata: "v2"`, say) and any other value is kept as it is.
+fn unwrap_metadata(metadata: &Value) -> Value {
+    if let Value::String(text) = metadata
+        && (text.starts_with('{') || text.starts_with('['))
+        && let Ok(wrapped @ (Value::Object(_) | Value::Array(_))) = serde_json::from_str(text)
+    {
+        return wrapped;
+    }
+    metadata.clone()
 }
 
 /// How records are laid out in etcd: ours (Go's naming package) or another framework's, so a mixed
@@ -276,13 +308,50 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn encodes_exactly_like_the_go_manager() {
+    fn encodes_like_the_go_manager_with_hashable_metadata() {
         let e = Endpoint::new("10.0.0.5:50051", "node-a").unwrap();
         assert_eq!(
             e.encode(),
-            r#"{"Op":0,"Addr":"10.0.0.5:50051","Metadata":{"instance_id":"node-a"}}"#
+            r#"{"Op":0,"Addr":"10.0.0.5:50051","Metadata":"{\"instance_id\":\"node-a\"}"}"#
         );
         assert_eq!(Endpoint::decode(e.encode().as_bytes()).unwrap(), e);
+        // Whatever we write, a Go decoder sees a hashable Metadata: never an object or array.
+        for metadata in [
+            json!({"a": {"b": [1]}}),
+            json!([1, 2]),
+            json!("v2"),
+            json!(3),
+        ] {
+            let e = Endpoint {
+                addr: "h:1".into(),
+                metadata: metadata.clone(),
+            };
+            let wire: Value = serde_json::from_str(&e.encode()).unwrap();
+            assert!(
+                !wire["Metadata"].is_object() && !wire["Metadata"].is_array(),
+                "{wire}"
+            );
+            assert_eq!(
+                Endpoint::decode(e.encode().as_bytes()).unwrap().metadata,
+                metadata
+            );
+        }
+        let bare = Endpoint {
+            addr: "h:1".into(),
+            metadata: Value::Null,
+        };
+        assert_eq!(bare.encode(), r#"{"Op":0,"Addr":"h:1","Metadata":null}"#);
+    }
+
+    #[test]
+    fn decodes_what_we_wrote_before_wrapping_metadata() {
+        // Records written by earlier versions of this crate carry the object itself.
+        let e = Endpoint::decode(
+            br#"{"Op":0,"Addr":"10.0.0.5:50051","Metadata":{"instance_id":"node-a","weight":2}}"#,
+        )
+        .unwrap();
+        assert_eq!(e.instance_id(), Some("node-a"));
+        assert_eq!(e.metadata, json!({"instance_id": "node-a", "weight": 2}));
     }
 
     #[test]
@@ -301,10 +370,13 @@ mod tests {
             r#"{"addr":"127.0.0.1:1","metadata":{"x":1}}"#, // lower case
             r#"{"ADDR":"127.0.0.1:1","Op":1,"Extra":[1,2]}"#, // odd case, unknown field, Op ignored
             r#"{"Op":0,"Addr":"127.0.0.1:1","Metadata":"plain"}"#, // metadata of any type
+            r#"{"Op":0,"Addr":"127.0.0.1:1","Metadata":"{not json"}"#, // a string, kept as one
         ] {
             let e = Endpoint::decode(raw.as_bytes()).unwrap_or_else(|err| panic!("{raw}: {err}"));
             assert_eq!(e.addr, "127.0.0.1:1", "{raw}");
         }
+        let e = Endpoint::decode(br#"{"Addr":"h:1","Metadata":"{not json"}"#).unwrap();
+        assert_eq!(e.metadata, json!("{not json"));
         let e = Endpoint::decode(br#"{"Addr":"h:1","Metadata":{"instance_id":"x"}}"#).unwrap();
         assert_eq!(e.instance_id(), Some("x"));
         assert_eq!(e.metadata, json!({"instance_id": "x"}));

@@ -27,7 +27,7 @@ async fn registration_is_stored_in_the_go_naming_format_under_a_lease() {
     let value = cluster.etcdctl_ok(&["get", "services/greeter/node-a", "--print-value-only"]);
     assert_eq!(
         value.trim(),
-        r#"{"Op":0,"Addr":"127.0.0.1:50051","Metadata":{"instance_id":"node-a"}}"#
+        r#"{"Op":0,"Addr":"127.0.0.1:50051","Metadata":"{\"instance_id\":\"node-a\"}"}"#
     );
     let ttl = cluster.etcdctl_ok(&["lease", "timetolive", &lease_hex(lease), "--keys"]);
     assert!(ttl.contains("granted with TTL(10s)"), "{ttl}");

@@ -216,7 +216,7 @@ async fn health_and_reflection_are_served_and_health_reports_the_drain() {
     // The metadata flags end up in the record clients select on.
     let value = cluster.etcdctl_ok(&["get", &server.key(), "--print-value-only"]);
     let expected = format!(
-        r#"{{"Op":0,"Addr":"{}","Metadata":{{"instance_id":"{}","team":"blue","version":"v2","weight":3,"zone":"a"}}}}"#,
+        r#"{{"Op":0,"Addr":"{}","Metadata":"{{\"instance_id\":\"{}\",\"team\":\"blue\",\"version\":\"v2\",\"weight\":3,\"zone\":\"a\"}}"}}"#,
         server.addr,
         server.id()
     );
