@@ -16,7 +16,6 @@ use etcd_client::{PutOptions, Txn, TxnOp};
 use proto::helloworld::greeter_server::GreeterServer;
 use registry::{Endpoint, EtcdConfig, Policy, key};
 use tokio::{net::TcpListener, task::JoinSet, time::Instant};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -91,7 +90,7 @@ pub async fn sink(port: u16, count: usize) -> anyhow::Result<()> {
             tonic::transport::Server::builder()
                 .add_service(health_service)
                 .add_service(GreeterServer::new(greeter))
-                .serve_with_incoming(TcpListenerStream::new(listener)),
+                .serve_with_incoming(registry::serve::incoming(listener)),
         );
     }
     if let Some(ended) = servers.join_next().await {

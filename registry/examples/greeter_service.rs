@@ -27,7 +27,6 @@ use registry::{
     RetryPolicy, Selector, ServedBy,
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
@@ -70,7 +69,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
             .add_service(health_service)
             .add_service(GreeterServer::new(greeter))
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
+                registry::serve::incoming(listener),
                 stop_serving.clone().cancelled_owned(),
             ),
     );

@@ -27,6 +27,7 @@
 //! - [`metrics`]: what the library records (through the `metrics` facade) and under which names.
 //! - [`policy`]: round robin, weighted, random, least request, consistent hash, pick first.
 //! - [`select`]: choosing instances by metadata (require `version=v2`, prefer `zone=a`).
+//! - [`serve`]: serving on a listener you bound, with `TCP_NODELAY` on every accepted socket.
 //! - `connection`: one HTTP/2 connection per instance, ejected the moment its socket closes.
 //! - `cli` (feature `cli`, on by default): clap arguments shared by binaries.
 //! - [`backoff`]: capped exponential backoff with jitter.
@@ -71,6 +72,7 @@ pub mod policy;
 pub mod register;
 pub mod retry;
 pub mod select;
+pub mod serve;
 pub mod tls;
 
 pub use balance::{BalanceOptions, BalancedChannel, InstanceStatus, OutlierPolicy, ServedBy};

@@ -24,7 +24,6 @@ use proto::helloworld::greeter_server::GreeterServer;
 use registry::cli::{EtcdArgs, GrpcTlsArgs, Layered, MetricsArgs, duration, pairs, parse_duration};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic_health::{ServingStatus, server::HealthReporter};
@@ -234,7 +233,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .add_service(reflection_v1alpha)
         .add_service(GreeterServer::new(greeter))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            registry::serve::incoming(listener),
             stop_serving.clone().cancelled_owned(),
         );
     let mut server = tokio::spawn(server);

@@ -19,7 +19,6 @@ use proto::helloworld::{
 use registry::{Etcd, EtcdConfig};
 use testkit::EtcdCluster;
 use tokio::{net::TcpListener, task::JoinHandle, time::Instant};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tonic_health::{ServingStatus, server::HealthReporter};
@@ -143,7 +142,7 @@ impl TestServer {
             .add_optional_service(health_service)
             .add_service(GreeterServer::new(greeter))
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
+                registry::serve::incoming(listener),
                 stop.clone().cancelled_owned(),
             );
         let task = tokio::spawn(async move {
