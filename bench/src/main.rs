@@ -30,8 +30,9 @@ struct Cli {
     #[arg(long)]
     trials: Option<usize>,
 
-    /// Where the report and charts go.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    /// Where the report and charts go; the committed figures in bench/results/ change only when
+    /// named here on purpose (--out bench/results).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench-results"))]
     out: PathBuf,
 
     #[command(subcommand)]

@@ -15,7 +15,8 @@
 //
 // OUTCOME is "ok" or the gRPC code; PEER is the address the call was sent to ("-" when it never
 // reached a connection). It calls until -requests calls are made, -duration has passed, or it gets
-// SIGTERM/SIGINT. Exit status 0 when every call succeeded, 1 when some failed, 2 on bad use.
+// SIGTERM/SIGINT; -concurrency N keeps N calls in flight, -quiet drops the per-call lines (for
+// throughput runs). Exit status 0 when every call succeeded, 1 when some failed, 2 on bad use.
 package main
 
 import (
@@ -28,6 +29,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -42,6 +44,7 @@ import (
 
 type tally struct {
 	mu       sync.Mutex
+	quiet    bool
 	calls    int
 	failed   int
 	instance map[string]int
@@ -66,8 +69,10 @@ func (t *tally) record(start time.Time, p *peer.Peer, reply *pb.HelloReply, err 
 	} else {
 		t.instance[instance]++
 	}
-	fmt.Printf("call %d %s %s %s %d %s\n", start.UnixNano()/1e6, outcome, at, instance,
-		time.Since(start).Microseconds(), message)
+	if !t.quiet {
+		fmt.Printf("call %d %s %s %s %d %s\n", start.UnixNano()/1e6, outcome, at, instance,
+			time.Since(start).Microseconds(), message)
+	}
 }
 
 func main() {
@@ -79,8 +84,14 @@ func main() {
 	rate := flag.Int("rate", 0, "calls per second, each in its own goroutine (0: one after another)")
 	timeout := flag.Duration("timeout", 2*time.Second, "deadline of each call")
 	warmup := flag.Int("warmup-instances", 0, "before counting, call until this many instances answered")
+	concurrency := flag.Int("concurrency", 1, "without -rate: this many calls in flight, each caller one after another")
+	quiet := flag.Bool("quiet", false, "no line per call, only the summary")
 	flag.Parse()
 	log.SetFlags(log.Ltime | log.Lmicroseconds)
+	if *concurrency < 1 {
+		fmt.Fprintln(os.Stderr, "greeter_client: -concurrency must be at least 1")
+		os.Exit(2)
+	}
 	if *requests == 0 && *duration == 0 {
 		fmt.Fprintln(os.Stderr, "greeter_client: give -requests N or -duration D (or both)")
 		os.Exit(2)
@@ -138,7 +149,7 @@ func main() {
 		fmt.Printf("warmed up: %d instances\n", len(seen))
 	}
 
-	t := &tally{instance: map[string]int{}}
+	t := &tally{instance: map[string]int{}, quiet: *quiet}
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
 	var end <-chan time.Time
@@ -157,29 +168,47 @@ func main() {
 		defer ticker.Stop()
 		tick = ticker.C
 	}
-loop:
-	for made := 0; *requests == 0 || made < *requests; made++ {
-		if tick != nil {
-			select {
-			case <-tick:
-			case <-end:
-				break loop
-			case <-stop:
-				break loop
-			}
-			inFlight.Add(1)
-			go one()
-			continue
+	// Each call needs a turn: a tick of the rate, or (without -rate) a place in the budget of
+	// -requests, taken by -concurrency callers one call after another.
+	var made int64
+	turn := func() bool {
+		if *requests > 0 && atomic.AddInt64(&made, 1) > int64(*requests) {
+			return false
 		}
 		select {
 		case <-end:
-			break loop
+			return false
 		case <-stop:
-			break loop
+			return false
 		default:
+			return true
 		}
-		inFlight.Add(1)
-		one()
+	}
+	if tick != nil {
+	ticking:
+		for *requests == 0 || made < int64(*requests) {
+			select {
+			case <-tick:
+			case <-end:
+				break ticking
+			case <-stop:
+				break ticking
+			}
+			made++
+			inFlight.Add(1)
+			go one()
+		}
+	} else {
+		for i := 0; i < *concurrency; i++ {
+			inFlight.Add(1)
+			go func() {
+				defer inFlight.Done()
+				for turn() {
+					reply, p, start, err := call()
+					t.record(start, p, reply, err)
+				}
+			}()
+		}
 	}
 	inFlight.Wait()
 
