@@ -393,7 +393,7 @@ async fn run(
                 }
             }
         };
-        debug!(lease = %label, id = format_args!("{id:x}"), ttl_s = ttl.as_secs(), "lease granted");
+        debug!(lease = %label, id = format_args!("{id:x}"), ttl_s = ttl_seconds(ttl), "lease granted");
         backoff.reset();
         last_problem = None;
         current = Some(id);
@@ -419,7 +419,7 @@ async fn run(
             match &revoked {
                 Ok(()) => debug!(lease = %label, id = format_args!("{id:x}"), "lease revoked"),
                 Err(e) => {
-                    warn!(lease = %label, error = %chain(e), ttl_s = ttl.as_secs(), "could not revoke the lease; its keys expire within one TTL")
+                    warn!(lease = %label, error = %chain(e), ttl_s = ttl_seconds(ttl), "could not revoke the lease; its keys expire within one TTL")
                 }
             }
             revoked.map(|()| Some(id))

@@ -296,7 +296,7 @@ async fn run(
         info!(
             key,
             lease = format_args!("{id:x}"),
-            ttl_s = lease.ttl().as_secs(),
+            ttl_s = crate::lease::ttl_seconds(lease.ttl()),
             "registered"
         );
         metrics::registered(&key, true);
