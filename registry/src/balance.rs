@@ -188,8 +188,11 @@ struct Owner {
 /// State shared by the channel clones, the updater and the maintainers.
 struct Shared {
     service: Arc<str>,
-    /// Discovery's snapshots: whether the first list has completed.
+    /// Discovery's snapshots: whether the first list has completed, and the instances it knows.
     membership: watch::Receiver<Membership>,
+    /// The instance set the updater last turned into backends. Discovery replaces its `Arc` on
+    /// every change, so a snapshot whose `instances` is not this one is known but not yet applied.
+    applied: Mutex<Arc<InstanceMap>>,
     /// Woken on every change of the rotation, for calls waiting for a first connection.
     changed: Notify,
     call_timeout: Duration,
@@ -222,6 +225,7 @@ impl BalancedChannel {
             seed: options.seed,
             outlier: options.outlier.clone(),
             backends: Mutex::new(BTreeMap::new()),
+            applied: Mutex::new(Arc::default()),
             picker: RwLock::new(Arc::new(Picker::new(
                 options.policy,
                 Vec::new(),
@@ -415,19 +419,14 @@ impl Shared {
             tokio::pin!(changed);
             // Register interest before looking, so a change in between is not missed.
             changed.as_mut().enable();
-            let status = match self.pick(avoid, key) {
+            // Asked before picking: if nothing was starting then, everything known had already
+            // been published to the picker, and a failed pick is the answer. Asked after, a
+            // connection published in between would be missed and the call failed for nothing.
+            let starting = self.still_starting();
+            match self.pick(avoid, key) {
                 Ok(picked) => return Ok(picked),
-                Err(status) => status,
-            };
-            let still_connecting = !self.membership.borrow().synced
-                || self
-                    .backends
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .values()
-                    .any(|b| b.is_connecting());
-            if !still_connecting {
-                return Err(status);
+                Err(status) if !starting => return Err(status),
+                Err(_) => {}
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return Err(Status::deadline_exceeded(format!(
@@ -436,6 +435,20 @@ impl Shared {
                 )));
             }
         }
+    }
+
+    /// Whether a failed pick may still turn into a success without anything new happening: the
+    /// first list is not done, discovery knows instances the updater has not applied yet, or a
+    /// backend has not finished its first connection attempt. This one check is what "the
+    /// channel is still starting" means, for every caller.
+    fn still_starting(&self) -> bool {
+        // The same lock order as `rebuild`: backends, then discovery's snapshot.
+        let backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+        let membership = self.membership.borrow();
+        let applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        !membership.synced
+            || !Arc::ptr_eq(&membership.instances, &applied)
+            || backends.values().any(|b| b.is_connecting())
     }
 
     /// The policy's choice and its channel. Prefers, in order: an instance not in `avoid` (those a
@@ -681,6 +694,10 @@ async fn follow(
     loop {
         let instances = membership.borrow_and_update().instances.clone();
         reconcile(&shared, &instances, &options, &stop, &mut stops);
+        // Applied: from here a failed pick no longer waits for this snapshot. Recorded before the
+        // rebuild, whose notification wakes the calls waiting for it.
+        *shared.applied.lock().unwrap_or_else(|p| p.into_inner()) = instances;
+        shared.rebuild();
         tokio::select! {
             _ = stop.cancelled() => return,
             changed = membership.changed() => if changed.is_err() { return },
@@ -688,7 +705,7 @@ async fn follow(
     }
 }
 
-/// Makes the backends match `instances`: one per distinct address.
+/// Makes the backends match `instances`: one per distinct address. The caller rebuilds the picker.
 fn reconcile(
     shared: &Arc<Shared>,
     instances: &InstanceMap,
@@ -752,7 +769,6 @@ fn reconcile(
             stops.insert(addr, backend_stop.drop_guard());
         }
     }
-    shared.rebuild();
 }
 
 /// The tonic endpoint for one instance. Discovery only admits dialable addresses, so this fails only

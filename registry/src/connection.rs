@@ -278,7 +278,10 @@ pub(crate) async fn maintain(
             _ = stop.cancelled() => break,
             connected = connected => connected,
         };
-        let first = !backend.attempted.swap(true, Ordering::AcqRel);
+        // Only the maintainer writes `attempted`. It is set once the attempt's outcome is visible
+        // (the backend published and the picker rebuilt, or the failure known), never before: a
+        // call that sees "not connecting" must also see the connection, or fail for a reason.
+        let first = !backend.attempted.load(Ordering::Acquire);
         match connected {
             Ok((channel, serving)) => {
                 info!(addr = %backend.addr, id = %backend.instance_id, serving, "connected; instance in rotation");
@@ -294,6 +297,7 @@ pub(crate) async fn maintain(
                     closed: closed.clone(),
                 }));
                 on_change();
+                backend.attempted.store(true, Ordering::Release);
                 backoff.reset();
                 last_problem = None;
                 tokio::select! {
@@ -315,6 +319,7 @@ pub(crate) async fn maintain(
                 }
                 if first {
                     // Calls waiting for this backend's first connection can stop waiting.
+                    backend.attempted.store(true, Ordering::Release);
                     on_change();
                 }
                 tokio::select! {

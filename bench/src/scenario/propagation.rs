@@ -135,9 +135,9 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
          (1 ms resolution) over two server processes plus the timed instance; round robin over \
          three then sends the newcomer one call in three, so up to 3 ms pass between its \
          admission and its first call. Ours' admission itself (the instance in `ready_addrs`, \
-         polled every millisecond from the put): {} ms as `server::run` serves, {} ms with \
-         TCP_NODELAY (median | p99). The same cluster's put latency, measured just before: \
-         median {} ms, p99 {} ms.\n",
+         polled every millisecond from the put): {} ms as `server::run` serves (TCP_NODELAY), \
+         {} ms through a bare `TcpListenerStream` (Nagle on) (median | p99). The same \
+         cluster's put latency, measured just before: median {} ms, p99 {} ms.\n",
         cells(Summary::of(&admitted[0])),
         cells(Summary::of(&admitted[1])),
         num(floor.median),
