@@ -152,10 +152,19 @@ func main() {
 	t := &tally{instance: map[string]int{}, quiet: *quiet}
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
-	var end <-chan time.Time
-	if *duration > 0 {
-		end = time.After(*duration)
-	}
+	// Closed when the run is over (its -duration passed, or a signal came), for every caller.
+	done := make(chan struct{})
+	go func() {
+		var end <-chan time.Time
+		if *duration > 0 {
+			end = time.After(*duration)
+		}
+		select {
+		case <-end:
+		case <-stop:
+		}
+		close(done)
+	}()
 	var inFlight sync.WaitGroup
 	one := func() {
 		defer inFlight.Done()
@@ -176,9 +185,7 @@ func main() {
 			return false
 		}
 		select {
-		case <-end:
-			return false
-		case <-stop:
+		case <-done:
 			return false
 		default:
 			return true
@@ -189,9 +196,7 @@ func main() {
 		for *requests == 0 || made < int64(*requests) {
 			select {
 			case <-tick:
-			case <-end:
-				break ticking
-			case <-stop:
+			case <-done:
 				break ticking
 			}
 			made++
