@@ -65,6 +65,7 @@ pub mod endpoint;
 pub mod error;
 pub mod etcd;
 pub mod key;
+mod key_watch;
 pub mod lease;
 pub mod lock;
 pub mod metrics;

@@ -19,8 +19,8 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, LockOptions, PutOptions, SortOrder, SortTarget, Txn,
-    TxnOp, TxnOpResponse, WatchOptions,
+    Compare, CompareOp, GetOptions, LockOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
+    TxnOpResponse,
 };
 use tokio::{
     sync::{OwnedMutexGuard, watch},
@@ -33,6 +33,7 @@ use crate::{
     backoff::Backoff,
     error::{Error, Result, chain},
     etcd::Etcd,
+    key_watch,
     lease::{self, SharedLease},
 };
 
@@ -428,46 +429,10 @@ async fn watch_ownership(
     lost.send_replace(Some(reason));
 }
 
-/// Returns once `key` is deleted after `revision`, resuming a broken watch where it stopped.
-async fn key_deleted(etcd: &Etcd, key: &str, mut revision: i64) -> String {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-    loop {
-        let start = revision + 1;
-        let opened = etcd
-            .call("watch", key, |mut c| async move {
-                c.watch(key, Some(WatchOptions::new().with_start_revision(start)))
-                    .await
-            })
-            .await;
-        if let Ok(mut stream) = opened {
-            while let Ok(Some(resp)) = stream.message().await {
-                if resp.canceled() {
-                    // Our start revision was compacted away: look at the key itself.
-                    match etcd
-                        .call("get", key, |mut c| async move { c.get(key, None).await })
-                        .await
-                    {
-                        Ok(got) if got.kvs().is_empty() => {
-                            return format!("lock key {key} was deleted");
-                        }
-                        Ok(got) => revision = got.header().map_or(revision, |h| h.revision()),
-                        Err(_) => {}
-                    }
-                    break;
-                }
-                backoff.reset();
-                for event in resp.events() {
-                    if let Some(kv) = event.kv() {
-                        revision = revision.max(kv.mod_revision());
-                    }
-                    if event.event_type() == EventType::Delete {
-                        return format!("lock key {key} was deleted");
-                    }
-                }
-            }
-        }
-        tokio::time::sleep(backoff.next_delay()).await;
-    }
+/// Returns once `key` is deleted after `revision`.
+async fn key_deleted(etcd: &Etcd, key: &str, revision: i64) -> String {
+    let at = key_watch::deleted(etcd, key, revision).await;
+    format!("lock key {key} was deleted (revision {at})")
 }
 
 #[cfg(test)]

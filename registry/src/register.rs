@@ -19,7 +19,6 @@
 
 use std::time::Duration;
 
-use etcd_client::{EventType, WatchOptions};
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -29,7 +28,7 @@ use crate::{
     endpoint::Endpoint,
     error::{Error, Result},
     etcd::Etcd,
-    key,
+    key, key_watch,
     lease::{self, LeaseEnd, LeaseState, SharedLease},
     metrics,
 };
@@ -360,61 +359,22 @@ async fn guard_key(
     mut revision: i64,
     cancel: &CancellationToken,
 ) -> LeaseEnd {
-    let etcd = lease.etcd();
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
     loop {
-        let start = revision + 1;
-        let open = etcd.call("watch", key, |mut c| async move {
-            c.watch(key, Some(WatchOptions::new().with_start_revision(start)))
-                .await
-        });
-        let opened = tokio::select! {
+        let deleted = tokio::select! {
             _ = cancel.cancelled() => return LeaseEnd::Cancelled,
-            opened = open => opened,
+            deleted = key_watch::deleted(lease.etcd(), key, revision) => deleted,
         };
-        if let Ok(mut stream) = opened {
-            loop {
-                let message = tokio::select! {
-                    _ = cancel.cancelled() => return LeaseEnd::Cancelled,
-                    message = stream.message() => message,
-                };
-                // A broken stream (or a watch we cannot follow) is resumed from `revision` below;
-                // the lease keep-alive, not this guard, decides whether the lease survived.
-                let Ok(Some(resp)) = message else { break };
-                if resp.canceled() {
-                    // Our start revision was compacted away: look at the key itself instead.
-                    match key_present(etcd, key).await {
-                        Ok((true, now)) => revision = now,
-                        Ok((false, _)) => match restore(lease, key, value, id, cancel).await {
-                            Ok(now) => revision = now,
-                            Err(end) => return end,
-                        },
-                        Err(_) => {}
-                    }
-                    break;
-                }
-                backoff.reset();
-                for event in resp.events() {
-                    let Some(kv) = event.kv() else { continue };
-                    revision = revision.max(kv.mod_revision());
-                    if event.event_type() == EventType::Delete {
-                        warn!(
-                            key,
-                            lease = format_args!("{id:x}"),
-                            revision = kv.mod_revision(),
-                            "our key was deleted (by an operator, or with its lease); putting it back on the lease"
-                        );
-                        match restore(lease, key, value, id, cancel).await {
-                            Ok(now) => revision = now,
-                            Err(end) => return end,
-                        }
-                    }
-                }
-            }
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return LeaseEnd::Cancelled,
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        // The lease keep-alive, not this guard, decides whether the lease survived: putting the
+        // key back on it tells.
+        warn!(
+            key,
+            lease = format_args!("{id:x}"),
+            revision = deleted,
+            "our key was deleted (by an operator, or with its lease); putting it back on the lease"
+        );
+        match restore(lease, key, value, id, cancel).await {
+            Ok(now) => revision = now,
+            Err(end) => return end,
         }
     }
 }
@@ -458,13 +418,4 @@ async fn restore(
             }
         }
     }
-}
-
-/// Whether `key` exists, and the revision of that answer.
-async fn key_present(etcd: &Etcd, key: &str) -> Result<(bool, i64)> {
-    let resp = etcd
-        .call("get", key, |mut c| async move { c.get(key, None).await })
-        .await?;
-    let revision = resp.header().map_or(0, |h| h.revision());
-    Ok((!resp.kvs().is_empty(), revision))
 }

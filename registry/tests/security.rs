@@ -370,3 +370,81 @@ fn chain(err: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registration_that_may_write_but_not_watch_its_key_says_so_once() {
+    let logs = captured_logs();
+    // A role with write but not read permission: the key can be put, its guard cannot watch it.
+    let mut cluster = EtcdCluster::start();
+    for args in [
+        vec!["role", "add", "writer-role"],
+        vec![
+            "role",
+            "grant-permission",
+            "writer-role",
+            "--prefix=true",
+            "write",
+            "services/",
+        ],
+        vec![
+            "user",
+            "add",
+            "writer",
+            "--new-user-password=writer-Pa55word",
+        ],
+        vec!["user", "grant-role", "writer", "writer-role"],
+    ] {
+        cluster.etcdctl_ok(&args);
+    }
+    cluster.enable_auth(ROOT_PASSWORD);
+    let writer = auth_config(&cluster, "writer", "writer-Pa55word");
+    let etcd = writer.connect().await.expect("writer connects");
+    let registration = writer
+        .registration("writeonly", "w-1", "127.0.0.1:50054")
+        .start(&etcd)
+        .expect("a valid registration");
+    registration
+        .wait_registered(Duration::from_secs(10))
+        .await
+        .expect("a write-only role can put the key");
+
+    // The key guard's watch is refused; it keeps retrying (an operator may grant the role), and
+    // says so once rather than spinning in silence.
+    let key = "services/writeonly/w-1";
+    let warned = |logs: &str| {
+        logs.lines()
+            .filter(|l| l.contains("cannot watch the key") && l.contains(key) && l.contains("WARN"))
+            .count()
+    };
+    let started = Instant::now();
+    while warned(&String::from_utf8_lossy(
+        &logs.lock().unwrap_or_else(|p| p.into_inner()),
+    )) == 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no warning that the guard of {key} cannot watch it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Several retries later (backoff up to 1 s), still one warning for the same problem.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let text =
+        String::from_utf8_lossy(&logs.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    assert_eq!(warned(&text), 1, "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("still cannot watch the key") && l.contains(key)),
+        "the guard stopped retrying:\n{text}"
+    );
+    // Deleting only if the key is still on our lease is a transaction that reads the key, so the
+    // same role cannot deregister either: the error names the operation, the key and the user.
+    let err = registration
+        .deregister()
+        .await
+        .expect_err("a write-only role cannot compare before deleting");
+    assert!(
+        matches!(&err, Error::PermissionDenied { op, .. } if *op == "delete"),
+        "{err:?}"
+    );
+}
