@@ -49,7 +49,10 @@ use crate::{
     error::chain,
     metrics,
     policy::{Candidate, Picker, Policy},
-    retry::{Replay, RetryBudget, RetryPolicy, grpc_timeout, is_unavailable_response, never_sent},
+    retry::{
+        Replay, RetryBudget, RetryPolicy, grpc_timeout, is_unavailable_response, never_sent,
+        timed_out,
+    },
     select::Selector,
 };
 
@@ -487,29 +490,39 @@ impl Shared {
         let started = Instant::now();
         let outcome = tokio::time::timeout_at(deadline, channel.oneshot(request)).await;
         drop(in_flight);
-        self.record(
-            backend,
-            !matches!(&outcome, Ok(Ok(r)) if !is_failure_response(r)),
-            started.elapsed(),
-        );
+        let attempt = match &outcome {
+            Ok(Ok(response)) if !is_failure_response(response) => Attempt::Succeeded,
+            // The caller's deadline, which may be far shorter than the instance needs: the call
+            // failed, but that says nothing about the instance (a frozen one is found by the
+            // keep-alive ping instead).
+            Err(_) => Attempt::OutOfTime,
+            Ok(Err(error)) if timed_out(error) => Attempt::OutOfTime,
+            Ok(_) => Attempt::Failed,
+        };
+        self.record(backend, attempt, started.elapsed());
         outcome
     }
 
-    /// Counts an attempt's outcome: in the metrics, and towards the instance's outlier detection.
-    fn record(&self, backend: &Backend, failed: bool, elapsed: Duration) {
-        backend.metrics.call(elapsed, failed);
-        if !failed {
-            backend.record_success();
-        } else if let Some(length) = backend.record_failure(&self.outlier, Instant::now()) {
-            warn!(
-                service = %self.service,
-                addr = %backend.addr,
-                id = %backend.instance_id,
-                failures = self.outlier.consecutive_failures,
-                ejected_for = ?length,
-                "instance ejected after consecutive failures"
-            );
-            metrics::ejected(&self.service, &backend.addr, "outlier");
+    /// Counts an attempt's outcome: in the metrics, and (unless the call ran out of its own time)
+    /// towards the instance's outlier detection.
+    fn record(&self, backend: &Backend, attempt: Attempt, elapsed: Duration) {
+        backend.metrics.call(elapsed, attempt != Attempt::Succeeded);
+        match attempt {
+            Attempt::Succeeded => backend.record_success(),
+            Attempt::OutOfTime => {}
+            Attempt::Failed => {
+                if let Some(length) = backend.record_failure(&self.outlier, Instant::now()) {
+                    warn!(
+                        service = %self.service,
+                        addr = %backend.addr,
+                        id = %backend.instance_id,
+                        failures = self.outlier.consecutive_failures,
+                        ejected_for = ?length,
+                        "instance ejected after consecutive failures"
+                    );
+                    metrics::ejected(&self.service, &backend.addr, "outlier");
+                }
+            }
         }
     }
 
@@ -545,10 +558,14 @@ impl Shared {
         let key = key.as_deref();
         if !self.retry.enabled() {
             let mut request = request;
-            set_grpc_timeout(request.headers_mut(), deadline);
             let (backend, channel) = self.pick_or_wait(&[], key, deadline).await?;
+            // After the pick: time spent waiting for an instance is no longer the server's.
+            set_grpc_timeout(request.headers_mut(), deadline);
             return match self.send(&backend, channel, request, deadline).await {
                 Ok(Ok(response)) => Ok(served_by(response, &backend)),
+                Ok(Err(error)) if timed_out(&error) => {
+                    Err(deadline_exceeded(&backend, timeout).into())
+                }
                 Ok(Err(error)) => Err(transport_failure(&backend, &error).into()),
                 Err(_) => Err(deadline_exceeded(&backend, timeout).into()),
             };
@@ -568,6 +585,9 @@ impl Shared {
             let request = http::Request::from_parts(parts.clone(), body.attempt());
             let (safe, failure) = match self.send(&backend, channel, request, deadline).await {
                 Err(_) => return Err(deadline_exceeded(&backend, timeout).into()),
+                Ok(Err(error)) if timed_out(&error) => {
+                    return Err(deadline_exceeded(&backend, timeout).into());
+                }
                 Ok(Ok(response)) if idempotent && is_unavailable_response(&response) => {
                     (true, Ok(served_by(response, &backend)))
                 }
@@ -590,6 +610,16 @@ impl Shared {
             tokio::time::sleep_until((Instant::now() + backoff.next_delay()).min(deadline)).await;
         }
     }
+}
+
+/// How one attempt on an instance ended, as far as judging the instance goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    Succeeded,
+    /// The instance failed the call (a transport error, or a status saying it is failing).
+    Failed,
+    /// The call's deadline passed first.
+    OutOfTime,
 }
 
 /// Tells the server how long the call has left (`grpc-timeout`), so it can give up when we do.

@@ -589,7 +589,14 @@ pub(crate) async fn keep_alive(
                 _ = sleep_until(expires) => return LeaseEnd::Lost(expired_reason(&last_problem)),
                 _ = tick.tick() => {
                     last_sent = Instant::now();
-                    if let Err(e) = keeper.keep_alive().await {
+                    // The send is bounded by the same deadline as everything else: a send that
+                    // never completes (a stream etcd stopped reading) must not hide the expiry.
+                    let sent = tokio::select! {
+                        _ = cancel.cancelled() => return LeaseEnd::Cancelled,
+                        _ = sleep_until(expires) => return LeaseEnd::Lost(expired_reason(&last_problem)),
+                        sent = keeper.keep_alive() => sent,
+                    };
+                    if let Err(e) = sent {
                         break format!("sending a keep-alive failed: {e}");
                     }
                 }

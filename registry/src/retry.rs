@@ -172,6 +172,19 @@ pub(crate) fn never_sent(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// True when `error` is the call's own deadline passing inside tonic's channel (which enforces the
+/// `grpc-timeout` header itself): the caller ran out of time, the instance did nothing wrong.
+pub(crate) fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 /// True for a response that carries only a gRPC `UNAVAILABLE` status (a "trailers-only" response:
 /// the status is in the headers and there is no message), or `CANCELLED`, which a server sends
 /// for calls it drops while shutting down (grpc-core does): we never cancel a call and then read

@@ -362,3 +362,47 @@ async fn consecutive_failures_eject_an_instance_for_a_while() {
     );
     assert_eq!(failures, 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_run_out_of_their_own_time_do_not_eject_the_instance() {
+    let (_cluster, etcd) = cluster().await;
+    let slow = Behaviour {
+        delay: Duration::from_millis(200),
+        ..Behaviour::default()
+    };
+    let (_servers, _registrations) = servers(&etcd, &[("slow", slow, &[][..])]).await;
+    let options = BalanceOptions {
+        retry: RetryPolicy::disabled(),
+        ..BalanceOptions::default()
+    };
+    let channel = channel(&etcd, options, 1).await;
+    let mut client = GreeterClient::new(channel.clone());
+
+    // Ten calls in a row whose caller gives them 20 ms, far less than the instance needs: each
+    // fails, and none of that is the instance's fault. Whichever notices first ends the call: our
+    // deadline, tonic's channel (which enforces `grpc-timeout` itself) or the server (which
+    // answers CANCELLED).
+    for _ in 0..10 {
+        let mut request = tonic::Request::new(HelloRequest { name: "t".into() });
+        request.set_timeout(Duration::from_millis(20));
+        let status = client.say_hello(request).await.unwrap_err();
+        assert!(
+            matches!(
+                status.code(),
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ),
+            "{status:?}"
+        );
+    }
+    let instances = channel.instances();
+    assert_eq!(instances.len(), 1);
+    assert!(
+        !instances[0].ejected && instances[0].in_rotation,
+        "{instances:?}"
+    );
+    // It still serves a caller that waits for it.
+    client
+        .say_hello(HelloRequest { name: "t".into() })
+        .await
+        .expect("the slow instance answers a patient call");
+}
