@@ -14,12 +14,12 @@ use std::{collections::BTreeMap, io::IsTerminal, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
+use cli::{EtcdArgs, GrpcTlsArgs, Layered, MetricsArgs, duration, pairs, parse_duration, text};
 use proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
 use registry::{
     BalanceOptions, BalancedChannel, Change, Discovery, Format, Policy, RetryPolicy, Selector,
     ServedBy,
     balance::{HASH_KEY, INSTANCE},
-    cli::{EtcdArgs, GrpcTlsArgs, Layered, MetricsArgs, duration, pairs, parse_duration, text},
     discover::diff,
     select::parse_pair,
 };
@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 mod watch;
 
 /// Settings of the `client` binary: flags, environment variables, or the same names in
-/// `client.toml` (see `registry::cli` for the layering). The `watch` subcommand's flags are
+/// `client.toml` (see the `cli` crate for the layering). The `watch` subcommand's flags are
 /// command-line only.
 #[derive(Debug, Clone, Parser, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

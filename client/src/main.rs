@@ -8,7 +8,7 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let Some(config) = registry::cli::load_or_exit::<Config>("client") else {
+    let Some(config) = cli::load_or_exit::<Config>("client") else {
         return ExitCode::SUCCESS; // --print-config
     };
     tracing_subscriber::fmt()

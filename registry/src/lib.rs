@@ -28,7 +28,6 @@
 //! - [`policy`]: round robin, weighted, random, least request, consistent hash, pick first.
 //! - [`select`]: choosing instances by metadata (require `version=v2`, prefer `zone=a`).
 //! - `connection`: one HTTP/2 connection per instance, ejected the moment its socket closes.
-//! - `cli` (feature `cli`, on by default): clap arguments shared by binaries.
 //! - [`backoff`]: capped exponential backoff with jitter.
 //! - [`error`]: the crate's [`Error`].
 //!
@@ -55,8 +54,6 @@
 
 pub mod backoff;
 pub mod balance;
-#[cfg(feature = "cli")]
-pub mod cli;
 pub mod config;
 mod connection;
 pub mod discover;

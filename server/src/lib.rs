@@ -20,8 +20,8 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use cli::{EtcdArgs, GrpcTlsArgs, Layered, MetricsArgs, duration, pairs, parse_duration};
 use proto::helloworld::greeter_server::GreeterServer;
-use registry::cli::{EtcdArgs, GrpcTlsArgs, Layered, MetricsArgs, duration, pairs, parse_duration};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -33,7 +33,7 @@ use tracing::{info, warn};
 pub mod greeter;
 
 /// Settings of the `server` binary: flags, `SERVER_*`/`ETCD_*` environment variables, or the same
-/// names in `server.toml` (see `registry::cli` for the layering).
+/// names in `server.toml` (see the `cli` crate for the layering).
 #[derive(Debug, Clone, Parser, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[command(version, about = "A helloworld Greeter that registers itself in etcd.")]

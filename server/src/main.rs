@@ -10,7 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let Some(config) = registry::cli::load_or_exit::<Config>("server") else {
+    let Some(config) = cli::load_or_exit::<Config>("server") else {
         return ExitCode::SUCCESS; // --print-config
     };
     if let Err(e) = config.validate() {
