@@ -10,6 +10,7 @@
 //!   ([`GrpcTlsArgs`]) and the Prometheus exporter ([`MetricsArgs`]).
 //! - [`layered`]: [`load`], merging defaults < config file < environment < flags, and the
 //!   `--print-config` report.
+//! - [`logging`]: `tracing` to stderr, through a writer a closed stderr cannot break.
 //! - [`values`]: durations, `KEY=VALUE` pairs and other values written as text, with their serde
 //!   helpers.
 //! - [`error`]: the crate's [`Error`], which names flags, variables and file keys.
@@ -40,6 +41,7 @@
 pub mod args;
 pub mod error;
 pub mod layered;
+pub mod logging;
 pub mod values;
 
 pub use args::{DEMO_ENDPOINTS, EtcdArgs, GrpcTlsArgs, MetricsArgs};

@@ -1,12 +1,11 @@
 //! `server`: load the configuration (defaults < server.toml < environment < flags), install logging
 //! and the shutdown signal, run. See the library for the rest.
 
-use std::{io::IsTerminal, process::ExitCode};
+use std::process::ExitCode;
 
 use clap::{CommandFactory, error::ErrorKind};
 use server::Config;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -19,13 +18,8 @@ async fn main() -> ExitCode {
             .error(ErrorKind::ValueValidation, format!("{e:#}"))
             .exit();
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    // Logs go through a writer a closed stderr cannot break (see `cli::logging`).
+    cli::logging::init("info");
 
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signal(shutdown.clone()));
@@ -51,9 +45,12 @@ async fn on_signal(shutdown: CancellationToken) {
             }
         }
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = terminate => tracing::info!("SIGTERM received"),
-    }
+    let signal = tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = terminate => "SIGTERM",
+    };
+    // Act first, then say so: nothing that can go wrong while logging may stand between the
+    // signal and the deregistration.
     shutdown.cancel();
+    tracing::info!("{signal} received");
 }
