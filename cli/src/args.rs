@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     error::{Error, Result},
-    values::{duration, parse_duration},
+    layered::Sources,
+    values::{duration, list, parse_nonzero_duration},
 };
 
 /// The endpoints of the demo cluster (`docker-compose.yml`, `scripts/etcd-cluster.sh`).
@@ -28,54 +29,56 @@ pub struct EtcdArgs {
     /// etcd endpoints, comma-separated, each host:port, http://host:port or https://host:port
     /// (bare host:port uses TLS when --etcd-ca is set).
     #[arg(
+        global = true,
         long = "etcd-endpoints",
         env = "ETCD_ENDPOINTS",
         value_delimiter = ',',
         default_value = DEMO_ENDPOINTS,
         value_parser = parse_endpoint_arg,
     )]
+    #[serde(deserialize_with = "list::deserialize")]
     pub etcd_endpoints: Vec<String>,
 
     /// Service name: instances live under NAMESPACE/SERVICE/.
-    #[arg(long, env = "REGISTRY_SERVICE", default_value = "helloworld", value_parser = parse_service)]
+    #[arg(global = true, long, env = "REGISTRY_SERVICE", default_value = "helloworld", value_parser = parse_service)]
     pub service: String,
 
     /// Key namespace (a Go client dials etcd:///NAMESPACE/SERVICE).
-    #[arg(long, env = "REGISTRY_NAMESPACE", default_value = key::DEFAULT_NAMESPACE, value_parser = parse_namespace)]
+    #[arg(global = true, long, env = "REGISTRY_NAMESPACE", default_value = key::DEFAULT_NAMESPACE, value_parser = parse_namespace)]
     pub namespace: String,
 
     /// How long to keep retrying etcd at startup before giving up with an error.
-    #[arg(long, env = "ETCD_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(global = true, long, env = "ETCD_TIMEOUT", default_value = "10s", value_parser = parse_nonzero_duration)]
     #[serde(with = "duration")]
     pub etcd_timeout: Duration,
 
     /// etcd username, for a cluster with auth enabled.
-    #[arg(long, env = "ETCD_USERNAME")]
+    #[arg(global = true, long, env = "ETCD_USERNAME")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub etcd_username: Option<String>,
 
     /// etcd password. Prefer ETCD_PASSWORD or --etcd-password-file: a flag is visible in `ps`.
-    #[arg(long, env = "ETCD_PASSWORD", hide_env_values = true, value_parser = parse_secret, conflicts_with = "etcd_password_file")]
+    #[arg(global = true, long, env = "ETCD_PASSWORD", hide_env_values = true, value_parser = parse_secret, conflicts_with = "etcd_password_file")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub etcd_password: Option<Secret>,
 
     /// File holding the etcd password (one trailing newline is ignored).
-    #[arg(long, env = "ETCD_PASSWORD_FILE", value_name = "PATH")]
+    #[arg(global = true, long, env = "ETCD_PASSWORD_FILE", value_name = "PATH")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub etcd_password_file: Option<PathBuf>,
 
     /// CA certificate (PEM) to trust for etcd's TLS; turns TLS to etcd on.
-    #[arg(long, env = "ETCD_CA", value_name = "PATH")]
+    #[arg(global = true, long, env = "ETCD_CA", value_name = "PATH")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub etcd_ca: Option<PathBuf>,
 
     /// Client certificate (PEM) to present to etcd (with --etcd-key).
-    #[arg(long, env = "ETCD_CERT", value_name = "PATH")]
+    #[arg(global = true, long, env = "ETCD_CERT", value_name = "PATH")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub etcd_cert: Option<PathBuf>,
 
     /// Private key (PEM) of --etcd-cert.
-    #[arg(long, env = "ETCD_KEY", value_name = "PATH")]
+    #[arg(global = true, long, env = "ETCD_KEY", value_name = "PATH")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub etcd_key: Option<PathBuf>,
 }
@@ -85,7 +88,7 @@ pub struct EtcdArgs {
 #[serde(rename_all = "kebab-case")]
 pub struct MetricsArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464) at any path; off unless set.
-    #[arg(long, env = "METRICS_ADDR")]
+    #[arg(global = true, long, env = "METRICS_ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<SocketAddr>,
 }
@@ -95,23 +98,31 @@ pub struct MetricsArgs {
 #[serde(rename_all = "kebab-case")]
 pub struct GrpcTlsArgs {
     /// Certificate (PEM): the server's own, or the client's for mutual TLS.
-    #[arg(long, env = "TLS_CERT", value_name = "PATH")]
+    #[arg(global = true, long, env = "TLS_CERT", value_name = "PATH")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert: Option<PathBuf>,
 
     /// Private key (PEM) of --tls-cert.
-    #[arg(long, env = "TLS_KEY", value_name = "PATH")]
+    #[arg(global = true, long, env = "TLS_KEY", value_name = "PATH")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
 
     /// CA (PEM): on a client, the CA that signed the servers' certificates (turns TLS on); on a
     /// server, requires clients to present a certificate signed by it (mutual TLS).
-    #[arg(long, env = "TLS_CA", value_name = "PATH")]
+    #[arg(global = true, long, env = "TLS_CA", value_name = "PATH")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<PathBuf>,
 }
 
 impl GrpcTlsArgs {
+    /// Checks that the files are usable (read and parsed, as at startup).
+    ///
+    /// # Errors
+    /// As [`GrpcTlsArgs::load`].
+    pub fn validate(&self) -> Result<()> {
+        self.load().map(drop)
+    }
+
     /// The files, loaded; `None` when none is set.
     ///
     /// # Errors
@@ -147,6 +158,68 @@ impl MetricsArgs {
 }
 
 impl EtcdArgs {
+    /// Checks what a config file can get past clap: every endpoint, the names, a zero timeout,
+    /// credentials that do not fit together, unreadable password, certificate or key files.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] naming the setting as the user wrote it, or [`Error::Registry`] naming
+    /// the file that cannot be used.
+    pub fn validate(&self, sources: &Sources) -> Result<()> {
+        for endpoint in &self.etcd_endpoints {
+            parse_endpoint_arg(endpoint).map_err(|e| sources.invalid("etcd-endpoints", e))?;
+        }
+        parse_service(&self.service).map_err(|e| sources.invalid("service", e))?;
+        parse_namespace(&self.namespace).map_err(|e| sources.invalid("namespace", e))?;
+        if self.etcd_timeout.is_zero() {
+            return Err(sources.invalid("etcd-timeout", "must be more than zero"));
+        }
+        match (
+            &self.etcd_username,
+            &self.etcd_password,
+            &self.etcd_password_file,
+        ) {
+            (_, Some(_), Some(_)) => {
+                return Err(sources.invalid(
+                    "etcd-password",
+                    format!(
+                        "both it and {} are set; keep one",
+                        sources.name("etcd-password-file")
+                    ),
+                ));
+            }
+            (Some(_), None, None) => {
+                return Err(sources.invalid(
+                    "etcd-username",
+                    "is set without a password: set ETCD_PASSWORD or --etcd-password-file",
+                ));
+            }
+            (None, Some(_), _) => {
+                return Err(sources.invalid(
+                    "etcd-password",
+                    "is set but no username: set --etcd-username",
+                ));
+            }
+            (None, _, Some(_)) => {
+                return Err(sources.invalid(
+                    "etcd-password-file",
+                    "is set but no username: set --etcd-username",
+                ));
+            }
+            (Some(_), None, Some(file)) => {
+                if let Err(e) = std::fs::read_to_string(file) {
+                    return Err(sources.invalid(
+                        "etcd-password-file",
+                        format!("cannot read {}: {e}", file.display()),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        // The rest (TLS files, empty password file, schemes) is the registry's own check.
+        self.registry_config(registry::register::DEFAULT_TTL)?;
+        Ok(())
+    }
+
     /// The registry configuration these settings describe, with lease TTL `ttl` (a client, which
     /// registers nothing, passes the default).
     ///

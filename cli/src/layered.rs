@@ -24,8 +24,10 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::error::{Error, Result};
 
-/// `--config` and `--print-config`, added to every binary's flags by [`load`].
+// `--config` and `--print-config`, added to every binary's flags by `load`. (A plain comment on
+// purpose: clap would take a doc comment here for the binary's own description in `--help`.)
 #[derive(Debug, Clone, Default, clap::Args)]
+#[allow(missing_docs)]
 pub struct ConfigArgs {
     /// Configuration file: TOML, YAML or JSON by extension, keys named like the flags
     /// (etcd-endpoints = [...]) [default: ./BINARY.toml (or .yaml, .yml, .json) if present].
@@ -47,6 +49,8 @@ pub struct Loaded<T> {
     pub file: Option<PathBuf>,
     /// Whether `--print-config` was given.
     pub print_config: bool,
+    /// Where each setting came from.
+    pub sources: Sources,
     report: String,
 }
 
@@ -58,24 +62,78 @@ impl<T> Loaded<T> {
     }
 }
 
+/// Where a setting's value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Origin {
+    /// The command line, or the built-in default.
+    Flag,
+    /// This environment variable.
+    Environment(String),
+    /// This config file.
+    File(PathBuf),
+}
+
+/// Where each setting came from, so an error names what the user wrote: `--ttl`, `REGISTRY_TTL`
+/// or `ttl in ./server.toml`.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    origins: Vec<(String, Origin)>,
+}
+
+impl Sources {
+    /// Every setting named as its flag: for settings parsed from the command line alone.
+    pub fn flags() -> Self {
+        Self::default()
+    }
+
+    /// How to name setting `key` (the long flag without dashes) in an error.
+    pub fn name(&self, key: &str) -> String {
+        match self.origins.iter().find(|(k, _)| k == key).map(|(_, o)| o) {
+            None | Some(Origin::Flag) => format!("--{key}"),
+            Some(Origin::Environment(var)) => var.clone(),
+            Some(Origin::File(path)) => format!("{key} in {}", path.display()),
+        }
+    }
+
+    /// An [`Error::Invalid`] about setting `key`, named by where it came from.
+    pub fn invalid(&self, key: &str, reason: impl Into<String>) -> Error {
+        Error::invalid(self.name(key), reason)
+    }
+}
+
 /// Settings types [`load`] can fill: a clap parser whose serde names are the flags' long names.
 pub trait Layered: clap::Parser + Serialize + DeserializeOwned {
     /// Copies what only the command line sets (a subcommand, skipped by serde) from `parsed`.
     fn keep_command_line_only(&mut self, parsed: Self) {
         let _ = parsed;
     }
+
+    /// Checks the merged settings, what clap cannot (values from a file skip clap's parsers, and
+    /// some settings only make sense together); [`load`] calls it, `--print-config` included.
+    ///
+    /// # Errors
+    /// The first problem, naming the setting through `sources`.
+    fn validate(&self, sources: &Sources) -> Result<()> {
+        let _ = sources;
+        Ok(())
+    }
 }
 
 /// Parses the process's arguments and merges all layers: defaults < config file < environment <
 /// flags. `binary` names the conventional config file (`<binary>.toml` etc. in the working
-/// directory). Exits like clap on a bad flag or `--help`.
+/// directory). Exits like clap on a bad flag or `--help`; a bad environment value is reported
+/// under the variable's name.
 ///
 /// # Errors
 /// [`Error::Config`] naming the file, key and expected type; [`Error::Invalid`] for an
-/// unknown key in the file or two conventional files.
+/// unknown key in the file, two conventional files, or what [`Layered::validate`] refuses.
 pub fn load<T: Layered>(binary: &str) -> Result<Loaded<T>> {
-    let command = ConfigArgs::augment_args(T::command());
-    let matches = command.clone().get_matches();
+    let command = command::<T>(binary);
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let matches = match command.clone().try_get_matches_from(&args) {
+        Ok(matches) => matches,
+        Err(e) => blame_environment(&command, e, &args).exit(),
+    };
     load_from(binary, &command, &matches, Path::new("."))
 }
 
@@ -84,14 +142,21 @@ pub fn load<T: Layered>(binary: &str) -> Result<Loaded<T>> {
 pub fn load_or_exit<T: Layered>(binary: &str) -> Option<T> {
     match load::<T>(binary) {
         Ok(loaded) if loaded.print_config => {
-            print!("{}", loaded.report());
+            use std::io::Write as _;
+            // A reader that left early (`--print-config | head -1`) is no error.
+            let _ = std::io::stdout().write_all(loaded.report().as_bytes());
             None
         }
         Ok(loaded) => Some(loaded.value),
-        Err(e) => T::command()
-            .error(clap::error::ErrorKind::ValueValidation, format!("{e:#}"))
-            .exit(),
+        Err(e) => exit_invalid::<T>(binary, &e),
     }
+}
+
+/// Prints `error` like a bad flag and exits with clap's usage status, 2.
+pub fn exit_invalid<T: clap::CommandFactory>(binary: &str, error: &dyn std::fmt::Display) -> ! {
+    command::<T>(binary)
+        .error(clap::error::ErrorKind::ValueValidation, error.to_string())
+        .exit()
 }
 
 /// [`load`] with explicit arguments and working directory, for tests.
@@ -99,15 +164,84 @@ pub fn load_or_exit<T: Layered>(binary: &str) -> Option<T> {
 /// # Errors
 /// As [`load`], plus clap's parse error as [`Error::Invalid`].
 pub fn load_args<T: Layered>(binary: &str, args: &[&str], dir: &Path) -> Result<Loaded<T>> {
-    let command = ConfigArgs::augment_args(T::command());
-    let matches = command
-        .clone()
-        .try_get_matches_from(std::iter::once(binary).chain(args.iter().copied()))
-        .map_err(|e| Error::Invalid {
-            setting: "command line".into(),
-            reason: e.to_string(),
-        })?;
+    let command = command::<T>(binary);
+    let args: Vec<std::ffi::OsString> = std::iter::once(binary)
+        .chain(args.iter().copied())
+        .map(Into::into)
+        .collect();
+    let matches = command.clone().try_get_matches_from(&args).map_err(|e| {
+        Error::invalid(
+            "command line",
+            blame_environment(&command, e, &args).to_string(),
+        )
+    })?;
     load_from(binary, &command, &matches, dir)
+}
+
+/// The binary's command with `--config` and `--print-config` added, its own description kept and
+/// the conventional file named after it.
+pub fn command<T: clap::CommandFactory>(binary: &str) -> clap::Command {
+    let own = T::command();
+    let (about, long_about) = (own.get_about().cloned(), own.get_long_about().cloned());
+    let mut command = ConfigArgs::augment_args(own)
+        .about(None::<&'static str>)
+        .long_about(None::<&'static str>);
+    if let Some(about) = about {
+        command = command.about(about);
+    }
+    if let Some(long_about) = long_about {
+        command = command.long_about(long_about);
+    }
+    command.mut_arg("config", |arg| {
+            arg.help(format!(
+                "Configuration file: TOML, YAML or JSON by extension, keys named like the flags \
+                 (etcd-endpoints = [...]) [default: ./{binary}.toml (or .yaml, .yml, .json) if present]"
+            ))
+        })
+}
+
+/// clap names the flag when a value is bad, even when the value came from the flag's environment
+/// variable (`SERVER_PORT=abc` is reported as a bad `--port`): name the variable instead.
+fn blame_environment(
+    command: &clap::Command,
+    error: clap::Error,
+    args: &[std::ffi::OsString],
+) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        error.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return error;
+    }
+    let Some(ContextValue::String(shown)) = error.get(ContextKind::InvalidArg) else {
+        return error;
+    };
+    let shown = shown.clone();
+    let Some(arg) = command.get_arguments().find(|arg| {
+        arg.get_long()
+            .is_some_and(|long| shown.split(' ').next() == Some(&format!("--{long}")))
+    }) else {
+        return error;
+    };
+    let (Some(long), Some(var)) = (arg.get_long(), arg.get_env()) else {
+        return error;
+    };
+    let on_command_line = args.iter().skip(1).any(|a| {
+        let a = a.to_string_lossy();
+        a == format!("--{long}") || a.starts_with(&format!("--{long}="))
+    });
+    if on_command_line || std::env::var_os(var).is_none() {
+        return error;
+    }
+    let text = error.render().to_string();
+    let text = text.strip_prefix("error: ").unwrap_or(&text);
+    let text = text.split("\n\n").next().unwrap_or(text).trim_end();
+    let text = text.replace(
+        &format!("'{shown}'"),
+        &format!("environment variable {} (--{long})", var.to_string_lossy()),
+    );
+    command.clone().error(error.kind(), text)
 }
 
 fn load_from<T: Layered>(
@@ -116,21 +250,15 @@ fn load_from<T: Layered>(
     matches: &clap::ArgMatches,
     dir: &Path,
 ) -> Result<Loaded<T>> {
-    let config_args = ConfigArgs::from_arg_matches(matches).map_err(|e| Error::Invalid {
-        setting: "config".into(),
-        reason: e.to_string(),
-    })?;
-    let parsed = T::from_arg_matches(matches).map_err(|e| Error::Invalid {
-        setting: "command line".into(),
-        reason: e.to_string(),
-    })?;
+    let config_args = ConfigArgs::from_arg_matches(matches)
+        .map_err(|e| Error::invalid("config", e.to_string()))?;
+    let parsed =
+        T::from_arg_matches(matches).map_err(|e| Error::invalid("command line", e.to_string()))?;
     let settings = settings_of(command);
 
     // Split what clap resolved into the layer each value came from.
-    let resolved = serde_json::to_value(&parsed).map_err(|e| Error::Invalid {
-        setting: "command line".into(),
-        reason: e.to_string(),
-    })?;
+    let resolved =
+        serde_json::to_value(&parsed).map_err(|e| Error::invalid("command line", e.to_string()))?;
     let mut layers: [Dict; 3] = Default::default();
     if let serde_json::Value::Object(values) = resolved {
         for (key, value) in values {
@@ -152,24 +280,68 @@ fn load_from<T: Layered>(
         Some(path) => Some(path),
         None => conventional_file(binary, dir)?,
     };
-    let mut figment = Figment::new().merge(Layer::new("default", defaults));
+    let mut figment = Figment::new().merge(Layer::new("default", defaults.clone()));
+    let mut file_values = Dict::new();
     if let Some(path) = &file {
         let provider = file_provider(path)?;
-        check_keys(&provider, path, &settings)?;
+        file_values = check_keys(&provider, path, &settings)?;
         figment = figment.merge(provider);
     }
     let figment = figment
-        .merge(Layer::new("environment", environment))
-        .merge(Layer::new("command line", flags));
-    let mut value: T = figment.extract().map_err(boxed)?;
+        .merge(Layer::new("environment", environment.clone()))
+        .merge(Layer::new("command line", flags.clone()));
+    let mut value: T = match figment.extract() {
+        Ok(value) => value,
+        // serde's `flatten` loses the key of a bad value: find it by trying the file's keys
+        // one at a time on top of the other layers.
+        Err(e) if e.path.is_empty() && file.is_some() => {
+            let path = file.as_deref().unwrap_or(Path::new(""));
+            for (key, value) in &file_values {
+                let alone = Figment::new()
+                    .merge(Layer::new("default", defaults.clone()))
+                    .merge(Layer::new(
+                        "file",
+                        Dict::from([(key.clone(), value.clone())]),
+                    ));
+                if let Err(one) = alone.extract::<T>() {
+                    return Err(Error::invalid(
+                        format!("{key} in {}", path.display()),
+                        one.kind.to_string(),
+                    ));
+                }
+            }
+            return Err(boxed(e));
+        }
+        Err(e) => return Err(boxed(e)),
+    };
     value.keep_command_line_only(parsed);
+    let sources = sources_of(&figment, &settings);
+    value.validate(&sources)?;
     let report = report(binary, &figment, &settings);
     Ok(Loaded {
         value,
         file,
         print_config: config_args.print_config,
+        sources,
         report,
     })
+}
+
+/// Where each setting's value came from, by figment's metadata.
+fn sources_of(figment: &Figment, settings: &[Setting]) -> Sources {
+    let origins = settings
+        .iter()
+        .filter_map(|setting| {
+            let meta = figment.find_metadata(&setting.key)?;
+            let origin = match (meta.name.as_ref(), &meta.source) {
+                ("environment", _) => Origin::Environment(setting.env.clone()?),
+                (_, Some(figment::Source::File(path))) => Origin::File(path.clone()),
+                _ => Origin::Flag,
+            };
+            Some((setting.key.clone(), origin))
+        })
+        .collect();
+    Sources { origins }
 }
 
 fn boxed(e: figment::Error) -> Error {
@@ -247,14 +419,16 @@ fn file_provider(path: &Path) -> Result<Figment> {
 }
 
 /// A key in the file that no flag has is a typo (or a setting of another binary): say so rather
-/// than ignore it.
-fn check_keys(file: &Figment, path: &Path, settings: &[Setting]) -> Result<()> {
+/// than ignore it. Returns the file's values.
+fn check_keys(file: &Figment, path: &Path, settings: &[Setting]) -> Result<Dict> {
     let data = file.data().map_err(|e| Error::Invalid {
         setting: "config".into(),
         reason: format!("{}: {e}", path.display()),
     })?;
+    let mut values = Dict::new();
     for dict in data.values() {
-        for key in dict.keys() {
+        for (key, value) in dict {
+            values.insert(key.clone(), value.clone());
             if !settings.iter().any(|s| &s.key == key) {
                 let known = settings
                     .iter()
@@ -271,7 +445,7 @@ fn check_keys(file: &Figment, path: &Path, settings: &[Setting]) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(values)
 }
 
 /// A layer of values clap resolved, named for `--print-config`.

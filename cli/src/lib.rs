@@ -46,5 +46,7 @@ pub mod values;
 
 pub use args::{DEMO_ENDPOINTS, EtcdArgs, GrpcTlsArgs, MetricsArgs};
 pub use error::{Error, Result};
-pub use layered::{ConfigArgs, Layered, Loaded, load, load_args, load_or_exit};
-pub use values::{duration, pairs, parse_duration, text};
+pub use layered::{
+    ConfigArgs, Layered, Loaded, Sources, command, exit_invalid, load, load_args, load_or_exit,
+};
+pub use values::{duration, pairs, parse_duration, parse_nonzero_duration, text};

@@ -18,20 +18,23 @@ pub mod duration {
         serializer.serialize_str(&humantime::format_duration(*value).to_string())
     }
 
-    /// Reads `"10s"`, `"1m 30s"` or `10`.
+    /// Reads `"10s"`, `"1m 30s"`, `10` or `0.5`.
     ///
     /// # Errors
     /// A message saying what forms are accepted.
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         #[derive(Deserialize)]
         #[serde(untagged)]
-        enum Text {
+        enum Written {
             Seconds(u64),
+            Decimal(f64),
             Text(String),
         }
-        match Text::deserialize(deserializer)? {
-            Text::Seconds(seconds) => Ok(Duration::from_secs(seconds)),
-            Text::Text(text) => super::parse_duration(&text).map_err(D::Error::custom),
+        match Written::deserialize(deserializer)? {
+            Written::Seconds(seconds) => Ok(Duration::from_secs(seconds)),
+            Written::Decimal(seconds) => Duration::try_from_secs_f64(seconds)
+                .map_err(|_| D::Error::custom(format!("{seconds} seconds is out of range"))),
+            Written::Text(text) => super::parse_duration(&text).map_err(D::Error::custom),
         }
     }
 
@@ -141,7 +144,36 @@ pub mod pairs {
     }
 }
 
-/// Parses `500ms`, `2s`, `1m 30s`, or a bare number of seconds (`10`).
+/// Serde for lists that the command line and the environment write comma-separated
+/// (`ETCD_ENDPOINTS=a:1,b:2`): a file may use an array or the same comma-separated string.
+pub mod list {
+    use serde::{Deserialize, Deserializer};
+
+    /// Reads `["a", "b"]` or `"a,b"`.
+    ///
+    /// # Errors
+    /// Anything but a string or a list of strings.
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<String>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum List {
+            Items(Vec<String>),
+            Text(String),
+        }
+        Ok(match List::deserialize(deserializer)? {
+            List::Items(items) => items,
+            List::Text(text) => text
+                .split(',')
+                .map(|item| item.trim().to_owned())
+                .filter(|item| !item.is_empty())
+                .collect(),
+        })
+    }
+}
+
+/// Parses `500ms`, `2s`, `1m 30s`, or a bare number of seconds, whole or decimal (`10`, `0.5`).
 ///
 /// # Errors
 /// A message saying what forms are accepted.
@@ -150,8 +182,25 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if let Ok(seconds) = text.parse::<u64>() {
         return Ok(Duration::from_secs(seconds));
     }
+    if text.starts_with(|c: char| c.is_ascii_digit() || c == '.') {
+        if let Ok(seconds) = text.parse::<f64>() {
+            return Duration::try_from_secs_f64(seconds)
+                .map_err(|_| format!("{text} seconds is out of range"));
+        }
+    }
     humantime::parse_duration(text)
         .map_err(|e| format!("{e}; use a number with a unit such as 500ms, 2s or 1m"))
+}
+
+/// [`parse_duration`], refusing zero: for a period or a deadline, where zero cannot mean anything.
+///
+/// # Errors
+/// As [`parse_duration`], and for zero.
+pub fn parse_nonzero_duration(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        Duration::ZERO => Err("must be more than zero".to_owned()),
+        duration => Ok(duration),
+    }
 }
 
 #[cfg(test)]
@@ -165,5 +214,38 @@ mod tests {
         assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
         assert!(parse_duration("soon").unwrap_err().contains("500ms"));
+    }
+
+    #[test]
+    fn bare_decimal_seconds_are_seconds() {
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.25"), Ok(Duration::from_millis(1250)));
+        assert_eq!(parse_duration(".5"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("1e400").is_err());
+    }
+
+    #[test]
+    fn lists_are_arrays_or_comma_separated() {
+        #[derive(serde::Deserialize)]
+        struct Endpoints(#[serde(deserialize_with = "list::deserialize")] Vec<String>);
+        let read = |json: &str| serde_json::from_str::<Endpoints>(json).map(|e| e.0);
+        assert_eq!(read(r#"["a:1", "b:2"]"#).unwrap(), ["a:1", "b:2"]);
+        assert_eq!(read(r#""a:1, b:2,""#).unwrap(), ["a:1", "b:2"]);
+        assert!(read("5").is_err());
+    }
+
+    #[test]
+    fn zero_is_refused_where_it_means_nothing() {
+        assert_eq!(
+            parse_nonzero_duration("0.5"),
+            Ok(Duration::from_millis(500))
+        );
+        assert!(
+            parse_nonzero_duration("0s")
+                .unwrap_err()
+                .contains("more than zero")
+        );
+        assert!(parse_nonzero_duration("0").is_err());
     }
 }

@@ -3,7 +3,6 @@
 
 use std::process::ExitCode;
 
-use clap::{CommandFactory, error::ErrorKind};
 use server::Config;
 use tokio_util::sync::CancellationToken;
 
@@ -12,12 +11,6 @@ async fn main() -> ExitCode {
     let Some(config) = cli::load_or_exit::<Config>("server") else {
         return ExitCode::SUCCESS; // --print-config
     };
-    if let Err(e) = config.validate() {
-        // Exit code 2 and clap's formatting, like any other bad flag.
-        Config::command()
-            .error(ErrorKind::ValueValidation, format!("{e:#}"))
-            .exit();
-    }
     // Logs go through a writer a closed stderr cannot break (see `cli::logging`).
     cli::logging::init("info");
 

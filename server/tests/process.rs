@@ -311,7 +311,9 @@ fn read_until(stderr: &mut impl std::io::BufRead, needle: &str) {
     let mut line = String::new();
     loop {
         line.clear();
-        let read = stderr.read_line(&mut line).expect("reading the server's stderr");
+        let read = stderr
+            .read_line(&mut line)
+            .expect("reading the server's stderr");
         assert!(read > 0, "stderr ended before a line with {needle:?}");
         if line.contains(needle) {
             return;
@@ -367,7 +369,10 @@ fn a_closed_stderr_before_registration_does_not_kill_the_server() {
     wait_until(Duration::from_secs(15), "the key to be registered", || {
         key_exists(&cluster, &key)
     });
-    assert!(child.is_running(), "the server died after its stderr closed");
+    assert!(
+        child.is_running(),
+        "the server died after its stderr closed"
+    );
     child.signal(libc::SIGTERM);
     let status = child
         .wait_timeout(Duration::from_secs(15))
