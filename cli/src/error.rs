@@ -33,6 +33,15 @@ pub enum Error {
         source: metrics_exporter_prometheus::BuildError,
     },
 
+    /// etcd answered in a way that waiting will not change (see [`crate::preflight`]).
+    #[error("etcd at {endpoints} cannot be used: {reason}")]
+    Unusable {
+        /// The endpoints tried.
+        endpoints: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+
     /// The settings do not make a valid registry configuration (an endpoint, a TLS file...).
     #[error(transparent)]
     Registry(#[from] registry::Error),

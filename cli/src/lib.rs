@@ -11,6 +11,7 @@
 //! - [`layered`]: [`load`], merging defaults < config file < environment < flags, and the
 //!   `--print-config` report.
 //! - [`logging`]: `tracing` to stderr, through a writer a closed stderr cannot break.
+//! - [`preflight`]: one request to etcd at startup, failing fast on what waiting cannot fix.
 //! - [`values`]: durations, `KEY=VALUE` pairs and other values written as text, with their serde
 //!   helpers.
 //! - [`error`]: the crate's [`Error`], which names flags, variables and file keys.
@@ -42,6 +43,7 @@ pub mod args;
 pub mod error;
 pub mod layered;
 pub mod logging;
+pub mod preflight;
 pub mod values;
 
 pub use args::{DEMO_ENDPOINTS, EtcdArgs, GrpcTlsArgs, MetricsArgs};
