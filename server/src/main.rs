@@ -1,7 +1,10 @@
 //! `server`: load the configuration (defaults < server.toml < environment < flags), install logging
 //! and the shutdown signal, run. See the library for the rest.
 
-use std::process::ExitCode;
+use std::{
+    process::ExitCode,
+    sync::{Arc, OnceLock},
+};
 
 use server::Config;
 use tokio_util::sync::CancellationToken;
@@ -16,12 +19,47 @@ async fn main() -> ExitCode {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signal(shutdown.clone()));
-    match server::run(config, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+    // Alongside the start, not before it: a cluster that is merely down is waited for once, by
+    // `run`; only what waiting cannot fix stops the server early.
+    let unusable = Arc::new(OnceLock::new());
+    let preflight = tokio::spawn(preflight(
+        config.clone(),
+        shutdown.clone(),
+        unusable.clone(),
+    ));
+    let ran = server::run(config, shutdown).await;
+    preflight.abort();
+    match (ran, unusable.get()) {
+        (_, Some(e)) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
+        (Ok(()), None) => ExitCode::SUCCESS,
+        (Err(e), None) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Asks etcd once for the service's prefix (see `cli::preflight`); on an answer that waiting
+/// cannot change, records it in `unusable` and shuts the server down.
+async fn preflight(
+    config: Config,
+    shutdown: CancellationToken,
+    unusable: Arc<OnceLock<anyhow::Error>>,
+) {
+    let checked = async {
+        let registry = config.etcd.registry_config(config.ttl)?;
+        let etcd = registry.connect().await?;
+        let prefix = registry::key::service_prefix(&config.etcd.namespace, &config.etcd.service)?;
+        cli::preflight::check(&etcd, &prefix, config.etcd.etcd_timeout).await?;
+        anyhow::Ok(())
+    };
+    if let Err(e) = checked.await {
+        // Recorded before the cancellation, so `main` finds it once `run` returns.
+        let _ = unusable.set(e);
+        shutdown.cancel();
     }
 }
 

@@ -380,3 +380,29 @@ fn a_closed_stderr_before_registration_does_not_kill_the_server() {
     assert!(status.success(), "exit status {status:?}");
     assert!(!key_exists(&cluster, &key), "{key} outlived the server");
 }
+
+#[test]
+fn an_auth_cluster_without_a_username_stops_the_server_at_once() {
+    let mut cluster = EtcdCluster::start();
+    cluster.enable_auth("root-Pa55-server");
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("server.log");
+    let started = Instant::now();
+    let mut child = testkit::spawn(
+        Command::new(env!("CARGO_BIN_EXE_server"))
+            .args(["--port", &free_port().to_string()])
+            .args(["--etcd-endpoints", &cluster.endpoints().join(",")])
+            .args(["--etcd-timeout", "10s"])
+            .stderr(File::create(&log).unwrap()),
+    );
+    let status = child
+        .wait_timeout(Duration::from_secs(8))
+        .expect("the server kept waiting for an etcd that requires a username");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("authentication enabled") && text.contains("--etcd-username"),
+        "{text}"
+    );
+    eprintln!("stopped after {:?}", started.elapsed());
+}
