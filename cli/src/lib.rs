@@ -10,7 +10,8 @@
 //!   ([`GrpcTlsArgs`]) and the Prometheus exporter ([`MetricsArgs`]).
 //! - [`layered`]: [`load`], merging defaults < config file < environment < flags, and the
 //!   `--print-config` report.
-//! - [`logging`]: `tracing` to stderr, through a writer a closed stderr cannot break.
+//! - [`logging`]: `tracing` to stderr, through a writer that a closed or unread stderr can
+//!   neither break nor stall.
 //! - [`preflight`]: one request to etcd at startup, failing fast on what waiting cannot fix.
 //! - [`values`]: durations, `KEY=VALUE` pairs and other values written as text, with their serde
 //!   helpers.

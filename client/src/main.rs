@@ -12,7 +12,7 @@ async fn main() -> ExitCode {
         return ExitCode::SUCCESS; // --print-config
     };
     // Logs go through a writer a closed stderr cannot break (see `cli::logging`).
-    cli::logging::init("warn");
+    let _logs = cli::logging::init("warn");
 
     let shutdown = CancellationToken::new();
     let on_ctrl_c = shutdown.clone();

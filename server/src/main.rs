@@ -15,7 +15,7 @@ async fn main() -> ExitCode {
         return ExitCode::SUCCESS; // --print-config
     };
     // Logs go through a writer a closed stderr cannot break (see `cli::logging`).
-    cli::logging::init("info");
+    let _logs = cli::logging::init("info");
 
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signal(shutdown.clone()));

@@ -406,3 +406,29 @@ fn an_auth_cluster_without_a_username_stops_the_server_at_once() {
     );
     eprintln!("stopped after {:?}", started.elapsed());
 }
+
+#[test]
+fn a_stderr_nobody_reads_does_not_stall_the_server() {
+    let cluster = EtcdCluster::start();
+    let port = free_port();
+    let key = format!("services/helloworld/127.0.0.1-{port}");
+    let mut child = testkit::spawn(
+        Command::new(env!("CARGO_BIN_EXE_server"))
+            .args(["--port", &port.to_string()])
+            .args(["--etcd-endpoints", &cluster.endpoints().join(",")])
+            // Enough log lines to fill the pipe's buffer many times over.
+            .env("RUST_LOG", "trace")
+            .stderr(std::process::Stdio::piped()),
+    );
+    // Held open and never read, like a paused `| less`: writes to a full pipe block.
+    let _stderr = child.child_mut().stderr.take().expect("stderr is piped");
+    wait_until(Duration::from_secs(15), "the key to be registered", || {
+        key_exists(&cluster, &key)
+    });
+    child.signal(libc::SIGTERM);
+    let status = child
+        .wait_timeout(Duration::from_secs(15))
+        .expect("with a full stderr pipe, the server did not exit on SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(!key_exists(&cluster, &key), "{key} outlived the server");
+}
