@@ -57,5 +57,17 @@ impl Error {
     }
 }
 
+/// The settings to look at for a registry error that names none (the library knows no flags): for
+/// refused credentials, where the binaries take them from.
+pub fn settings_to_check(error: &registry::Error) -> Option<&'static str> {
+    match error {
+        registry::Error::Unauthenticated { .. } => Some(
+            "etcd credentials (--etcd-username, and --etcd-password, ETCD_PASSWORD or \
+             --etcd-password-file)",
+        ),
+        _ => None,
+    }
+}
+
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

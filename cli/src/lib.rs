@@ -48,7 +48,7 @@ pub mod preflight;
 pub mod values;
 
 pub use args::{DEMO_ENDPOINTS, EtcdArgs, GrpcTlsArgs, MetricsArgs};
-pub use error::{Error, Result};
+pub use error::{Error, Result, settings_to_check};
 pub use layered::{
     ConfigArgs, Layered, Loaded, Sources, command, exit_invalid, load, load_args, load_or_exit,
 };

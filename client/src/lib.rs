@@ -399,7 +399,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let tls_on = tls.is_some();
     config.metrics.install()?;
     let endpoints = config.etcd.etcd_endpoints.join(",");
-    let etcd = registry_config.connect().await?;
+    let etcd = registry_config.connect().await.map_err(name_settings)?;
     let prefix = registry::key::service_prefix(&config.etcd.namespace, &config.etcd.service)?;
     cli::preflight::check(&etcd, &prefix, config.etcd.etcd_timeout).await?;
     let discovery = Discovery::start_with_format(
@@ -555,6 +555,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         out::line("");
     }
     Ok(report)
+}
+
+/// A registry error with the flags to check added, when the library's message names none.
+fn name_settings(error: registry::Error) -> anyhow::Error {
+    match cli::settings_to_check(&error) {
+        Some(settings) => anyhow::Error::from(error).context(settings),
+        None => error.into(),
+    }
 }
 
 /// The run's length from `--requests`, `--duration` and `--forever` (which `validate` keeps

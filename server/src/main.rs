@@ -51,7 +51,13 @@ async fn preflight(
 ) {
     let checked = async {
         let registry = config.etcd.registry_config(config.ttl)?;
-        let etcd = registry.connect().await?;
+        let etcd = registry
+            .connect()
+            .await
+            .map_err(|e| match cli::settings_to_check(&e) {
+                Some(settings) => anyhow::Error::from(e).context(settings),
+                None => e.into(),
+            })?;
         let prefix = registry::key::service_prefix(&config.etcd.namespace, &config.etcd.service)?;
         cli::preflight::check(&etcd, &prefix, config.etcd.etcd_timeout).await?;
         anyhow::Ok(())
