@@ -200,8 +200,9 @@ pub fn command<T: clap::CommandFactory>(binary: &str) -> clap::Command {
         })
 }
 
-/// clap names the flag when a value is bad, even when the value came from the flag's environment
-/// variable (`SERVER_PORT=abc` is reported as a bad `--port`): name the variable instead.
+/// clap names the flag when a value is bad or two settings conflict, even when the value came
+/// from the flag's environment variable (`SERVER_PORT=abc` is reported as a bad `--port`): name
+/// the variable instead.
 fn blame_environment(
     command: &clap::Command,
     error: clap::Error,
@@ -210,38 +211,62 @@ fn blame_environment(
     use clap::error::{ContextKind, ContextValue, ErrorKind};
     if !matches!(
         error.kind(),
-        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue | ErrorKind::ArgumentConflict
     ) {
         return error;
     }
-    let Some(ContextValue::String(shown)) = error.get(ContextKind::InvalidArg) else {
+    let mut shown = Vec::new();
+    for kind in [ContextKind::InvalidArg, ContextKind::PriorArg] {
+        match error.get(kind) {
+            Some(ContextValue::String(one)) => shown.push(one.clone()),
+            Some(ContextValue::Strings(many)) => shown.extend(many.iter().cloned()),
+            _ => {}
+        }
+    }
+    let rendered = error.render().to_string();
+    let rendered = rendered.strip_prefix("error: ").unwrap_or(&rendered);
+    let mut text = rendered
+        .split("\n\n")
+        .next()
+        .unwrap_or(rendered)
+        .trim_end()
+        .to_owned();
+    let mut blamed = false;
+    for shown in shown {
+        if let Some((long, var)) = from_environment(command, &shown, args) {
+            let blame = format!("environment variable {var} (--{long})");
+            text = text
+                .replace(&format!("the argument '{shown}'"), &blame)
+                .replace(&format!("'{shown}'"), &blame);
+            blamed = true;
+        }
+    }
+    if !blamed {
         return error;
-    };
-    let shown = shown.clone();
-    let Some(arg) = command.get_arguments().find(|arg| {
+    }
+    command.clone().error(error.kind(), text)
+}
+
+/// The long flag and environment variable of the argument clap shows as `shown` (`--port
+/// <PORT>`), if its value came from the environment: the variable is set and the flag is not on
+/// the command line.
+fn from_environment(
+    command: &clap::Command,
+    shown: &str,
+    args: &[std::ffi::OsString],
+) -> Option<(String, String)> {
+    let flag = shown.split(' ').next()?;
+    let arg = command.get_arguments().find(|arg| {
         arg.get_long()
-            .is_some_and(|long| shown.split(' ').next() == Some(&format!("--{long}")))
-    }) else {
-        return error;
-    };
-    let (Some(long), Some(var)) = (arg.get_long(), arg.get_env()) else {
-        return error;
-    };
+            .is_some_and(|long| flag == format!("--{long}"))
+    })?;
+    let (long, var) = (arg.get_long()?, arg.get_env()?);
     let on_command_line = args.iter().skip(1).any(|a| {
         let a = a.to_string_lossy();
         a == format!("--{long}") || a.starts_with(&format!("--{long}="))
     });
-    if on_command_line || std::env::var_os(var).is_none() {
-        return error;
-    }
-    let text = error.render().to_string();
-    let text = text.strip_prefix("error: ").unwrap_or(&text);
-    let text = text.split("\n\n").next().unwrap_or(text).trim_end();
-    let text = text.replace(
-        &format!("'{shown}'"),
-        &format!("environment variable {} (--{long})", var.to_string_lossy()),
-    );
-    command.clone().error(error.kind(), text)
+    (!on_command_line && std::env::var_os(var).is_some())
+        .then(|| (long.to_owned(), var.to_string_lossy().into_owned()))
 }
 
 fn load_from<T: Layered>(

@@ -160,6 +160,20 @@ fn errors_name_where_the_bad_value_came_from() {
     );
     assert!(!stderr.contains("'--port"), "{stderr}");
 
+    // Two settings that exclude each other, both from the environment.
+    let (code, stderr) = fails(
+        server(dir.path())
+            .env("ETCD_PASSWORD", "x")
+            .env("ETCD_PASSWORD_FILE", "/nonexistent")
+            .args(["--port", "1", "--etcd-username", "u"]),
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("ETCD_PASSWORD (--etcd-password)")
+            && stderr.contains("ETCD_PASSWORD_FILE (--etcd-password-file)"),
+        "{stderr}"
+    );
+
     // A value the file got past clap: named as the file's key.
     std::fs::write(dir.path().join("short.toml"), "port = 1\nttl = \"1s\"\n").unwrap();
     let (code, stderr) = fails(server(dir.path()).args(["--config", "short.toml"]));
