@@ -561,3 +561,85 @@ fn toml_literal(value: &figment::value::Value) -> String {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde::Deserialize;
+
+    use super::*;
+    use crate::{EtcdArgs, duration, parse_duration};
+
+    /// Says hello.
+    #[derive(Debug, clap::Parser, Serialize, Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    #[command(about = "Says hello.")]
+    struct Hello {
+        /// How often.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        #[serde(with = "duration")]
+        every: Duration,
+
+        #[command(flatten)]
+        #[serde(flatten)]
+        etcd: EtcdArgs,
+    }
+
+    impl Layered for Hello {
+        fn validate(&self, sources: &Sources) -> Result<()> {
+            if self.every.is_zero() {
+                return Err(sources.invalid("every", "must be more than zero"));
+            }
+            self.etcd.validate(sources)
+        }
+    }
+
+    fn load_in(dir: &Path, file: &str, args: &[&str]) -> Result<Loaded<Hello>> {
+        std::fs::write(dir.join("hello.toml"), file).unwrap();
+        load_args("hello", args, dir)
+    }
+
+    #[test]
+    fn validation_names_the_source_of_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let from_file = load_in(dir.path(), "every = \"0s\"\n", &[]).unwrap_err();
+        assert!(
+            from_file.to_string().contains("every in ")
+                && from_file.to_string().contains("hello.toml"),
+            "{from_file}"
+        );
+        let from_flag = load_in(dir.path(), "", &["--every", "0s"]).unwrap_err();
+        assert!(from_flag.to_string().contains("--every"), "{from_flag}");
+        let loaded = load_in(dir.path(), "every = 0.5\n", &[]).unwrap();
+        assert_eq!(loaded.value.every, Duration::from_millis(500));
+        assert_eq!(
+            loaded.sources.name("every"),
+            format!("every in {}", dir.path().join("hello.toml").display())
+        );
+        assert_eq!(loaded.sources.name("service"), "--service");
+    }
+
+    #[test]
+    fn a_bad_value_in_a_flattened_group_names_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = load_in(dir.path(), "etcd-timeout = [1]\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("etcd-timeout in "), "{e}");
+        let e = load_in(dir.path(), "etcd-endpoints = [\"h:0\"]\n", &[]).unwrap_err();
+        assert!(
+            e.to_string().contains("etcd-endpoints in ") && e.to_string().contains("h:0"),
+            "{e}"
+        );
+        let loaded = load_in(dir.path(), "etcd-endpoints = \"a:1, b:2\"\n", &[]).unwrap();
+        assert_eq!(loaded.value.etcd.etcd_endpoints, ["a:1", "b:2"]);
+    }
+
+    #[test]
+    fn the_command_keeps_its_description_and_names_its_file() {
+        let mut command = command::<Hello>("hello");
+        let help = command.render_help().to_string();
+        assert!(help.starts_with("Says hello."), "{help}");
+        assert!(help.contains("./hello.toml"), "{help}");
+        command.debug_assert();
+    }
+}

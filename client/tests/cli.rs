@@ -312,6 +312,7 @@ async fn concurrency_keeps_that_many_calls_in_flight_and_reports_percentiles() {
         .lines()
         .find(|l| l.starts_with("total "))
         .unwrap_or_else(|| panic!("no total in {stdout}"));
+    eprintln!("{total}");
     assert!(total.contains("total 40 calls, 0 failed"), "{total}");
     assert!(total.contains("p50 ") && total.contains("p99 "), "{total}");
     let seconds: f64 = total
