@@ -314,8 +314,8 @@ pub struct Report {
     pub served: BTreeMap<(String, String), u64>,
     /// Calls that failed.
     pub failed: u64,
-    /// The latency of every successful call, in completion order.
-    pub latencies: Vec<Duration>,
+    /// The latencies of successful calls.
+    pub latencies: Latencies,
     /// From the first call to the last reply.
     pub elapsed: Duration,
 }
@@ -330,7 +330,7 @@ impl Report {
                     id.clone().unwrap_or_else(|| "?".into()),
                 );
                 *self.served.entry(key).or_default() += 1;
-                self.latencies.push(outcome.latency);
+                self.latencies.record(outcome.latency);
             }
             (Some(_), _, _) => self.failed += 1,
         }
@@ -344,10 +344,7 @@ impl Report {
     /// The latency that fraction `q` (0.5 for the median, 0.99) of successful calls did not
     /// exceed (nearest rank), or `None` without successful calls.
     pub fn percentile(&self, q: f64) -> Option<Duration> {
-        let mut sorted = self.latencies.clone();
-        sorted.sort_unstable();
-        let rank = (q * sorted.len() as f64).ceil() as usize;
-        sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
+        self.latencies.percentile(q)
     }
 
     /// The per-instance table printed at the end of a run, then the totals: calls, failures,
@@ -370,6 +367,51 @@ impl Report {
             out += &format!("; latency p50 {:.2} ms, p99 {:.2} ms", ms(p50), ms(p99));
         }
         out
+    }
+}
+
+/// Latencies of successful calls, in bounded memory however long the run: every one until
+/// [`Latencies::KEPT`] are held, then an evenly spaced sample (every 2nd, every 4th, ...) of at
+/// most twice that, so the percentiles of a `--forever` run stay close while memory stays flat.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Latencies {
+    kept: Vec<Duration>,
+    /// Every how many-th latency is kept (0 before the first).
+    every: u64,
+    seen: u64,
+}
+
+impl Latencies {
+    /// How many latencies are held before sampling starts.
+    pub const KEPT: usize = 100_000;
+
+    /// Records one latency.
+    pub fn record(&mut self, latency: Duration) {
+        self.every = self.every.max(1);
+        self.seen += 1;
+        if self.seen % self.every != 0 {
+            return;
+        }
+        self.kept.push(latency);
+        if self.kept.len() >= 2 * Self::KEPT {
+            // Halve: keep every other sample, and from now on every other latency.
+            self.kept = self.kept.iter().copied().step_by(2).collect();
+            self.every *= 2;
+        }
+    }
+
+    /// How many latencies were recorded.
+    pub fn count(&self) -> u64 {
+        self.seen
+    }
+
+    /// The latency that fraction `q` of those recorded did not exceed (nearest rank over what is
+    /// held), or `None` if none was.
+    pub fn percentile(&self, q: f64) -> Option<Duration> {
+        let mut sorted = self.kept.clone();
+        sorted.sort_unstable();
+        let rank = (q * sorted.len() as f64).ceil() as usize;
+        sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
     }
 }
 
@@ -895,13 +937,30 @@ mod tests {
     }
 
     #[test]
+    fn a_long_run_keeps_a_bounded_even_sample_of_latencies() {
+        let mut latencies = Latencies::default();
+        for us in 1..=1_000_000u64 {
+            latencies.record(Duration::from_micros(us));
+        }
+        assert_eq!(latencies.count(), 1_000_000);
+        assert!(latencies.kept.len() < 2 * Latencies::KEPT);
+        let p50 = latencies.percentile(0.5).unwrap().as_micros() as f64;
+        let p99 = latencies.percentile(0.99).unwrap().as_micros() as f64;
+        assert!((p50 / 500_000.0 - 1.0).abs() < 0.01, "p50 {p50}");
+        assert!((p99 / 990_000.0 - 1.0).abs() < 0.01, "p99 {p99}");
+    }
+
+    #[test]
     fn percentiles_are_nearest_rank() {
         let mut report = Report::default();
         assert_eq!(report.percentile(0.5), None);
-        report.latencies = (1..=100).map(Duration::from_millis).collect();
+        for ms in 1..=100 {
+            report.latencies.record(Duration::from_millis(ms));
+        }
         assert_eq!(report.percentile(0.5), Some(Duration::from_millis(50)));
         assert_eq!(report.percentile(0.99), Some(Duration::from_millis(99)));
-        report.latencies = vec![Duration::from_millis(7)];
+        report.latencies = Latencies::default();
+        report.latencies.record(Duration::from_millis(7));
         assert_eq!(report.percentile(0.99), Some(Duration::from_millis(7)));
         report.served.insert(("h:1".into(), "a".into()), 1);
         report.elapsed = Duration::from_secs(2);
