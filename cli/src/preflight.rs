@@ -18,8 +18,8 @@ use crate::error::{Error, Result};
 /// wait then reports it as usual).
 ///
 /// # Errors
-/// [`Error::Unusable`] saying what is wrong: authentication required but no username, a user
-/// that may not read the prefix, or an endpoint that does not speak etcd's protocol.
+/// [`Error::Unusable`] saying what is wrong: authentication required but no username, or an
+/// endpoint that does not speak etcd's protocol.
 pub async fn check(etcd: &registry::Etcd, prefix: &str, within: Duration) -> Result<()> {
     let deadline = Instant::now() + within;
     let endpoints = etcd.config().endpoints.join(",");
@@ -36,7 +36,7 @@ pub async fn check(etcd: &registry::Etcd, prefix: &str, within: Duration) -> Res
         match attempt {
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(e)) => {
-                if let Some(reason) = lasting(&e, etcd.config().auth.is_some(), prefix) {
+                if let Some(reason) = lasting(&e, etcd.config().auth.is_some()) {
                     return Err(Error::Unusable { endpoints, reason });
                 }
                 tracing::debug!(error = %e, "etcd not answering yet");
@@ -51,7 +51,7 @@ pub async fn check(etcd: &registry::Etcd, prefix: &str, within: Duration) -> Res
 }
 
 /// What is wrong, when `error` will not change by retrying.
-fn lasting(error: &etcd_client::Error, has_user: bool, prefix: &str) -> Option<String> {
+fn lasting(error: &etcd_client::Error, has_user: bool) -> Option<String> {
     use tonic::Code;
     let text = chain(error);
     if let etcd_client::Error::GRpcStatus(status) = error {
@@ -65,11 +65,8 @@ fn lasting(error: &etcd_client::Error, has_user: bool, prefix: &str) -> Option<S
                     .to_owned(),
             );
         }
-        if status.code() == Code::PermissionDenied {
-            return Some(format!(
-                "the user may not read {prefix:?}: grant its role read on the prefix ({message})"
-            ));
-        }
+        // A permission denied is left to the requests that need it: the registry reports it at
+        // once, naming the operation and key, and a role may allow what this probe does not.
         if status.code() == Code::Unimplemented {
             return Some(format!(
                 "it answers gRPC but is not etcd (no etcd KV service): {message}"
