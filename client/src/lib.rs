@@ -3,23 +3,37 @@
 //! instance joining or leaving.
 //!
 //! [`run`] waits (bounded by `--wait`) until an instance is connected, then calls `SayHello` either
-//! `--requests` times or for `--duration` (or `--forever`), one call per `--interval`, and returns a
-//! [`Report`] with per-instance counts. `main.rs` prints the table and exits non-zero if a call failed.
+//! `--requests` times or for `--duration` (or `--forever`), from `--concurrency` slots at once, each
+//! calling once per `--interval`, and returns a [`Report`] with per-instance counts and latency
+//! percentiles. `main.rs` prints the table and exits non-zero if a call failed.
 //!
 //! # Layout
-//! - this file: flags ([`Config`]), the call loop, the per-call lines and the report;
+//! - this file: flags ([`Config`]) and their checks, the call slots, the per-call lines and the
+//!   report;
+//! - [`out`]: stdout that a closed pipe stops quietly (`client | head`);
 //! - `watch.rs`: `client watch`, the live view of instances and events.
 
-use std::{collections::BTreeMap, io::IsTerminal, time::Duration};
+use std::{
+    collections::BTreeMap,
+    io::IsTerminal,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::Context;
 use clap::Parser;
+use cli::{
+    EtcdArgs, GrpcTlsArgs, Layered, MetricsArgs, Sources, duration, pairs, parse_duration,
+    parse_nonzero_duration, text,
+};
 use proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
 use registry::{
     BalanceOptions, BalancedChannel, Change, Discovery, Format, Policy, RetryPolicy, Selector,
     ServedBy,
     balance::{HASH_KEY, INSTANCE},
-    cli::{EtcdArgs, GrpcTlsArgs, Layered, MetricsArgs, duration, pairs, parse_duration, text},
     discover::diff,
     select::parse_pair,
 };
@@ -27,10 +41,11 @@ use serde::{Deserialize, Serialize};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
+pub mod out;
 mod watch;
 
 /// Settings of the `client` binary: flags, environment variables, or the same names in
-/// `client.toml` (see `registry::cli` for the layering). The `watch` subcommand's flags are
+/// `client.toml` (see the `cli` crate for the layering). The `watch` subcommand's flags are
 /// command-line only.
 #[derive(Debug, Clone, Parser, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -45,31 +60,48 @@ pub struct Config {
     pub etcd: EtcdArgs,
 
     /// How long to wait for the first instances (once etcd answered) before giving up.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(global = true, long, default_value = "10s", value_parser = parse_nonzero_duration)]
     #[serde(with = "duration")]
     pub wait: Duration,
 
     /// Start calling only once this many instances are registered and connected.
     #[arg(
+        global = true,
         long,
         default_value_t = 1,
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
     )]
     pub min_instances: usize,
 
-    /// Number of calls to make [default: 10; ignored with --duration or --forever; watch runs
+    /// Number of calls to make, in total over all --concurrency slots [default: 10; watch runs
     /// until Ctrl-C unless given].
-    #[arg(long)]
+    #[arg(
+        global = true,
+        long,
+        value_parser = clap::value_parser!(u64).range(1..),
+        conflicts_with_all = ["duration", "forever"],
+    )]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requests: Option<u64>,
 
-    /// Pause between calls.
-    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    /// Pause between calls, from the start of one to the start of the next, in each --concurrency
+    /// slot; 0s sends each call as soon as the previous one in its slot returned.
+    #[arg(global = true, long, default_value = "200ms", value_parser = parse_duration)]
     #[serde(with = "duration")]
     pub interval: Duration,
 
+    /// Calls in flight at once: that many slots, each calling once per --interval, together
+    /// making --requests calls (or calling for --duration, or --forever).
+    #[arg(
+        global = true,
+        long,
+        default_value_t = 1,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_CONCURRENCY as u64)
+    )]
+    pub concurrency: usize,
+
     /// Keep calling for this long instead of a fixed number of calls.
-    #[arg(long, value_parser = parse_duration, conflicts_with = "forever")]
+    #[arg(global = true, long, value_parser = parse_nonzero_duration, conflicts_with = "forever")]
     #[serde(
         with = "duration::option",
         skip_serializing_if = "Option::is_none",
@@ -78,53 +110,54 @@ pub struct Config {
     pub duration: Option<Duration>,
 
     /// Keep calling until interrupted (Ctrl-C).
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub forever: bool,
 
-    /// Deadline of each call.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    /// Deadline of each call, retries included.
+    #[arg(global = true, long, default_value = "2s", value_parser = parse_nonzero_duration)]
     #[serde(with = "duration")]
     pub timeout: Duration,
 
     /// The name to greet.
-    #[arg(long, default_value = "world")]
+    #[arg(global = true, long, default_value = "world")]
     pub name: String,
 
     /// Attempts per call, the first included; failed calls are retried on another instance when
     /// that is safe (SayHello is idempotent). 1 disables retries.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
+    #[arg(global = true, long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
     pub max_attempts: u32,
 
     /// How calls are spread: round_robin, weighted_round_robin, random, least_request,
     /// consistent_hash or pick_first.
-    #[arg(long, default_value = "round_robin")]
+    #[arg(global = true, long, default_value = "round_robin")]
     #[serde(with = "text")]
     pub policy: Policy,
 
-    /// Key sent with every call for consistent_hash (same key, same instance).
-    #[arg(long, value_parser = parse_hash_key)]
+    /// Key sent with every call for consistent_hash (same key, same instance); only with
+    /// --policy consistent_hash.
+    #[arg(global = true, long, value_parser = parse_hash_key)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hash_key: Option<String>,
 
     /// Only call instances whose metadata has KEY=VALUE (e.g. version=v2); repeatable.
-    #[arg(long = "select", value_name = "KEY=VALUE", value_parser = parse_pair)]
+    #[arg(global = true, long = "select", value_name = "KEY=VALUE", value_parser = parse_pair)]
     #[serde(with = "pairs")]
     pub select: Vec<(String, String)>,
 
     /// Prefer instances whose metadata has KEY=VALUE (e.g. zone=a), falling back to the others when
     /// none has; repeatable.
-    #[arg(long = "prefer", value_name = "KEY=VALUE", value_parser = parse_pair)]
+    #[arg(global = true, long = "prefer", value_name = "KEY=VALUE", value_parser = parse_pair)]
     #[serde(with = "pairs")]
     pub prefer: Vec<(String, String)>,
 
     /// How instances are recorded in etcd: go-naming (ours, Go's naming package), go-zero or
     /// kratos (to call services registered by those frameworks).
-    #[arg(long, default_value = "go-naming")]
+    #[arg(global = true, long, default_value = "go-naming")]
     #[serde(with = "text")]
     pub format: Format,
 
     /// Seed for the random choices of random and least_request, for repeatable runs.
-    #[arg(long)]
+    #[arg(global = true, long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
 
@@ -149,6 +182,90 @@ impl Layered for Config {
     fn keep_command_line_only(&mut self, parsed: Self) {
         self.command = parsed.command;
     }
+
+    fn validate(&self, sources: &Sources) -> cli::Result<()> {
+        self.check(sources)
+    }
+}
+
+/// The most calls in flight `--concurrency` allows.
+pub const MAX_CONCURRENCY: usize = 1000;
+
+impl Config {
+    /// Checks what clap cannot (values from a file skip its parsers; some settings only make
+    /// sense together), naming flags. The binary runs the same checks while loading.
+    ///
+    /// # Errors
+    /// A message naming the setting to fix.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        Ok(self.check(&Sources::flags())?)
+    }
+
+    fn check(&self, sources: &Sources) -> cli::Result<()> {
+        let more_than_zero = |key: &str, value: Duration| {
+            if value.is_zero() {
+                Err(sources.invalid(key, "must be more than zero"))
+            } else {
+                Ok(())
+            }
+        };
+        more_than_zero("wait", self.wait)?;
+        more_than_zero("timeout", self.timeout)?;
+        if let Some(duration) = self.duration {
+            more_than_zero("duration", duration)?;
+        }
+        if self.requests == Some(0) {
+            return Err(sources.invalid("requests", "must be at least 1"));
+        }
+        let lengths = [
+            ("requests", self.requests.is_some()),
+            ("duration", self.duration.is_some()),
+            ("forever", self.forever),
+        ];
+        let given: Vec<_> = lengths.iter().filter(|(_, set)| *set).collect();
+        if let [(first, _), (second, _), ..] = given.as_slice() {
+            return Err(sources.invalid(
+                first,
+                format!(
+                    "cannot be combined with {}: give one of --requests, --duration, --forever",
+                    sources.name(second)
+                ),
+            ));
+        }
+        if self.min_instances == 0 {
+            return Err(sources.invalid("min-instances", "must be at least 1"));
+        }
+        if !(1..=10).contains(&self.max_attempts) {
+            return Err(sources.invalid("max-attempts", "must be 1 to 10"));
+        }
+        if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
+            return Err(sources.invalid("concurrency", format!("must be 1 to {MAX_CONCURRENCY}")));
+        }
+        if let Some(key) = &self.hash_key {
+            parse_hash_key(key).map_err(|e| sources.invalid("hash-key", e))?;
+            if self.policy != Policy::ConsistentHash {
+                return Err(sources.invalid(
+                    "hash-key",
+                    format!(
+                        "only steers calls with --policy consistent_hash (the policy is {}): \
+                         add --policy consistent_hash or drop the key",
+                        self.policy
+                    ),
+                ));
+            }
+        }
+        if self.tls.tls_ca.is_none() && (self.tls.tls_cert.is_some() || self.tls.tls_key.is_some())
+        {
+            return Err(sources.invalid(
+                "tls-cert",
+                "a client certificate without --tls-ca: set --tls-ca to the CA that signed the \
+                 servers' certificates",
+            ));
+        }
+        self.etcd.validate(sources)?;
+        self.tls.validate()?;
+        Ok(())
+    }
 }
 
 /// Calls made when neither `--requests`, `--duration` nor `--forever` says otherwise.
@@ -161,8 +278,8 @@ pub enum Command {
     /// and rotation as they happen, while calls flow (redrawn in place on a terminal, plain lines
     /// otherwise). Runs until Ctrl-C unless --duration or --requests is given.
     Watch {
-        /// How often the view is refreshed.
-        #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+        /// How often the view is refreshed (more than zero).
+        #[arg(long, default_value = "500ms", value_parser = parse_nonzero_duration)]
         refresh: Duration,
 
         /// Plain lines even on a terminal.
@@ -197,21 +314,23 @@ pub struct Report {
     pub served: BTreeMap<(String, String), u64>,
     /// Calls that failed.
     pub failed: u64,
+    /// The latencies of successful calls.
+    pub latencies: Latencies,
+    /// From the first call to the last reply.
+    pub elapsed: Duration,
 }
 
 impl Report {
     /// Counts one call.
     pub fn count(&mut self, outcome: &CallOutcome) {
         match (&outcome.error, &outcome.addr, &outcome.instance_id) {
-            (None, Some(addr), Some(id)) => {
-                *self.served.entry((addr.clone(), id.clone())).or_default() += 1;
-            }
             (None, addr, id) => {
                 let key = (
                     addr.clone().unwrap_or_else(|| "?".into()),
                     id.clone().unwrap_or_else(|| "?".into()),
                 );
                 *self.served.entry(key).or_default() += 1;
+                self.latencies.record(outcome.latency);
             }
             (Some(_), _, _) => self.failed += 1,
         }
@@ -222,43 +341,119 @@ impl Report {
         self.served.values().sum::<u64>() + self.failed
     }
 
-    /// The per-instance table printed at the end of a run.
+    /// The latency that fraction `q` (0.5 for the median, 0.99) of successful calls did not
+    /// exceed (nearest rank), or `None` without successful calls.
+    pub fn percentile(&self, q: f64) -> Option<Duration> {
+        self.latencies.percentile(q)
+    }
+
+    /// The per-instance table printed at the end of a run, then the totals: calls, failures,
+    /// rate and the p50/p99 latency of successful calls.
     pub fn table(&self) -> String {
         let mut out = format!("{:<28} {:<24} {:>7}\n", "instance", "address", "calls");
         for ((addr, id), calls) in &self.served {
             out += &format!("{id:<28} {addr:<24} {calls:>7}\n");
         }
         out += &format!("total {} calls, {} failed", self.total(), self.failed);
+        let seconds = self.elapsed.as_secs_f64();
+        if seconds > 0.0 {
+            out += &format!(
+                " in {seconds:.2} s ({:.1} calls/s)",
+                self.total() as f64 / seconds
+            );
+        }
+        if let (Some(p50), Some(p99)) = (self.percentile(0.5), self.percentile(0.99)) {
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            out += &format!("; latency p50 {:.2} ms, p99 {:.2} ms", ms(p50), ms(p99));
+        }
         out
     }
 }
 
+/// Latencies of successful calls, in bounded memory however long the run: every one until
+/// [`Latencies::KEPT`] are held, then an evenly spaced sample (every 2nd, every 4th, ...) of at
+/// most twice that, so the percentiles of a `--forever` run stay close while memory stays flat.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Latencies {
+    kept: Vec<Duration>,
+    /// Every how many-th latency is kept (0 before the first).
+    every: u64,
+    seen: u64,
+}
+
+impl Latencies {
+    /// How many latencies are held before sampling starts.
+    pub const KEPT: usize = 100_000;
+
+    /// Records one latency.
+    pub fn record(&mut self, latency: Duration) {
+        self.every = self.every.max(1);
+        self.seen += 1;
+        if self.seen % self.every != 0 {
+            return;
+        }
+        self.kept.push(latency);
+        if self.kept.len() >= 2 * Self::KEPT {
+            // Halve: keep every other sample, and from now on every other latency.
+            self.kept = self.kept.iter().copied().step_by(2).collect();
+            self.every *= 2;
+        }
+    }
+
+    /// How many latencies were recorded.
+    pub fn count(&self) -> u64 {
+        self.seen
+    }
+
+    /// The latency that fraction `q` of those recorded did not exceed (nearest rank over what is
+    /// held), or `None` if none was.
+    pub fn percentile(&self, q: f64) -> Option<Duration> {
+        let mut sorted = self.kept.clone();
+        sorted.sort_unstable();
+        let rank = (q * sorted.len() as f64).ceil() as usize;
+        sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
+    }
+}
+
+/// How long a run lasts: a number of calls, a time, or until stopped.
+#[derive(Debug, Clone, Copy)]
+enum Length {
+    Calls(u64),
+    Until(Instant),
+    Forever,
+}
+
 /// Discovers the service and makes the configured calls, printing one line per call and per
-/// membership change to stdout, until done or `shutdown` fires.
+/// membership change to stdout, until done or `shutdown` fires. `--concurrency` slots call at
+/// once, each once per `--interval`; `--requests` counts the calls of all slots together. When
+/// stdout is closed (`client | head`), no new call is started and the run ends quietly.
 ///
 /// # Errors
-/// If etcd is unusable or no instance shows up within `--wait`. Failed calls are not errors: they
-/// are counted in the [`Report`].
+/// If the configuration is invalid, etcd is unusable or no instance shows up within `--wait`.
+/// Failed calls are not errors: they are counted in the [`Report`].
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<Report> {
+    config.validate()?;
     let registry_config = config
         .etcd
         .registry_config(registry::register::DEFAULT_TTL)
         .context("etcd settings")?;
     let tls = config.tls.load().context("TLS settings")?;
-    if tls.as_ref().is_some_and(|tls| tls.files().ca.is_none()) {
-        anyhow::bail!(
-            "--tls-cert/--tls-key without --tls-ca: set --tls-ca to the CA that signed the servers' certificates"
-        );
-    }
+    let tls_on = tls.is_some();
     config.metrics.install()?;
     let endpoints = config.etcd.etcd_endpoints.join(",");
-    let etcd = registry_config.connect().await?;
+    let etcd = registry_config.connect().await.map_err(name_settings)?;
+    let prefix = registry::key::service_prefix(&config.etcd.namespace, &config.etcd.service)?;
+    cli::preflight::check(&etcd, &prefix, config.etcd.etcd_timeout).await?;
     let discovery = Discovery::start_with_format(
         &etcd,
         &config.etcd.namespace,
         &config.etcd.service,
         config.format,
     )?;
+    let selector = Selector {
+        require: config.select.clone(),
+        prefer: config.prefer.clone(),
+    };
     let options = BalanceOptions {
         call_timeout: config.timeout,
         retry: RetryPolicy {
@@ -267,10 +462,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
         .idempotent(SAY_HELLO),
         policy: config.policy,
-        selector: Selector {
-            require: config.select.clone(),
-            prefer: config.prefer.clone(),
-        },
+        selector: selector.clone(),
         seed: config.seed,
         tls: tls.map(|tls| tls.client_config(None)),
         ..BalanceOptions::default()
@@ -283,7 +475,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .await
             .with_context(|| format!("cannot list instances from etcd at {endpoints}"))?;
         let started = Instant::now();
-        async {
+        let waited = async {
             let min = config.min_instances;
             let known = discovery.wait_for_instances(min, config.wait).await?;
             let left = || config.wait.saturating_sub(started.elapsed());
@@ -297,13 +489,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 .await;
             anyhow::Ok(())
         }
-        .await
-        .with_context(|| {
-                format!(
-                    "no instance of {:?} to call (etcd {endpoints}); start one with: server --port 50051",
-                    config.etcd.service
-                )
-            })
+        .await;
+        match waited {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let why = unready(&config, &discovery, &channel, &selector, tls_on).await;
+                Err(e.context(why))
+            }
+        }
     };
     tokio::select! {
         ready = ready => ready?,
@@ -312,12 +505,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let mut membership = discovery.subscribe();
     let mut known = membership.borrow_and_update().instances.clone();
-    let (mut view, refresh, forever) = match &config.command {
+    let (mut view, refresh, length) = match &config.command {
         None => {
             for instance in known.values() {
-                println!("  found {} at {}", instance.id, instance.addr);
+                out::line(&format!("  found {} at {}", instance.id, instance.addr));
             }
-            (None, Duration::from_secs(3600), config.forever)
+            (None, Duration::from_secs(3600), length_of(&config, false))
         }
         Some(Command::Watch { refresh, plain }) => {
             let interactive = !plain && std::io::stdout().is_terminal();
@@ -326,36 +519,54 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             for instance in known.values() {
                 view.membership(&Change::Added(instance.clone()));
             }
-            // Watching runs until stopped unless a length was asked for explicitly.
-            let open_ended = config.duration.is_none() && config.requests.is_none();
-            (Some(view), *refresh, config.forever || open_ended)
+            (Some(view), *refresh, length_of(&config, true))
         }
     };
     let mut redraw = tokio::time::interval(refresh);
     redraw.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
-    let mut client = GreeterClient::new(channel.clone());
+    // The slots: each makes calls until the run's length is reached or `stop` fires, and sends
+    // every outcome here. A call in flight when `stop` fires is let finish (it has a deadline),
+    // so its outcome is counted.
+    let stop = shutdown.child_token();
+    let (outcomes_tx, mut outcomes) = tokio::sync::mpsc::channel(config.concurrency * 2);
+    let numbers = Arc::new(AtomicU64::new(0));
+    let request = Arc::new(CallSpec {
+        name: config.name.clone(),
+        hash_key: config.hash_key.as_deref().and_then(|k| k.parse().ok()),
+    });
+    let mut slots = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    for _ in 0..config.concurrency {
+        slots.spawn(slot(
+            GreeterClient::new(channel.clone()),
+            request.clone(),
+            config.interval,
+            length,
+            numbers.clone(),
+            stop.clone(),
+            outcomes_tx.clone(),
+        ));
+    }
+    drop(outcomes_tx);
+
     let mut report = Report::default();
-    let mut tick = tokio::time::interval(config.interval);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let deadline = config.duration.map(|d| Instant::now() + d);
-    let mut n: u64 = 0;
+    let mut watching = true;
     loop {
-        let more = if forever {
-            true
-        } else if let Some(deadline) = deadline {
-            Instant::now() < deadline
-        } else {
-            n < config.requests.unwrap_or(DEFAULT_REQUESTS)
-        };
-        if !more {
-            break;
-        }
         tokio::select! {
-            _ = shutdown.cancelled() => break,
-            changed = membership.changed() => {
+            outcome = outcomes.recv() => {
+                // None: every slot is done.
+                let Some(outcome) = outcome else { break };
+                report.count(&outcome);
+                match &mut view {
+                    Some(view) => view.call(&outcome),
+                    None => print_call(&outcome),
+                }
+            }
+            changed = membership.changed(), if watching => {
                 if changed.is_err() {
-                    break;
+                    watching = false;
+                    continue;
                 }
                 let now = membership.borrow_and_update().instances.clone();
                 for change in diff(&known, &now) {
@@ -366,27 +577,204 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
                 known = now;
             }
-            _ = tick.tick() => {
-                n += 1;
-                let outcome = call(&mut client, n, &config).await;
-                report.count(&outcome);
-                match &mut view {
-                    Some(view) => view.call(&outcome),
-                    None => print_call(&outcome),
-                }
-            }
             _ = redraw.tick(), if view.is_some() => {
                 if let Some(view) = &mut view {
                     view.refresh(&channel.instances());
                 }
             }
         }
+        if out::is_closed() {
+            // Nobody reads what we print: finish the calls in flight and stop, as Unix tools do.
+            stop.cancel();
+        }
+    }
+    report.elapsed = started.elapsed();
+    while let Some(ended) = slots.join_next().await {
+        ended.context("a call slot died")?;
     }
     if let Some(view) = &mut view {
         view.refresh(&channel.instances());
-        println!();
+        out::line("");
     }
     Ok(report)
+}
+
+/// A registry error with the flags to check added, when the library's message names none.
+fn name_settings(error: registry::Error) -> anyhow::Error {
+    match cli::settings_to_check(&error) {
+        Some(settings) => anyhow::Error::from(error).context(settings),
+        None => error.into(),
+    }
+}
+
+/// The run's length from `--requests`, `--duration` and `--forever` (which `validate` keeps
+/// exclusive). Watching is open-ended unless a length was asked for.
+fn length_of(config: &Config, watching: bool) -> Length {
+    match (config.requests, config.duration) {
+        _ if config.forever => Length::Forever,
+        (Some(n), _) => Length::Calls(n),
+        (None, Some(d)) => Length::Until(Instant::now() + d),
+        (None, None) if watching => Length::Forever,
+        (None, None) => Length::Calls(DEFAULT_REQUESTS),
+    }
+}
+
+/// What every call sends.
+#[derive(Debug)]
+struct CallSpec {
+    name: String,
+    hash_key: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+/// One slot: calls once per `interval` (back to back when zero), taking call numbers from
+/// `numbers`, until `length` is reached or `stop` fires.
+async fn slot(
+    mut client: GreeterClient<BalancedChannel>,
+    request: Arc<CallSpec>,
+    interval: Duration,
+    length: Length,
+    numbers: Arc<AtomicU64>,
+    stop: CancellationToken,
+    outcomes: tokio::sync::mpsc::Sender<CallOutcome>,
+) {
+    // `tokio::time::interval` refuses a zero period; zero means no pause at all.
+    let mut tick = (!interval.is_zero()).then(|| {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        tick
+    });
+    loop {
+        if let Some(tick) = &mut tick {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+        } else if stop.is_cancelled() {
+            return;
+        }
+        let n = match length {
+            Length::Until(deadline) if Instant::now() >= deadline => return,
+            Length::Calls(total) => {
+                let n = numbers.fetch_add(1, Ordering::Relaxed) + 1;
+                if n > total {
+                    return;
+                }
+                n
+            }
+            _ => numbers.fetch_add(1, Ordering::Relaxed) + 1,
+        };
+        let outcome = call(&mut client, n, &request).await;
+        if outcomes.send(outcome).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Why no instance could be called, as precisely as what is known allows: none registered, none
+/// matching `--select`, or registered but never connected (a TLS mismatch, most often).
+async fn unready(
+    config: &Config,
+    discovery: &Discovery,
+    channel: &BalancedChannel,
+    selector: &Selector,
+    tls_on: bool,
+) -> String {
+    let service = &config.etcd.service;
+    let prefix = format!("{}/{service}/", config.etcd.namespace);
+    let known = discovery.membership().instances;
+    if known.is_empty() {
+        return format!(
+            "no instance of {service:?} is registered under {prefix} (etcd {}); start one with: \
+             server --port 50051",
+            config.etcd.etcd_endpoints.join(",")
+        );
+    }
+    let admitted: Vec<_> = known
+        .values()
+        .filter(|i| selector.admits(&i.metadata))
+        .collect();
+    if admitted.is_empty() {
+        let select: Vec<_> = config
+            .select
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let seen: Vec<_> = known
+            .values()
+            .map(|i| format!("{} {}", i.id, i.metadata))
+            .collect();
+        return format!(
+            "{} instance(s) of {service:?} registered, but none matches --select {}: {}",
+            known.len(),
+            select.join(" --select "),
+            seen.join("; ")
+        );
+    }
+    if admitted.len() < config.min_instances {
+        return format!(
+            "only {} instance(s) of {service:?} registered and selected, fewer than --min-instances {}",
+            admitted.len(),
+            config.min_instances
+        );
+    }
+    let statuses = channel.instances();
+    let connected = statuses.iter().filter(|s| s.connected).count();
+    if connected == 0 {
+        let addrs: Vec<_> = admitted.iter().map(|i| i.addr.as_str()).collect();
+        let mut why = format!(
+            "{} instance(s) of {service:?} registered ({}), but none could be connected",
+            admitted.len(),
+            addrs.join(", ")
+        );
+        if !tls_on {
+            for addr in &addrs {
+                if speaks_tls(addr).await {
+                    why += &format!(
+                        "; {addr} serves TLS and this client speaks plaintext: pass --tls-ca with \
+                         the CA that signed its certificate"
+                    );
+                    return why;
+                }
+            }
+        } else {
+            why += "; if they serve plaintext, drop --tls-ca; if they require client \
+                    certificates, pass --tls-cert and --tls-key";
+        }
+        return why;
+    }
+    let serving = statuses.iter().filter(|s| s.connected && s.serving).count();
+    if serving == 0 {
+        return format!(
+            "{connected} instance(s) of {service:?} connected, but none reports SERVING (draining, \
+             or switched off with SIGUSR1)"
+        );
+    }
+    format!(
+        "the instances of {service:?} did not become ready within --wait {:?}",
+        config.wait
+    )
+}
+
+/// Whether `addr` answers the HTTP/2 preface with a TLS record: a TLS server reads the preface
+/// as a broken handshake and replies with an alert (content type 21), which a plaintext HTTP/2
+/// client then misreads as an oversized frame (FRAME_SIZE_ERROR).
+async fn speaks_tls(addr: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .ok()?;
+        let mut first = [0u8; 1];
+        stream.read_exact(&mut first).await.ok()?;
+        Some(matches!(first[0], 0x15 | 0x16))
+    };
+    tokio::time::timeout(Duration::from_secs(1), probe)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }
 
 fn parse_hash_key(text: &str) -> Result<String, String> {
@@ -396,13 +784,12 @@ fn parse_hash_key(text: &str) -> Result<String, String> {
 }
 
 /// Makes call number `n`.
-async fn call(client: &mut GreeterClient<BalancedChannel>, n: u64, config: &Config) -> CallOutcome {
+async fn call(client: &mut GreeterClient<BalancedChannel>, n: u64, spec: &CallSpec) -> CallOutcome {
     let mut request = tonic::Request::new(HelloRequest {
-        name: config.name.clone(),
+        name: spec.name.clone(),
     });
-    // The flag's parser admits only valid metadata values.
-    if let Some(value) = config.hash_key.as_deref().and_then(|k| k.parse().ok()) {
-        request.metadata_mut().insert(HASH_KEY, value);
+    if let Some(value) = &spec.hash_key {
+        request.metadata_mut().insert(HASH_KEY, value.clone());
     }
     let started = Instant::now();
     let result = client.say_hello(request).await;
@@ -438,18 +825,18 @@ async fn call(client: &mut GreeterClient<BalancedChannel>, n: u64, config: &Conf
 fn print_call(outcome: &CallOutcome) {
     let ms = outcome.latency.as_secs_f64() * 1e3;
     let n = outcome.n;
-    match (&outcome.error, &outcome.instance_id) {
-        (Some(error), _) => println!("call {n:>4}  FAILED {error}  {ms:>8.2} ms"),
-        (None, id) => println!(
+    out::line(&match (&outcome.error, &outcome.instance_id) {
+        (Some(error), _) => format!("call {n:>4}  FAILED {error}  {ms:>8.2} ms"),
+        (None, id) => format!(
             "call {n:>4}  {:<21}  {:<24} {ms:>8.2} ms",
             outcome.addr.as_deref().unwrap_or("?"),
             id.as_deref().unwrap_or("?")
         ),
-    }
+    });
 }
 
 fn print_change(change: &Change) {
-    println!("  {}", describe(change));
+    out::line(&format!("  {}", describe(change)));
 }
 
 /// One line about a membership change, the same in both output modes.
@@ -501,5 +888,84 @@ mod tests {
         assert_eq!(ok.policy, Policy::LeastRequest);
         assert_eq!(ok.select, [("version".to_owned(), "v2".to_owned())]);
         assert!(parse(&[]).is_ok());
+    }
+
+    #[test]
+    fn zero_and_contradictory_values_are_refused_by_name() {
+        let check = |args: &[&str]| {
+            Config::try_parse_from([&["client"], args].concat())
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.validate().map_err(|e| e.to_string()))
+        };
+        for (args, expected) in [
+            (&["--timeout", "0s"][..], "more than zero"),
+            (&["--etcd-timeout", "0s"], "more than zero"),
+            (&["--wait", "0s"], "more than zero"),
+            (&["--duration", "0s"], "more than zero"),
+            (&["--requests", "0"], "requests"),
+            (&["--requests", "5", "--forever"], "forever"),
+            (&["--requests", "5", "--duration", "1s"], "duration"),
+            (&["--min-instances", "0"], "min-instances"),
+            (&["--concurrency", "0"], "concurrency"),
+            (&["--hash-key", "user-1"], "consistent_hash"),
+            (&["watch", "--refresh", "0s"], "more than zero"),
+        ] {
+            let error = check(args).expect_err(&format!("{args:?} was accepted"));
+            assert!(error.contains(expected), "{args:?}: {error}");
+        }
+        // Zero pause means back to back; decimal seconds are seconds.
+        assert!(check(&["--interval", "0s"]).is_ok());
+        assert!(check(&["--hash-key", "u", "--policy", "consistent_hash"]).is_ok());
+        let parsed = Config::try_parse_from(["client", "--interval", "0.5"]).unwrap();
+        assert_eq!(parsed.interval, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn flags_are_accepted_after_the_subcommand() {
+        let parsed = Config::try_parse_from([
+            "client",
+            "watch",
+            "--etcd-endpoints",
+            "127.0.0.1:1",
+            "--requests",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(parsed.etcd.etcd_endpoints, ["127.0.0.1:1"]);
+        assert_eq!(parsed.requests, Some(3));
+        assert!(matches!(parsed.command, Some(Command::Watch { .. })));
+    }
+
+    #[test]
+    fn a_long_run_keeps_a_bounded_even_sample_of_latencies() {
+        let mut latencies = Latencies::default();
+        for us in 1..=1_000_000u64 {
+            latencies.record(Duration::from_micros(us));
+        }
+        assert_eq!(latencies.count(), 1_000_000);
+        assert!(latencies.kept.len() < 2 * Latencies::KEPT);
+        let p50 = latencies.percentile(0.5).unwrap().as_micros() as f64;
+        let p99 = latencies.percentile(0.99).unwrap().as_micros() as f64;
+        assert!((p50 / 500_000.0 - 1.0).abs() < 0.01, "p50 {p50}");
+        assert!((p99 / 990_000.0 - 1.0).abs() < 0.01, "p99 {p99}");
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let mut report = Report::default();
+        assert_eq!(report.percentile(0.5), None);
+        for ms in 1..=100 {
+            report.latencies.record(Duration::from_millis(ms));
+        }
+        assert_eq!(report.percentile(0.5), Some(Duration::from_millis(50)));
+        assert_eq!(report.percentile(0.99), Some(Duration::from_millis(99)));
+        report.latencies = Latencies::default();
+        report.latencies.record(Duration::from_millis(7));
+        assert_eq!(report.percentile(0.99), Some(Duration::from_millis(7)));
+        report.served.insert(("h:1".into(), "a".into()), 1);
+        report.elapsed = Duration::from_secs(2);
+        let table = report.table();
+        assert!(table.contains("p50 7.00 ms, p99 7.00 ms"), "{table}");
+        assert!(table.contains("(0.5 calls/s)"), "{table}");
     }
 }

@@ -1,23 +1,18 @@
-//! `client`: load the configuration (defaults < client.toml < environment < flags), install logging and Ctrl-C handling, run, print the table.
+//! `client`: load the configuration (defaults < client.toml < environment < flags), install logging
+//! and Ctrl-C handling, run, print the table.
 
-use std::{io::IsTerminal, process::ExitCode};
+use std::process::ExitCode;
 
-use client::Config;
+use client::{Config, out};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let Some(config) = registry::cli::load_or_exit::<Config>("client") else {
+    let Some(config) = cli::load_or_exit::<Config>("client") else {
         return ExitCode::SUCCESS; // --print-config
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    // Logs go through a writer a closed stderr cannot break (see `cli::logging`).
+    let _logs = cli::logging::init("warn");
 
     let shutdown = CancellationToken::new();
     let on_ctrl_c = shutdown.clone();
@@ -28,7 +23,8 @@ async fn main() -> ExitCode {
     });
     match client::run(config, shutdown).await {
         Ok(report) => {
-            println!("{}", report.table());
+            // With stdout closed (`client | head`) the table goes nowhere; that is no failure.
+            out::line(&report.table());
             if report.failed == 0 {
                 ExitCode::SUCCESS
             } else {
@@ -36,7 +32,7 @@ async fn main() -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            cli::logging::eprint(&format!("error: {e:#}\n"));
             ExitCode::FAILURE
         }
     }

@@ -93,7 +93,7 @@ impl View {
                 self.events.pop_front();
             }
         } else {
-            println!("{line}");
+            crate::out::line(&line);
         }
     }
 
@@ -135,7 +135,7 @@ impl View {
             .retain(|addr, _| instances.iter().any(|i| *i.addr == **addr));
         if self.interactive {
             // Clear the screen and draw from the top: a refresh in place, no terminal library.
-            print!("\x1b[2J\x1b[H{}", self.screen(instances));
+            crate::out::print(&format!("\x1b[2J\x1b[H{}", self.screen(instances)));
         }
     }
 

@@ -99,6 +99,8 @@ async fn tls_and_auth_to_etcd_and_mutual_tls_to_the_server() {
         stderr.contains("refused to authenticate user \"greeter\""),
         "{stderr}"
     );
+    // The library names no flags; the binary says which settings to check.
+    assert!(stderr.contains("--etcd-password-file"), "{stderr}");
     assert!(!stderr.contains(wrong), "{stderr}");
 
     server.stop().await;

@@ -2,7 +2,7 @@
 //! securely, and the namespace and lease TTL of registrations.
 //!
 //! Library users build it in code with [`RegistryConfig::builder`]; the binaries build the same
-//! thing from layered settings (defaults < config file < environment < flags, see `cli`). Either
+//! thing from layered settings (defaults < config file < environment < flags, see the `cli` crate). Either
 //! way [`RegistryConfigBuilder::build`] is the one place that checks it, so a bad value is reported
 //! once, at startup, by name.
 //!

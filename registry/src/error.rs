@@ -54,7 +54,7 @@ pub enum Error {
     /// A setting is out of range or inconsistent with another.
     #[error("invalid setting {setting}: {reason}")]
     InvalidConfig {
-        /// The setting, by its flag / config-file name (`ttl`, `etcd-endpoints`).
+        /// The setting, by its configuration name (`ttl`, `etcd-endpoints`).
         setting: &'static str,
         /// What is wrong and what to do.
         reason: String,
@@ -80,7 +80,7 @@ pub enum Error {
 
     /// etcd refused the username or password (or auth is not enabled on the cluster).
     #[error(
-        "etcd at {endpoints} refused to authenticate user {user:?}: {reason}; check the username and password (--etcd-username, --etcd-password or --etcd-password-file)"
+        "etcd at {endpoints} refused to authenticate user {user:?}: {reason}; check the username and password"
     )]
     Unauthenticated {
         /// The user we authenticated as.
@@ -142,22 +142,6 @@ pub enum Error {
         what: String,
         /// How long we waited.
         waited: Duration,
-    },
-
-    /// The layered configuration (defaults, file, environment, flags) cannot be read.
-    #[cfg(feature = "cli")]
-    #[error("configuration: {0}")]
-    Config(#[from] Box<figment::Error>),
-
-    /// The Prometheus exporter could not be started.
-    #[cfg(feature = "cli")]
-    #[error("cannot serve metrics on {addr}; is the address in use?")]
-    Metrics {
-        /// The address asked for.
-        addr: std::net::SocketAddr,
-        /// Why.
-        #[source]
-        source: metrics_exporter_prometheus::BuildError,
     },
 
     /// A lock was not acquired in time: someone else held it all along, or the lease could not be

@@ -29,7 +29,6 @@
 //! - [`select`]: choosing instances by metadata (require `version=v2`, prefer `zone=a`).
 //! - [`serve`]: serving on a listener you bound, with `TCP_NODELAY` on every accepted socket.
 //! - `connection`: one HTTP/2 connection per instance, ejected the moment its socket closes.
-//! - `cli` (feature `cli`, on by default): clap arguments shared by binaries.
 //! - [`backoff`]: capped exponential backoff with jitter.
 //! - [`error`]: the crate's [`Error`].
 //!
@@ -56,8 +55,6 @@
 
 pub mod backoff;
 pub mod balance;
-#[cfg(feature = "cli")]
-pub mod cli;
 pub mod config;
 mod connection;
 pub mod discover;

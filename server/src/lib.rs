@@ -18,10 +18,10 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Parser;
+use cli::{EtcdArgs, GrpcTlsArgs, Layered, MetricsArgs, Sources, duration, pairs, parse_duration};
 use proto::helloworld::greeter_server::GreeterServer;
-use registry::cli::{EtcdArgs, GrpcTlsArgs, Layered, MetricsArgs, duration, pairs, parse_duration};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -32,7 +32,7 @@ use tracing::{info, warn};
 pub mod greeter;
 
 /// Settings of the `server` binary: flags, `SERVER_*`/`ETCD_*` environment variables, or the same
-/// names in `server.toml` (see `registry::cli` for the layering).
+/// names in `server.toml` (see the `cli` crate for the layering).
 #[derive(Debug, Clone, Parser, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[command(version, about = "A helloworld Greeter that registers itself in etcd.")]
@@ -112,44 +112,79 @@ pub struct Config {
     pub metrics: MetricsArgs,
 }
 
-impl Layered for Config {}
+impl Layered for Config {
+    fn validate(&self, sources: &Sources) -> cli::Result<()> {
+        self.check(sources)
+    }
+}
 
 impl Config {
-    /// Checks what clap cannot: a usable advertised address and instance id, and the TTL.
+    /// Checks what clap cannot: a usable advertised address and instance id, and the TTL. Errors
+    /// name the flags; the binary checks the same things while loading, naming the environment
+    /// variable or the config file a value came from.
     ///
     /// # Errors
     /// A message naming the flag to fix.
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.port.is_none() {
-            bail!("no port: pass --port PORT (or set SERVER_PORT, or port in the config file)");
-        }
+        Ok(self.check(&Sources::flags())?)
+    }
+
+    fn check(&self, sources: &Sources) -> cli::Result<()> {
+        let Some(port) = self.port else {
+            return Err(cli::Error::invalid(
+                "--port",
+                "no port: pass --port PORT (or set SERVER_PORT, or port in the config file)",
+            ));
+        };
         if self.tls.tls_ca.is_some() && self.tls.tls_cert.is_none() {
-            bail!(
-                "--tls-ca requires client certificates, which needs TLS: also pass --tls-cert and --tls-key"
-            );
+            return Err(sources.invalid(
+                "tls-ca",
+                "requires client certificates, which needs TLS: also pass --tls-cert and --tls-key",
+            ));
         }
         if self.ttl < registry::register::MIN_TTL {
-            bail!(
-                "--ttl {:?} is too short: etcd grants leases of at least 2s",
-                self.ttl
-            );
+            return Err(sources.invalid(
+                "ttl",
+                format!(
+                    "{:?} is too short: etcd grants leases of at least 2s",
+                    self.ttl
+                ),
+            ));
         }
         if self.advertise_addr.is_none() && is_unspecified(&self.host) {
-            bail!(
-                "--host {} listens on every interface, so there is no single address to register: \
-                 pass --advertise-addr host:port (the address clients should dial)",
-                self.host
-            );
+            return Err(sources.invalid(
+                "host",
+                format!(
+                    "{} listens on every interface, so there is no single address to register: \
+                     pass --advertise-addr host:port (the address clients should dial)",
+                    self.host
+                ),
+            ));
+        }
+        // A host that does not resolve would fail at bind time, blamed on the port.
+        if let Err(e) = std::net::ToSocketAddrs::to_socket_addrs(&(self.host.as_str(), port)) {
+            return Err(sources.invalid(
+                "host",
+                format!(
+                    "{:?} is not an IP address or a host name that resolves: {e}",
+                    self.host
+                ),
+            ));
         }
         if let Some(addr) = &self.advertise_addr {
             if !registry::endpoint::is_dialable(addr) {
-                bail!("--advertise-addr {addr:?} is not a dialable host:port");
+                return Err(sources.invalid(
+                    "advertise-addr",
+                    format!("{addr:?} is not a dialable host:port"),
+                ));
             }
         }
         if let Some(id) = &self.instance_id {
             registry::key::instance_key(&self.etcd.namespace, &self.etcd.service, id)
-                .context("--instance-id")?;
+                .map_err(|e| sources.invalid("instance-id", e.to_string()))?;
         }
+        self.etcd.validate(sources)?;
+        self.tls.validate()?;
         Ok(())
     }
 

@@ -1,40 +1,71 @@
 //! `server`: load the configuration (defaults < server.toml < environment < flags), install logging
 //! and the shutdown signal, run. See the library for the rest.
 
-use std::{io::IsTerminal, process::ExitCode};
+use std::{
+    process::ExitCode,
+    sync::{Arc, OnceLock},
+};
 
-use clap::{CommandFactory, error::ErrorKind};
 use server::Config;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let Some(config) = registry::cli::load_or_exit::<Config>("server") else {
+    let Some(config) = cli::load_or_exit::<Config>("server") else {
         return ExitCode::SUCCESS; // --print-config
     };
-    if let Err(e) = config.validate() {
-        // Exit code 2 and clap's formatting, like any other bad flag.
-        Config::command()
-            .error(ErrorKind::ValueValidation, format!("{e:#}"))
-            .exit();
-    }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    // Logs go through a writer a closed stderr cannot break (see `cli::logging`).
+    let _logs = cli::logging::init("info");
 
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signal(shutdown.clone()));
-    match server::run(config, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+    // Alongside the start, not before it: a cluster that is merely down is waited for once, by
+    // `run`; only what waiting cannot fix stops the server early.
+    let unusable = Arc::new(OnceLock::new());
+    let preflight = tokio::spawn(preflight(
+        config.clone(),
+        shutdown.clone(),
+        unusable.clone(),
+    ));
+    let ran = server::run(config, shutdown).await;
+    preflight.abort();
+    match (ran, unusable.get()) {
+        (_, Some(e)) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
+        (Ok(()), None) => ExitCode::SUCCESS,
+        (Err(e), None) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Asks etcd once for the service's prefix (see `cli::preflight`); on an answer that waiting
+/// cannot change, records it in `unusable` and shuts the server down.
+async fn preflight(
+    config: Config,
+    shutdown: CancellationToken,
+    unusable: Arc<OnceLock<anyhow::Error>>,
+) {
+    let checked = async {
+        let registry = config.etcd.registry_config(config.ttl)?;
+        let etcd = registry
+            .connect()
+            .await
+            .map_err(|e| match cli::settings_to_check(&e) {
+                Some(settings) => anyhow::Error::from(e).context(settings),
+                None => e.into(),
+            })?;
+        let prefix = registry::key::service_prefix(&config.etcd.namespace, &config.etcd.service)?;
+        cli::preflight::check(&etcd, &prefix, config.etcd.etcd_timeout).await?;
+        anyhow::Ok(())
+    };
+    if let Err(e) = checked.await {
+        // Recorded before the cancellation, so `main` finds it once `run` returns.
+        let _ = unusable.set(e);
+        shutdown.cancel();
     }
 }
 
@@ -51,9 +82,12 @@ async fn on_signal(shutdown: CancellationToken) {
             }
         }
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = terminate => tracing::info!("SIGTERM received"),
-    }
+    let signal = tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = terminate => "SIGTERM",
+    };
+    // Act first, then say so: nothing that can go wrong while logging may stand between the
+    // signal and the deregistration.
     shutdown.cancel();
+    tracing::info!("{signal} received");
 }

@@ -138,3 +138,194 @@ fn config_file_mistakes_exit_2_naming_the_file_and_key() {
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("several config files"), "{stderr}");
 }
+
+/// Runs the server in `dir` and returns its exit code and stderr.
+fn fails(cmd: &mut Command) -> (Option<i32>, String) {
+    let output = cmd.output().unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn errors_name_where_the_bad_value_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    // The environment, not the flag it stands in for.
+    let (code, stderr) = fails(server(dir.path()).env("SERVER_PORT", "abc"));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("SERVER_PORT") && stderr.contains("abc"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("'--port"), "{stderr}");
+
+    // Two settings that exclude each other, both from the environment.
+    let (code, stderr) = fails(
+        server(dir.path())
+            .env("ETCD_PASSWORD", "x")
+            .env("ETCD_PASSWORD_FILE", "/nonexistent")
+            .args(["--port", "1", "--etcd-username", "u"]),
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("ETCD_PASSWORD (--etcd-password)")
+            && stderr.contains("ETCD_PASSWORD_FILE (--etcd-password-file)"),
+        "{stderr}"
+    );
+
+    // A value the file got past clap: named as the file's key.
+    std::fs::write(dir.path().join("short.toml"), "port = 1\nttl = \"1s\"\n").unwrap();
+    let (code, stderr) = fails(server(dir.path()).args(["--config", "short.toml"]));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("ttl in short.toml"), "{stderr}");
+    assert!(!stderr.contains("--ttl"), "{stderr}");
+
+    // A wrong type inside the flattened etcd settings still names the key and the file.
+    std::fs::write(
+        dir.path().join("type.toml"),
+        "port = 1\netcd-timeout = true\n",
+    )
+    .unwrap();
+    let (code, stderr) = fails(server(dir.path()).args(["--config", "type.toml"]));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("etcd-timeout in type.toml"), "{stderr}");
+
+    // Endpoints from a file are checked like the flag's.
+    std::fs::write(
+        dir.path().join("ep.toml"),
+        "port = 1\netcd-endpoints = [\"nope\"]\n",
+    )
+    .unwrap();
+    let (code, stderr) = fails(server(dir.path()).args(["--config", "ep.toml"]));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("etcd-endpoints in ep.toml") && stderr.contains("nope"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_comma_separated_endpoint_string_in_a_file_is_a_list() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("server.toml"),
+        "port = 1\netcd-endpoints = \"127.0.0.1:1,127.0.0.1:2\"\n",
+    )
+    .unwrap();
+    let output = server(dir.path()).arg("--print-config").output().unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Accepted, and reported as written (the report stays a valid file).
+    assert!(
+        line(&report, "etcd-endpoints").contains("\"127.0.0.1:1,127.0.0.1:2\"  # file"),
+        "{report}"
+    );
+}
+
+#[test]
+fn every_configuration_mistake_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("pw");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let password = password.to_str().unwrap();
+    let missing = dir.path().join("missing-pw");
+    let missing = missing.to_str().unwrap();
+    let both = dir.path().join("both.toml");
+    std::fs::write(&both, format!("etcd-password-file = {password:?}\n")).unwrap();
+    let both = both.to_str().unwrap();
+    for (env, args, expected) in [
+        (
+            Some(("ETCD_PASSWORD", "x")),
+            vec!["--port", "1", "--etcd-username", "u", "--config", both],
+            "keep one",
+        ),
+        (
+            None,
+            vec![
+                "--port",
+                "1",
+                "--etcd-username",
+                "u",
+                "--etcd-password-file",
+                missing,
+            ],
+            "missing-pw",
+        ),
+        (
+            None,
+            vec!["--port", "1", "--host", "not-a-host"],
+            "not-a-host",
+        ),
+        (
+            None,
+            vec!["--port", "1", "--etcd-username", "u"],
+            "without a password",
+        ),
+        (
+            None,
+            vec!["--port", "1", "--etcd-timeout", "0s"],
+            "more than zero",
+        ),
+        (
+            None,
+            vec!["--port", "1", "--tls-cert", missing, "--tls-key", missing],
+            "missing-pw",
+        ),
+        // --print-config checks what it prints.
+        (
+            None,
+            vec!["--port", "1", "--ttl", "1s", "--print-config"],
+            "at least 2s",
+        ),
+    ] {
+        let mut cmd = server(dir.path());
+        if let Some((var, value)) = env {
+            cmd.env(var, value);
+        }
+        let (code, stderr) = fails(cmd.args(&args));
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: no {expected:?} in {stderr}"
+        );
+        assert!(!stderr.contains("in use"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn help_says_what_the_binary_does_and_names_its_own_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = server(dir.path()).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success());
+    assert!(
+        help.starts_with("A helloworld Greeter that registers itself in etcd."),
+        "{help}"
+    );
+    assert!(help.contains("./server.toml"), "{help}");
+    assert!(!help.contains("BINARY"), "{help}");
+}
+
+#[test]
+fn bare_decimal_seconds_are_durations() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = server(dir.path())
+        .args(["--port", "1", "--deregister-grace", "0.5", "--print-config"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        line(&report, "deregister-grace").contains("\"500ms\""),
+        "{report}"
+    );
+}

@@ -305,3 +305,130 @@ fn metrics_show_the_registration_and_its_keep_alives() {
     let text = testkit::http::get(&metrics, "/metrics");
     assert!(text.contains("# HELP registry_registered"), "{text}");
 }
+
+/// Reads `stderr` line by line until one contains `needle`; panics at its end.
+fn read_until(stderr: &mut impl std::io::BufRead, needle: &str) {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let read = stderr
+            .read_line(&mut line)
+            .expect("reading the server's stderr");
+        assert!(read > 0, "stderr ended before a line with {needle:?}");
+        if line.contains(needle) {
+            return;
+        }
+    }
+}
+
+#[test]
+fn a_closed_stderr_does_not_stop_sigterm_from_deregistering() {
+    use std::io::BufReader;
+    let cluster = EtcdCluster::start();
+    let port = free_port();
+    let key = format!("services/helloworld/127.0.0.1-{port}");
+    let mut child = testkit::spawn(
+        Command::new(env!("CARGO_BIN_EXE_server"))
+            .args(["--port", &port.to_string()])
+            .args(["--etcd-endpoints", &cluster.endpoints().join(",")])
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped()),
+    );
+    let mut stderr = BufReader::new(child.child_mut().stderr.take().expect("stderr is piped"));
+    read_until(&mut stderr, "registered");
+    // Like `2> >(head -2)` once head has exited: every later log line fails with EPIPE.
+    drop(stderr);
+    assert!(key_exists(&cluster, &key));
+
+    child.signal(libc::SIGTERM);
+    let status = child
+        .wait_timeout(Duration::from_secs(15))
+        .expect("with its stderr closed, the server did not exit on SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    // Revoked on the way out, not left to expire.
+    assert!(!key_exists(&cluster, &key), "{key} outlived the server");
+}
+
+#[test]
+fn a_closed_stderr_before_registration_does_not_kill_the_server() {
+    use std::io::BufReader;
+    let cluster = EtcdCluster::start();
+    let port = free_port();
+    let key = format!("services/helloworld/127.0.0.1-{port}");
+    let mut child = testkit::spawn(
+        Command::new(env!("CARGO_BIN_EXE_server"))
+            .args(["--port", &port.to_string()])
+            .args(["--etcd-endpoints", &cluster.endpoints().join(",")])
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped()),
+    );
+    let mut stderr = BufReader::new(child.child_mut().stderr.take().expect("stderr is piped"));
+    // Like `2> >(head -1)`: the reader leaves after the first line, before "registered".
+    read_until(&mut stderr, "serving");
+    drop(stderr);
+    wait_until(Duration::from_secs(15), "the key to be registered", || {
+        key_exists(&cluster, &key)
+    });
+    assert!(
+        child.is_running(),
+        "the server died after its stderr closed"
+    );
+    child.signal(libc::SIGTERM);
+    let status = child
+        .wait_timeout(Duration::from_secs(15))
+        .expect("with its stderr closed, the server did not exit on SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(!key_exists(&cluster, &key), "{key} outlived the server");
+}
+
+#[test]
+fn an_auth_cluster_without_a_username_stops_the_server_at_once() {
+    let mut cluster = EtcdCluster::start();
+    cluster.enable_auth("root-Pa55-server");
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("server.log");
+    let started = Instant::now();
+    let mut child = testkit::spawn(
+        Command::new(env!("CARGO_BIN_EXE_server"))
+            .args(["--port", &free_port().to_string()])
+            .args(["--etcd-endpoints", &cluster.endpoints().join(",")])
+            .args(["--etcd-timeout", "10s"])
+            .stderr(File::create(&log).unwrap()),
+    );
+    let status = child
+        .wait_timeout(Duration::from_secs(8))
+        .expect("the server kept waiting for an etcd that requires a username");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("authentication enabled") && text.contains("--etcd-username"),
+        "{text}"
+    );
+    eprintln!("stopped after {:?}", started.elapsed());
+}
+
+#[test]
+fn a_stderr_nobody_reads_does_not_stall_the_server() {
+    let cluster = EtcdCluster::start();
+    let port = free_port();
+    let key = format!("services/helloworld/127.0.0.1-{port}");
+    let mut child = testkit::spawn(
+        Command::new(env!("CARGO_BIN_EXE_server"))
+            .args(["--port", &port.to_string()])
+            .args(["--etcd-endpoints", &cluster.endpoints().join(",")])
+            // Enough log lines to fill the pipe's buffer many times over.
+            .env("RUST_LOG", "trace")
+            .stderr(std::process::Stdio::piped()),
+    );
+    // Held open and never read, like a paused `| less`: writes to a full pipe block.
+    let _stderr = child.child_mut().stderr.take().expect("stderr is piped");
+    wait_until(Duration::from_secs(15), "the key to be registered", || {
+        key_exists(&cluster, &key)
+    });
+    child.signal(libc::SIGTERM);
+    let status = child
+        .wait_timeout(Duration::from_secs(15))
+        .expect("with a full stderr pipe, the server did not exit on SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(!key_exists(&cluster, &key), "{key} outlived the server");
+}
