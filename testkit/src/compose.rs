@@ -90,7 +90,9 @@ impl ComposeCluster {
             states: vec![State::Running; 3],
         };
         cluster.image = cluster.configured_image();
-        let present = docker(&["image", "inspect", &cluster.image]).status.success();
+        let present = docker(&["image", "inspect", &cluster.image])
+            .status
+            .success();
         assert!(
             present,
             "testkit: the etcd image {} is not on this machine. With a registry: docker pull {0}. \
@@ -273,13 +275,7 @@ impl ComposeCluster {
             if member != leader {
                 return None;
             }
-            let port: u16 = entry
-                .split('"')
-                .nth(1)?
-                .rsplit(':')
-                .next()?
-                .parse()
-                .ok()?;
+            let port: u16 = entry.split('"').nth(1)?.rsplit(':').next()?.parse().ok()?;
             self.ports.iter().position(|&p| p == port)
         })
     }

@@ -7,6 +7,7 @@
 //!
 //! Members are numbered from 0 (`n1` is member 0) in every method that takes an index.
 
+use std::collections::BTreeMap;
 use std::env;
 use std::fmt;
 use std::fs::{self, OpenOptions};
@@ -15,7 +16,6 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::thread;
