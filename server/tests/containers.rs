@@ -90,20 +90,22 @@ fn watch_member(cluster: &ComposeCluster, before: &[f64]) -> usize {
 }
 
 /// Puts a record under the service prefix through the members that answer (waiting out an
-/// election if needed) and waits until the client's discovery lists it; returns the time from
-/// `since` until then. A new instance reaching the client proves its watch works again.
+/// election if needed) and waits until the client's discovery lists it. Returns when the put
+/// succeeded and when the client listed the record, both counted from `since`. A new instance
+/// reaching the client proves its watch works again.
 async fn probe_seen(
     cluster: &ComposeCluster,
     load: &Load,
     name: &str,
     since: Instant,
     timeout: Duration,
-) -> Duration {
+) -> (Duration, Duration) {
     let key = format!("services/helloworld/{name}");
     let value = format!(r#"{{"Op":0,"Addr":"{}","Metadata":null}}"#, dead_addr());
     wait_until(timeout, "a put through the members that answer", || {
         cluster.etcdctl(&["put", &key, &value]).status.success()
     });
+    let put = since.elapsed();
     loop {
         if load
             .channel
@@ -112,7 +114,7 @@ async fn probe_seen(
             .instances
             .contains_key(name)
         {
-            return since.elapsed();
+            return (put, since.elapsed());
         }
         assert!(
             since.elapsed() < timeout,
@@ -178,7 +180,7 @@ async fn c1_docker_kill_of_the_member_carrying_the_watch() {
 
     cluster.kill(victim);
     let killed = Instant::now();
-    let seen = probe_seen(
+    let (put, seen) = probe_seen(
         &cluster,
         &load,
         "probe-kill",
@@ -194,8 +196,9 @@ async fn c1_docker_kill_of_the_member_carrying_the_watch() {
         );
         sleep(Duration::from_millis(200)).await;
     }
+    let restarted = Instant::now();
     cluster.restart(victim);
-    let rejoined = killed.elapsed();
+    let rejoined = restarted.elapsed();
     let calls = load.finish().await;
     report(
         "c1 docker-kill-watch-member",
@@ -203,7 +206,7 @@ async fn c1_docker_kill_of_the_member_carrying_the_watch() {
         &servers,
         &calls,
         &format!(
-            "killed=etcd{} leases-kept=3/3 change-seen-after-kill={seen:?} member-healthy-again-after={rejoined:?}",
+            "killed=etcd{} leases-kept=3/3 put-ok-after-kill={put:?} change-seen-by-client-after-kill={seen:?} restarted-member-healthy-after={rejoined:?}",
             victim + 1
         ),
     );
@@ -240,7 +243,7 @@ async fn c2_network_partition_of_a_member_then_of_the_clients_member() {
             },
         );
         let no_leader = cut.elapsed();
-        let seen = probe_seen(
+        let (put, seen) = probe_seen(
             &cluster,
             &load,
             &format!("probe-partition-{round}"),
@@ -256,12 +259,12 @@ async fn c2_network_partition_of_a_member_then_of_the_clients_member() {
             "other member"
         };
         println!(
-            "  round {round}: etcd{} ({role}) partitioned: answered health=false after {no_leader:?}, a change reached the client after {seen:?}, healthy again {:?} after the cut",
+            "  round {round}: etcd{} ({role}) partitioned: answered health=false after {no_leader:?}; a change put {put:?} after the cut reached the client {seen:?} after the cut; healthy again {:?} after the cut",
             member + 1,
             healed
         );
         measured.push(format!(
-            "round{round}=etcd{}({}):change-seen-after={seen:?}",
+            "round{round}=etcd{}({}):put-at={put:?},seen-at={seen:?}",
             member + 1,
             if member == watched { "watch" } else { "other" }
         ));
