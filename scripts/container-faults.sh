@@ -20,10 +20,12 @@ export COMPOSE_TEST_PREFIX
 
 log() { printf 'container-faults: %s\n' "$*" >&2; }
 
-# The ids of the LIST-command's objects (docker ps -a, network ls, volume ls) that carry a compose
-# project label starting with this run's prefix.
+# The ids (names for volumes, which have no id) of the objects the LIST command shows (docker ps -a,
+# network ls, volume ls) that carry a compose project label starting with this run's prefix.
 ours() {
-	"$@" --quiet --filter label=com.docker.compose.project --format '{{.ID}} {{.Label "com.docker.compose.project"}}' 2>/dev/null |
+	local id='{{.ID}}'
+	[[ $2 != volume ]] || id='{{.Name}}'
+	"$@" --filter label=com.docker.compose.project --format "$id {{.Label \"com.docker.compose.project\"}}" 2>/dev/null |
 		awk -v p="$COMPOSE_TEST_PREFIX-" 'index($2, p) == 1 { print $1 }'
 }
 
