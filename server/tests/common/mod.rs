@@ -145,6 +145,18 @@ impl Load {
             Discovery::start(&etcd, "services", "helloworld").expect("valid names"),
             options,
         );
+        // Like the `client` binary (`--min-instances 1`), start calling only once discovery has
+        // listed an instance. Ticking at once made the first call race the initial list: on a
+        // loaded machine it lost, and failed fast with "no instances ... are registered", which
+        // the fault tests then counted as a failure of the fault under test.
+        let listed = Instant::now();
+        while channel.discovery().membership().instances.is_empty() {
+            assert!(
+                listed.elapsed() < Duration::from_secs(15),
+                "the load's discovery listed no instance within 15 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let calls = Arc::new(Mutex::new(Vec::new()));
         let in_flight = Arc::new(AtomicUsize::new(0));
         let task = {
