@@ -2,15 +2,16 @@
 # The whole demo of service registration and discovery on etcd, end to end, in one command:
 #
 #   ./start.sh                 # etcd in Docker if an engine answers, else as local processes
+#   ETCD_IMAGE=etcd-grpc-discovery/etcd:3.5.1-local ./start.sh
+#                              # Docker with the image scripts/build-etcd-image.sh builds (no registry)
 #   ./start.sh --local-etcd    # always local etcd processes (same as DEMO_ETCD=local)
 #   ./start.sh --interactive   # stages 1-4, then a live view to break things in by hand
 #
 # It runs in numbered stages, each announced with what is about to happen and what to look for:
 # 1. Checks cargo, protoc and etcd (or Docker); installs missing Debian packages when allowed to.
 # 2. Builds the server and client.
-# 3. Starts a three-member etcd cluster, the registry.
-# 4. Starts three Greeter servers (ports 50051-50053), each of which registers itself in etcd under a
-#    lease.
+# 3. Starts three Greeter servers (ports 50051-50053), then a three-member etcd cluster, the registry.
+# 4. Waits for each server to register itself in etcd under a lease.
 # 5. Round robin: a client discovers the three servers and makes 9 calls, 3 to each.
 # 6. Failover: while a client calls every 100 ms, server 50052 stops gracefully and comes back; the
 #    client drops it and picks it up again without a single failed call.
@@ -19,6 +20,14 @@
 # --interactive replaces stages 5 and 6 with `client watch`, the live view, in the foreground: it
 # first prints commands to try from another terminal (kill, freeze or drain a server, freeze an etcd
 # member, add a server) with the real pids, and runs until Ctrl-C.
+#
+# Docker mode uses `docker compose` (v2) or, if that is missing, `docker-compose` (v1). When the
+# engine answers but the compose file's image is neither here nor pullable (no registry), the script
+# says so in one line, with the command that builds a local image, and runs local etcd processes.
+#
+# The binaries run with exactly the demo's settings: from an empty scratch directory (so a server.toml
+# or client.toml in the reader's directory is not read) and with an environment of PATH, HOME, TERM
+# and LANG only (so exported ETCD_*, TLS_*, SERVER_*, REGISTRY_* variables change nothing).
 #
 # Every check that fails exits non-zero, so CI runs this script as its end-to-end test. Every wait polls
 # a real signal (a log line, a process exit) with a deadline, never a fixed sleep. Whatever was started
@@ -33,11 +42,15 @@ readonly LOG_DIR="$REPO/.demo/logs"
 readonly TRY_FILE="$LOG_DIR/try-this.txt"
 # Where scripts/etcd-cluster.sh keeps its members' data, logs and pid files by default.
 readonly ETCD_DIR="$REPO/.demo/etcd"
+# The binaries' working directory: empty, so they find no config file but the one the demo gives.
+readonly RUN_DIR="$REPO/.demo/run"
 readonly SERVER_PORTS=(50051 50052 50053)
 readonly FAILOVER_PORT=50052
 # The client ports of the demo cluster, whether docker-compose.yml or scripts/etcd-cluster.sh runs it.
 readonly ETCD_PORTS=(23791 23792 23793)
 readonly DEMO_ENDPOINTS=127.0.0.1:23791,127.0.0.1:23792,127.0.0.1:23793
+# The image scripts/build-etcd-image.sh builds, for machines with no registry to pull from.
+readonly LOCAL_IMAGE=etcd-grpc-discovery/etcd:3.5.1-local
 # Its own compose project, so the demo never adopts (and `down -v` never deletes) a cluster the reader
 # started by hand with `docker compose up`.
 readonly COMPOSE_PROJECT=etcd-grpc-discovery-demo
@@ -45,6 +58,8 @@ readonly COMPOSE_PROJECT=etcd-grpc-discovery-demo
 readonly SERVICE_PREFIX=services/helloworld/
 # The line a server logs once its key is in etcd (server/src/lib.rs).
 readonly REGISTERED='registered; clients can now find this instance'
+# The line a server logs once it has bound its port, before it contacts etcd (server/src/lib.rs).
+readonly SERVING='serving listen='
 
 # Deadlines, in seconds: several times what each step takes on a laptop, for loaded CI machines.
 readonly REGISTER_TIMEOUT_S=15 # server start to key in etcd: ~50 ms here
@@ -60,13 +75,27 @@ TARGET_DIR=${CARGO_TARGET_DIR:-target}
 readonly SERVER_BIN=$TARGET_DIR/debug/server
 readonly CLIENT_BIN=$TARGET_DIR/debug/client
 
-# The binaries read these from the environment (see their --help). Leftovers from the reader's shell
-# would change instance ids, addresses or keys and break the checks below, so the demo pins them.
-unset SERVER_HOST SERVER_PORT SERVER_ADVERTISE_ADDR SERVER_INSTANCE_ID REGISTRY_TTL REGISTRY_SERVICE \
-	REGISTRY_NAMESPACE ETCD_TIMEOUT
-export ETCD_ENDPOINTS=$DEMO_ENDPOINTS
+# The binaries read settings from the environment and from <binary>.toml in their working directory
+# (see their --help). Leftovers from the reader's shell (ETCD_CA, ETCD_USERNAME, TLS_CERT,
+# REGISTRY_CONFIG, SERVER_PORT, ...) or a server.toml would change addresses, keys or TLS and break
+# the checks below, so every binary runs through demo_exec: an empty environment but for these, in
+# the empty RUN_DIR. `env -i` rather than a list of names to unset: a list misses the next setting.
+DEMO_ENV=(env -i "PATH=$PATH" "HOME=${HOME:-/}" "ETCD_ENDPOINTS=$DEMO_ENDPOINTS")
+[[ -z ${TERM:-} ]] || DEMO_ENV+=("TERM=$TERM")
+[[ -z ${LANG:-} ]] || DEMO_ENV+=("LANG=$LANG")
+# Replaces the current process by COMMAND... with only the demo's settings, in RUN_DIR. Call it in a
+# subshell: `(demo_exec ...)`, a pipeline stage, or `demo_exec ... &`, whose $! is then the binary's
+# own pid (a function wrapping its own subshell would put a bash in between, and a SIGTERM to $!
+# would not reach the server).
+demo_exec() {
+	cd "$RUN_DIR" && exec "${DEMO_ENV[@]}" "$@"
+}
+# docker-compose.yml reads these to move the published ports; the demo's are fixed.
+unset ETCD1_PORT ETCD2_PORT ETCD3_PORT
 
 ETCD_MODE=''      # local | docker, chosen by choose_etcd_mode
+COMPOSE=()        # `docker compose` or `docker-compose`, chosen by find_compose
+ETCD_IMAGE_NAME='' # the image docker-compose.yml runs (ETCD_IMAGE, or the official one)
 # What cleanup must undo. Set *before* each start, so an interruption mid-start still undoes it.
 ETCD_STARTED=''   # local | docker
 SERVER_PIDS=()    # indexed by port
@@ -128,8 +157,11 @@ if a check fails.
                  terminal
   -h, --help     show this text
 
-Needs cargo, protoc, and either a Docker engine with compose or etcd and etcdctl (Debian/Ubuntu:
-apt-get install -y etcd-server etcd-client protobuf-compiler). Logs go to .demo/logs/.
+Needs cargo, protoc, and either a Docker engine with compose (docker compose or docker-compose) or
+etcd and etcdctl (Debian/Ubuntu: apt-get install -y etcd-server etcd-client protobuf-compiler).
+ETCD_IMAGE names the etcd image for Docker; with no registry to pull from, build one with
+scripts/build-etcd-image.sh and run: ETCD_IMAGE=$LOCAL_IMAGE $0
+Logs go to .demo/logs/.
 EOF
 }
 
@@ -181,8 +213,36 @@ wait_until() {
 
 # ---- prerequisites and etcd ------------------------------------------------------------------------
 
+# Picks the compose command: the v2 plugin `docker compose` if present, else v1's `docker-compose`
+# (Debian's package). Both read docker-compose.yml the same way and take the same subcommands here.
+find_compose() {
+	if docker compose version >/dev/null 2>&1; then
+		COMPOSE=(docker compose)
+	elif have docker-compose && docker-compose version >/dev/null 2>&1; then
+		COMPOSE=(docker-compose)
+	else
+		return 1
+	fi
+}
+
 docker_engine_answers() {
-	have docker && docker info >/dev/null 2>&1 && docker compose version >/dev/null 2>&1
+	have docker && docker info >/dev/null 2>&1 && find_compose
+}
+
+# True if the image docker-compose.yml names (after ETCD_IMAGE) is here, or could be pulled now. Asked
+# before anything starts, so a machine without a registry gets one clear line instead of compose's
+# pull error halfway through.
+etcd_image_available() {
+	ETCD_IMAGE_NAME=$(compose config 2>/dev/null | sed -n 's/^ *image: *//p' | sort -u | head -n 1)
+	[[ -n $ETCD_IMAGE_NAME ]] || die "'${COMPOSE[*]} config' names no image in $REPO/docker-compose.yml"
+	docker image inspect "$ETCD_IMAGE_NAME" >/dev/null 2>&1 && return 0
+	note "pulling $ETCD_IMAGE_NAME"
+	docker pull --quiet "$ETCD_IMAGE_NAME" >/dev/null 2>&1
+}
+
+# The one line for a machine that cannot get the image, with the command that builds a local one.
+image_missing() {
+	echo "etcd image $ETCD_IMAGE_NAME is not here and cannot be pulled (no registry?); build a local one with: scripts/build-etcd-image.sh && ETCD_IMAGE=$LOCAL_IMAGE $0"
 }
 
 # Installs Debian packages when this user may (root, or sudo without a password), saying so first;
@@ -211,10 +271,20 @@ choose_etcd_mode() {
 	local) ETCD_MODE=local ;;
 	docker)
 		docker_engine_answers ||
-			die "DEMO_ETCD=docker, but no Docker engine answers ('docker info' or 'docker compose version' failed). Start Docker, or use --local-etcd."
+			die "DEMO_ETCD=docker, but no Docker engine with compose answers ('docker info' failed, or neither 'docker compose version' nor 'docker-compose version' works). Start Docker, or use --local-etcd."
+		etcd_image_available || die "$(image_missing)"
 		ETCD_MODE=docker
 		;;
-	'') if docker_engine_answers; then ETCD_MODE=docker; else ETCD_MODE=local; fi ;;
+	'')
+		ETCD_MODE=local
+		if docker_engine_answers; then
+			if etcd_image_available; then
+				ETCD_MODE=docker
+			else
+				printf 'start.sh: %s; using local etcd processes instead.\n' "$(image_missing)" >&2
+			fi
+		fi
+		;;
 	*) die "DEMO_ETCD must be 'local' or 'docker', not '$requested'" ;;
 	esac
 }
@@ -249,7 +319,7 @@ then open a new shell (or run: . \"\$HOME/.cargo/env\") and run $0 again."
 	if [[ $ETCD_MODE == local ]]; then
 		note "etcd $("${ETCD_BIN:-etcd}" --version | sed -n 's/^etcd Version: //p') as local processes"
 	else
-		note "etcd in Docker ($(docker compose version --short 2>/dev/null || echo compose))"
+		note "etcd in Docker: image $ETCD_IMAGE_NAME, with ${COMPOSE[*]} $("${COMPOSE[@]}" version --short 2>/dev/null)"
 	fi
 }
 
@@ -262,13 +332,13 @@ check_ports_free() {
 	done
 	for port in "${ETCD_PORTS[@]}"; do
 		if port_in_use "$port"; then
-			die "port $port (a demo etcd client port) is already in use. Is a demo cluster still running? Stop it with 'scripts/etcd-cluster.sh stop' or 'docker compose -p $COMPOSE_PROJECT down -v' (see: ss -ltnp 'sport = :$port')."
+			die "port $port (a demo etcd client port) is already in use. Is a demo cluster still running? Stop it with 'scripts/etcd-cluster.sh stop' or '${COMPOSE[*]:-docker compose} -p $COMPOSE_PROJECT down -v' (see: ss -ltnp 'sport = :$port')."
 		fi
 	done
 }
 
 compose() {
-	docker compose --project-name "$COMPOSE_PROJECT" --file "$REPO/docker-compose.yml" "$@"
+	"${COMPOSE[@]}" --project-name "$COMPOSE_PROJECT" --file "$REPO/docker-compose.yml" "$@"
 }
 
 # True if the member on PORT answers /health with "health":"true": it sees a leader and can serve.
@@ -291,7 +361,8 @@ all_etcd_members_healthy() {
 }
 
 start_etcd() {
-	stage etcd "Starting etcd, the registry: a three-member cluster on 127.0.0.1:${ETCD_PORTS[0]}-${ETCD_PORTS[2]}"
+	stage etcd "Starting three servers, then etcd, the registry: a three-member cluster on 127.0.0.1:${ETCD_PORTS[0]}-${ETCD_PORTS[2]}"
+	listen_servers
 	note "Three members, so the registry keeps answering (and leases stay alive) when one of them fails."
 	if [[ $ETCD_MODE == local ]]; then
 		note "As local processes: scripts/etcd-cluster.sh, data and logs in .demo/etcd/."
@@ -314,8 +385,8 @@ start_etcd() {
 # etcdctl against the demo cluster: the host's in local mode, the one inside the image with Docker.
 demo_etcdctl() {
 	if [[ $ETCD_MODE == local ]]; then
-		ETCDCTL_API=3 "${ETCDCTL_BIN:-etcdctl}" --endpoints="$DEMO_ENDPOINTS" \
-			--dial-timeout=2s --command-timeout=5s "$@"
+		(demo_exec ETCDCTL_API=3 "${ETCDCTL_BIN:-etcdctl}" --endpoints="$DEMO_ENDPOINTS" \
+			--dial-timeout=2s --command-timeout=5s "$@")
 	else
 		compose exec -T etcd1 /usr/local/bin/etcdctl --command-timeout=5s "$@"
 	fi
@@ -326,13 +397,57 @@ demo_etcdctl() {
 server_log() { echo "$LOG_DIR/server-$1.log"; }
 
 # Starts the Greeter server on PORT in the background, appending to its log (a restarted server's lines
-# follow those of the instance before it).
+# follow those of the instance before it). Further arguments go to the server.
 start_server() {
 	local port=$1
+	shift
 	# info: the script waits for the server's "registered;" line, whatever RUST_LOG the reader has set.
-	RUST_LOG=info "$SERVER_BIN" --host 127.0.0.1 --port "$port" \
+	demo_exec RUST_LOG=info "$SERVER_BIN" --host 127.0.0.1 --port "$port" "$@" \
 		</dev/null >>"$(server_log "$port")" 2>&1 &
 	SERVER_PIDS[port]=$!
+}
+
+# True once the server on PORT has bound its port (logged "serving"); exits if that server has died.
+server_listening() {
+	local port=$1
+	grep -s -q -F -e "$SERVING" "$(server_log "$port")" && return 0
+	if exited "${SERVER_PIDS[port]}"; then server_exited "$port"; fi
+	return 1
+}
+
+# Starts the three servers and waits until each holds its port, before etcd starts.
+#
+# Why first: 50051-50053 lie inside Linux's ephemeral port range (32768-60999), from which the kernel
+# picks the source port of every outgoing connection. Started after etcd, a server found its port
+# taken in 2 of 3 runs in a fresh network namespace: one of etcd's peer connections had 50052 as its
+# source port, and bind() fails on a port any socket uses, listening or not. Once bound, a listening
+# port is never handed out as a source port, so binding before etcd opens any connection makes the
+# documented ports reliable with no retry loop and no system-wide change (reserving the ports with
+# net.ipv4.ip_local_reserved_ports would need root and outlive the demo). Each server binds, serves,
+# then keeps trying etcd until it answers; --etcd-timeout covers the time etcd takes to come up.
+# (Server 50052's restart in the failover stage rebinds while the cluster runs; the window is a few
+# milliseconds, and if it is ever lost, server_exited names the cause.)
+listen_servers() {
+	local port
+	note "The servers first: each binds its port (${SERVER_PORTS[*]}), then waits for etcd to register."
+	note "Binding first keeps etcd's own connections off those ports (they lie in the ephemeral range)."
+	for port in "${SERVER_PORTS[@]}"; do
+		start_server "$port" --etcd-timeout "$((ETCD_HEALTH_TIMEOUT_S + REGISTER_TIMEOUT_S + 30))s"
+	done
+	for port in "${SERVER_PORTS[@]}"; do
+		wait_until "$REGISTER_TIMEOUT_S" server_listening "$port" ||
+			fail_server "$port" "server $port did not start listening within ${REGISTER_TIMEOUT_S}s"
+	done
+	note "servers listening on ${SERVER_PORTS[*]}"
+}
+
+# Exits with the reason server PORT stopped; a port someone else holds gets its own message.
+server_exited() {
+	local port=$1
+	if grep -s -q -F -e "Address already in use" "$(server_log "$port")"; then
+		fail_server "$port" "server $port cannot bind 127.0.0.1:$port: another socket holds it (a listener, or an outgoing connection that took it as its source port: ports ${SERVER_PORTS[*]} lie in Linux's ephemeral range 32768-60999). Find it with: ss -tanp 'sport = :$port'"
+	fi
+	fail_server "$port" "server $port exited before registering"
 }
 
 # True once the server on PORT has logged its COUNT-th registration; exits if that server has died.
@@ -340,9 +455,7 @@ server_registered() {
 	local port=$1 count=$2 seen
 	seen=$(grep -s -c -F -e "$REGISTERED" "$(server_log "$port")" || true)
 	((seen >= count)) && return 0
-	if exited "${SERVER_PIDS[port]}"; then
-		fail_server "$port" "server $port exited before registering"
-	fi
+	if exited "${SERVER_PIDS[port]}"; then server_exited "$port"; fi
 	return 1
 }
 
@@ -363,12 +476,9 @@ wait_registered() {
 
 start_servers() {
 	local port
-	stage servers "Starting three servers on ports ${SERVER_PORTS[*]}, each registering itself in etcd"
-	note "Each listens first, then puts its address in etcd under a lease it keeps alive."
+	stage servers "The three servers on ports ${SERVER_PORTS[*]} register themselves in etcd"
+	note "Each listens first (since stage 3), then puts its address in etcd under a lease it keeps alive."
 	note "Look for: one key per server below, the value in Go's naming format (so Go clients find them too)."
-	for port in "${SERVER_PORTS[@]}"; do
-		start_server "$port"
-	done
 	for port in "${SERVER_PORTS[@]}"; do
 		wait_registered "$port" 1
 		note "server $port registered (log: .demo/logs/server-$port.log)"
@@ -455,7 +565,7 @@ stage_round_robin() {
 	note "It lists $SERVICE_PREFIX in etcd, watches the prefix for changes, connects to each server."
 	note "Look for: a \"found\" line per server, calls to ${SERVER_PORTS[*]} in turn, then 3 each in its table."
 	note "\$ client --requests 9 --interval 100ms"
-	"$CLIENT_BIN" --requests 9 --interval 100ms </dev/null 2>&1 | tee "$log" || rc=$?
+	demo_exec "$CLIENT_BIN" --requests 9 --interval 100ms </dev/null 2>&1 | tee "$log" || rc=$?
 	((rc == 0)) || die "round robin: the client exited with status $rc (output in $log)"
 	served=$(calls_per_instance "$log")
 	[[ $served == "$expected" ]] ||
@@ -477,7 +587,7 @@ stage_failover() {
 	note "\$ client --duration 90s --interval 100ms   (output also in .demo/logs/client-failover.log)"
 	CLIENT_LOG=$log
 	CLIENT_SHOWN=0
-	"$CLIENT_BIN" --duration 90s --interval 100ms </dev/null >"$CLIENT_LOG" 2>&1 &
+	demo_exec "$CLIENT_BIN" --duration 90s --interval 100ms </dev/null >"$CLIENT_LOG" 2>&1 &
 	CLIENT_PID=$!
 	wait_until "$CLIENT_TIMEOUT_S" client_calls_at_least 5 "" "" ||
 		die "failover: the client made fewer than 5 calls in ${CLIENT_TIMEOUT_S}s; see $CLIENT_LOG"
@@ -576,7 +686,7 @@ try_list() {
 		etcd_watch="ETCDCTL_API=3 $(printf %q "${ETCDCTL_BIN:-etcdctl}") --endpoints=$DEMO_ENDPOINTS watch --prefix services/"
 	else
 		member_step="Stop etcd member etcd2, then start it again;"
-		project="docker compose -p $COMPOSE_PROJECT -f $(printf %q "$REPO/docker-compose.yml")"
+		project="${COMPOSE[*]} -p $COMPOSE_PROJECT -f $(printf %q "$REPO/docker-compose.yml")"
 		member_away="$project stop etcd2"
 		member_back="$project start etcd2"
 		etcd_watch="$project exec etcd1 /usr/local/bin/etcdctl watch --prefix services/"
@@ -627,7 +737,7 @@ stage_live_view() {
 	# reader killed with -9 as "start.sh: line N: PID Killed ...", which the view has shown already.
 	trap 'interrupted=1' INT
 	exec {SHELL_STDERR}>&2 2>/dev/null
-	"$CLIENT_BIN" --interval 200ms watch 2>&"$SHELL_STDERR" || rc=$?
+	(demo_exec "$CLIENT_BIN" --interval 200ms watch 2>&"$SHELL_STDERR") || rc=$?
 	exec 2>&"$SHELL_STDERR" {SHELL_STDERR}>&-
 	SHELL_STDERR=''
 	trap 'exit 130' INT
@@ -691,8 +801,7 @@ cleanup() {
 		resume_etcd_members
 		"$REPO/scripts/etcd-cluster.sh" stop 2>&1 | sed 's/^/      /'
 		;;
-	docker) shielded docker compose --project-name "$COMPOSE_PROJECT" --file "$REPO/docker-compose.yml" \
-		down --volumes --remove-orphans ;;
+	docker) shielded compose down --volumes --remove-orphans ;;
 	esac
 	if ((rc == 129 || rc == 130 || rc == 143)); then
 		printf '\nstart.sh: interrupted; everything it started is stopped.%s\n' "${ETCD_STARTED:+ Logs: $LOG_DIR/}" >&2
@@ -715,6 +824,7 @@ while (($# > 0)); do
 		exit 0
 		;;
 	*)
+		printf 'start.sh: unknown option: %s\n\n' "$1" >&2
 		usage >&2
 		exit 2
 		;;
@@ -749,8 +859,11 @@ note "Quick when nothing changed; a first build compiles every dependency and ta
 cargo build -p server -p client || die "the build failed (cargo's output is above)"
 
 mkdir -p "$LOG_DIR"
+# Emptied on every run: nothing the reader left there may configure the binaries.
+rm -rf "$RUN_DIR"
+mkdir -p "$RUN_DIR"
 rm -f "$LOG_DIR"/server-*.log "$LOG_DIR"/client-*.log "$TRY_FILE"
-start_etcd
+start_etcd # starts the servers first, see listen_servers
 start_servers
 if ((INTERACTIVE)); then
 	stage_live_view

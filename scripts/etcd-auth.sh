@@ -15,6 +15,18 @@ flags=(--endpoints="$endpoints")
 [[ -n ${ETCD_CA:-} ]] && flags+=(--cacert="$ETCD_CA")
 ctl() { env -u ETCD_CA -u ETCD_ENDPOINTS -u ETCD_USERNAME -u ETCD_PASSWORD ETCDCTL_API=3 etcdctl "${flags[@]}" "$@"; }
 
+# Right after `docker compose up -d` the members are still electing a leader: wait (bounded) until
+# every endpoint reports healthy, so this script can follow `up -d` directly.
+deadline=$((SECONDS + ${ETCD_AUTH_WAIT_S:-60}))
+until ctl --dial-timeout=2s --command-timeout=3s endpoint health >/dev/null 2>&1; do
+	if ((SECONDS >= deadline)); then
+		echo "etcd-auth.sh: etcd at $endpoints is not healthy after ${ETCD_AUTH_WAIT_S:-60}s:" >&2
+		ctl --dial-timeout=2s --command-timeout=3s endpoint health >&2 || true
+		exit 1
+	fi
+	sleep 0.5
+done
+
 ctl role add root
 ctl user add root --new-user-password="$ROOT_PASSWORD"
 ctl user grant-role root root

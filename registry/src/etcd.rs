@@ -344,18 +344,25 @@ impl Etcd {
             return Ok(());
         };
         let has_identity = self.config.tls.as_ref().is_some_and(Tls::has_identity);
-        if is_tls_failure(&source) {
-            return Err(self.error("TLS handshake", "status", source));
-        }
-        if !has_identity && chain(&source).contains("connection closed") {
+        // How a member with `--client-cert-auth` turns away a client without a certificate
+        // differs by etcd version: 3.4.23 closes the connection after the handshake, 3.5.1
+        // answers with a fatal `BadCertificate` alert (TLS 1.3 would say `CertificateRequired`).
+        let text = chain(&source);
+        let refused_for_no_cert = ["connection closed", "BadCertificate", "CertificateRequired"]
+            .iter()
+            .any(|sign| text.contains(sign));
+        if !has_identity && refused_for_no_cert {
             return Err(Error::InvalidConfig {
                 setting: "etcd-cert",
                 reason: format!(
-                    "etcd at {} closed every connection right after the TLS handshake: it \
-                     probably requires a client certificate; set etcd-cert and etcd-key",
+                    "etcd at {} refused every connection at or right after the TLS handshake: \
+                     it probably requires a client certificate; set etcd-cert and etcd-key",
                     self.endpoints()
                 ),
             });
+        }
+        if is_tls_failure(&source) {
+            return Err(self.error("TLS handshake", "status", source));
         }
         Ok(())
     }

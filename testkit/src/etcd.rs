@@ -7,6 +7,7 @@
 //!
 //! Members are numbered from 0 (`n1` is member 0) in every method that takes an index.
 
+use std::collections::BTreeMap;
 use std::env;
 use std::fmt;
 use std::fs::{self, OpenOptions};
@@ -16,6 +17,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -300,8 +302,17 @@ impl EtcdCluster {
                 frozen: false,
             })
             .collect();
+        let etcd = locate("ETCD_BIN", "etcd");
+        // To stderr, which the test harness captures and prints only for a failing test: every
+        // failure then says which etcd it ran against (CI runs the suites on 3.4 and on 3.5).
+        eprintln!(
+            "testkit: etcd {} ({}), {} members",
+            etcd_version(&etcd),
+            etcd.display(),
+            options.members
+        );
         let mut cluster = EtcdCluster {
-            etcd: locate("ETCD_BIN", "etcd"),
+            etcd,
             etcdctl: locate("ETCDCTL_BIN", "etcdctl"),
             dir,
             token: new_token(),
@@ -698,7 +709,11 @@ impl EtcdCluster {
             }
             thread::sleep(READY_POLL);
         };
-        panic!("testkit: {failure}\n{}", self.log_tails());
+        panic!(
+            "testkit: {failure} (etcd {})\n{}",
+            etcd_version(&self.etcd),
+            self.log_tails()
+        );
     }
 
     /// Describes the first member of `indices` that is not running, if any.
@@ -772,6 +787,16 @@ impl EtcdCluster {
     }
 }
 
+impl crate::Cluster for EtcdCluster {
+    fn endpoints(&self) -> Vec<String> {
+        EtcdCluster::endpoints(self)
+    }
+
+    fn etcdctl_ok(&self, args: &[&str]) -> String {
+        EtcdCluster::etcdctl_ok(self, args)
+    }
+}
+
 impl fmt::Debug for EtcdCluster {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let members: Vec<String> = self
@@ -805,8 +830,31 @@ impl Drop for EtcdCluster {
     }
 }
 
+/// The version `etcd --version` reports (`3.5.1`), or `unknown` if it does not say. Asked once per
+/// binary and process.
+pub(crate) fn etcd_version(etcd: &Path) -> String {
+    static VERSIONS: Mutex<BTreeMap<PathBuf, String>> = Mutex::new(BTreeMap::new());
+    let mut versions = VERSIONS.lock().unwrap_or_else(PoisonError::into_inner);
+    versions
+        .entry(etcd.to_path_buf())
+        .or_insert_with(|| {
+            Command::new(etcd)
+                .arg("--version")
+                .stdin(Stdio::null())
+                .output()
+                .ok()
+                .and_then(|out| {
+                    String::from_utf8_lossy(&out.stdout)
+                        .lines()
+                        .find_map(|l| l.strip_prefix("etcd Version: ").map(str::to_owned))
+                })
+                .unwrap_or_else(|| "unknown".to_owned())
+        })
+        .clone()
+}
+
 /// Finds a binary: `$env_var` if set, otherwise `name` on `PATH`.
-fn locate(env_var: &str, name: &str) -> PathBuf {
+pub(crate) fn locate(env_var: &str, name: &str) -> PathBuf {
     if let Some(path) = env::var_os(env_var) {
         let path = PathBuf::from(path);
         assert!(
@@ -839,7 +887,7 @@ fn new_token() -> String {
     format!("testkit-{}-{seq}", std::process::id())
 }
 
-fn remove_etcd_env(cmd: &mut Command) {
+pub(crate) fn remove_etcd_env(cmd: &mut Command) {
     for (key, _) in env::vars_os() {
         if key.as_encoded_bytes().starts_with(b"ETCD") {
             cmd.env_remove(&key);
@@ -848,7 +896,7 @@ fn remove_etcd_env(cmd: &mut Command) {
 }
 
 /// Whether the member with client port `port` answers `GET /health` with `{"health":"true"}`.
-fn http_health(port: u16) -> bool {
+pub(crate) fn http_health(port: u16) -> bool {
     http_get(port, "/health").is_some_and(|response| response.contains(r#""health":"true""#))
 }
 
@@ -857,7 +905,7 @@ fn http_health(port: u16) -> bool {
 ///
 /// HTTP/1.0 makes the server close the connection after the response, so reading to the end is
 /// the whole answer, without parsing `Content-Length` or chunked encoding.
-fn http_get(port: u16, path: &str) -> Option<String> {
+pub(crate) fn http_get(port: u16, path: &str) -> Option<String> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     // etcd bounds its own health read at 1 s; 2 s lets a slow "false" arrive rather than time out.
@@ -882,7 +930,7 @@ fn status_field(fields: &str, name: &str) -> Option<u64> {
         .and_then(|value| value.trim().parse().ok())
 }
 
-fn expect_success(endpoints: &[String], args: &[&str], out: Output) -> String {
+pub(crate) fn expect_success(endpoints: &[String], args: &[&str], out: Output) -> String {
     if !out.status.success() {
         panic!(
             "testkit: `etcdctl --endpoints={} {}` failed ({}):\n{}",

@@ -15,6 +15,9 @@
 //! - [`etcd`]: [`EtcdCluster`], an etcd cluster (three members by default) in a temporary
 //!   directory, with `etcdctl` helpers and fault injection (`kill`, `restart`, `freeze`, `thaw`,
 //!   `wipe`, `leader`).
+//! - [`compose`]: [`ComposeCluster`], the repository's `docker-compose.yml` cluster as a compose
+//!   project of its own, with container faults (`kill`, `partition`, `pause`).
+//! - [`cluster`]: [`Cluster`], what helpers need from either kind of cluster.
 //! - [`certs`]: [`Certs`], a CA with server and client certificates generated at test time.
 //! - [`process`]: [`ChildGuard`] and [`spawn`], for any process a test starts; killed and reaped
 //!   on drop, and killed by the kernel if the test process dies first.
@@ -25,8 +28,10 @@
 //! # Requirements
 //!
 //! `etcd` and `etcdctl` (3.4 or later) on `PATH`, or named by `ETCD_BIN` and `ETCDCTL_BIN`.
-//! On Debian/Ubuntu: `sudo apt-get install -y etcd-server etcd-client`. Linux only
-//! (`PR_SET_PDEATHSIG`).
+//! On Debian/Ubuntu: `sudo apt-get install -y etcd-server etcd-client`; etcd 3.5:
+//! `eval "$(scripts/etcd-3.5.sh)"`. Every cluster reports the etcd version it runs on stderr,
+//! which a failing test shows. Linux only (`PR_SET_PDEATHSIG`). [`ComposeCluster`] also needs a
+//! Docker engine, compose (v2 or v1) and an etcd image.
 //!
 //! # Example
 //!
@@ -55,6 +60,8 @@
 //! ```
 
 pub mod certs;
+pub mod cluster;
+pub mod compose;
 pub mod etcd;
 pub mod http;
 pub mod port;
@@ -62,6 +69,8 @@ pub mod process;
 pub mod wait;
 
 pub use certs::Certs;
+pub use cluster::Cluster;
+pub use compose::ComposeCluster;
 pub use etcd::EtcdCluster;
 pub use port::free_port;
 pub use process::{ChildGuard, spawn};

@@ -16,7 +16,7 @@ use std::{
 
 use proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
 use registry::{BalanceOptions, BalancedChannel, Discovery, EtcdConfig, RetryPolicy, ServedBy};
-use testkit::{ChildGuard, EtcdCluster, free_port, wait_until};
+use testkit::{ChildGuard, Cluster, free_port, wait_until};
 use tokio::time::Instant;
 
 /// A `server` process and where its log goes.
@@ -30,8 +30,8 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
-    /// Starts a server on a free port registering in `cluster`.
-    pub fn start(cluster: &EtcdCluster, logs: &Path, extra: &[&str]) -> Self {
+    /// Starts a server on a free port registering in `cluster` (local processes or containers).
+    pub fn start(cluster: &impl Cluster, logs: &Path, extra: &[&str]) -> Self {
         let endpoints = cluster.endpoints().join(",");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let port = free_port();
@@ -84,7 +84,7 @@ fn spawn_server(port: u16, endpoints: &str, extra: &[String], log: &Path) -> Chi
 }
 
 /// The lease (hex) `key` is attached to, or `None` when the key is missing.
-pub fn lease_of(cluster: &EtcdCluster, key: &str) -> Option<String> {
+pub fn lease_of(cluster: &impl Cluster, key: &str) -> Option<String> {
     let out = cluster.etcdctl_ok(&["get", key, "-w", "fields"]);
     let lease = out
         .lines()
@@ -95,14 +95,14 @@ pub fn lease_of(cluster: &EtcdCluster, key: &str) -> Option<String> {
     Some(format!("{lease:x}"))
 }
 
-pub fn key_exists(cluster: &EtcdCluster, key: &str) -> bool {
+pub fn key_exists(cluster: &impl Cluster, key: &str) -> bool {
     !cluster
         .etcdctl_ok(&["get", key, "--keys-only"])
         .trim()
         .is_empty()
 }
 
-pub fn wait_registered(cluster: &EtcdCluster, server: &ServerProcess) {
+pub fn wait_registered(cluster: &impl Cluster, server: &ServerProcess) {
     wait_until(
         Duration::from_secs(15),
         &format!("{} to register", server.key()),
@@ -145,6 +145,18 @@ impl Load {
             Discovery::start(&etcd, "services", "helloworld").expect("valid names"),
             options,
         );
+        // Like the `client` binary (`--min-instances 1`), start calling only once discovery has
+        // listed an instance. Ticking at once made the first call race the initial list: on a
+        // loaded machine it lost, and failed fast with "no instances ... are registered", which
+        // the fault tests then counted as a failure of the fault under test.
+        let listed = Instant::now();
+        while channel.discovery().membership().instances.is_empty() {
+            assert!(
+                listed.elapsed() < Duration::from_secs(15),
+                "the load's discovery listed no instance within 15 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let calls = Arc::new(Mutex::new(Vec::new()));
         let in_flight = Arc::new(AtomicUsize::new(0));
         let task = {
