@@ -25,7 +25,7 @@ use std::{
 use etcd_client::{EventType, GetOptions, KeyValue, WatchOptions};
 use serde_json::Value;
 use tokio::{sync::watch, time::Instant};
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::{CancellationToken, DropGuard, ReusableBoxFuture};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -109,6 +109,67 @@ fn change_id(change: &Change) -> &str {
     }
 }
 
+/// A change for a tower balancer: an instance (by id) to insert or to remove.
+type TowerChange = tower::discover::Change<String, Instance>;
+
+/// [`Discovery::changes`]: the membership as a stream of [`tower::discover::Change`]s.
+pub struct Changes {
+    /// Keeps discovery's task alive for as long as the stream.
+    _discovery: Discovery,
+    /// The instances the stream has reported so far.
+    seen: Arc<InstanceMap>,
+    /// Changes worked out from the last snapshot, not yet yielded.
+    pending: std::collections::VecDeque<TowerChange>,
+    next: ReusableBoxFuture<'static, Option<watch::Receiver<Membership>>>,
+}
+
+impl std::fmt::Debug for Changes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Changes")
+            .field("reported", &self.seen.len())
+            .field("pending", &self.pending.len())
+            .finish()
+    }
+}
+
+/// Waits for the next snapshot; `None` once discovery's task has ended.
+async fn next_snapshot(
+    mut membership: watch::Receiver<Membership>,
+) -> Option<watch::Receiver<Membership>> {
+    membership.changed().await.ok()?;
+    Some(membership)
+}
+
+impl futures_core::Stream for Changes {
+    type Item = std::result::Result<TowerChange, std::convert::Infallible>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        loop {
+            if let Some(change) = self.pending.pop_front() {
+                return Poll::Ready(Some(Ok(change)));
+            }
+            let Some(mut membership) = std::task::ready!(self.next.poll(cx)) else {
+                return Poll::Ready(None);
+            };
+            let current = membership.borrow_and_update().instances.clone();
+            for change in diff(&self.seen, &current) {
+                self.pending.push_back(match change {
+                    Change::Added(instance) | Change::Updated { new: instance, .. } => {
+                        tower::discover::Change::Insert(instance.id.clone(), instance)
+                    }
+                    Change::Removed(instance) => tower::discover::Change::Remove(instance.id),
+                });
+            }
+            self.seen = current;
+            self.next.set(next_snapshot(membership));
+        }
+    }
+}
+
 /// A running discovery of one service. Cheap to clone; the task stops when the last clone is dropped.
 #[derive(Debug, Clone)]
 pub struct Discovery {
@@ -174,6 +235,43 @@ impl Discovery {
     /// A receiver that sees every new snapshot.
     pub fn subscribe(&self) -> watch::Receiver<Membership> {
         self.membership.clone()
+    }
+
+    /// The membership as a stream of tower's [`tower::discover::Change`]s, keyed by instance id:
+    /// `Insert` for each instance of the first list and for every one that joins or changes,
+    /// `Remove` for every one that leaves. Any tower balancer consumes such a stream (`Discover`
+    /// is implemented for it); so does tonic's `Channel::balance_channel` once each `Instance` is
+    /// mapped to an `Endpoint`. Snapshots published while the stream is not polled are merged:
+    /// the stream always converges on the current membership. It keeps discovery running while it
+    /// lives, and ends only if discovery's task does.
+    ///
+    /// ```no_run
+    /// use std::pin::pin;
+    /// use tower::discover::Change;
+    /// # async fn demo(discovery: registry::Discovery) {
+    /// let mut changes = pin!(discovery.changes());
+    /// while let Some(Ok(change)) = std::future::poll_fn(|cx| {
+    ///     futures_core::Stream::poll_next(changes.as_mut(), cx)
+    /// })
+    /// .await
+    /// {
+    ///     match change {
+    ///         Change::Insert(id, instance) => println!("+ {id} at {}", instance.addr),
+    ///         Change::Remove(id) => println!("- {id}"),
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn changes(&self) -> Changes {
+        let mut membership = self.membership.clone();
+        // The current snapshot counts as new, so the first poll reports what is known already.
+        membership.mark_changed();
+        Changes {
+            _discovery: self.clone(),
+            seen: Arc::default(),
+            pending: std::collections::VecDeque::new(),
+            next: ReusableBoxFuture::new(next_snapshot(membership)),
+        }
     }
 
     /// Waits until the first list has succeeded, so the membership reflects etcd rather than

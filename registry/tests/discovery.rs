@@ -290,3 +290,44 @@ async fn go_zero_and_kratos_records_are_read_when_asked_for() {
     let synced = ours.wait_synced(Duration::from_secs(10)).await.unwrap();
     assert!(synced.instances.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_changes_stream_as_tower_discover_changes() {
+    use std::pin::pin;
+    use tower::discover::Change;
+
+    let (cluster, etcd) = cluster().await;
+    let record = |addr: &str, id: &str| registry::Endpoint::new(addr, id).unwrap().encode();
+    cluster.etcdctl_ok(&["put", "services/towered/a", &record("127.0.0.1:2001", "a")]);
+    let discovery = Discovery::start(&etcd, "services", "towered").unwrap();
+    // What a tower balancer takes.
+    fn is_discover<D: tower::discover::Discover>(_: &D) {}
+    is_discover(&discovery.changes());
+    let mut changes = pin!(discovery.changes());
+    let mut next = async || {
+        let polled = tokio::time::timeout(
+            Duration::from_secs(10),
+            std::future::poll_fn(|cx| futures_core::Stream::poll_next(changes.as_mut(), cx)),
+        )
+        .await
+        .expect("a change within 10 s");
+        match polled {
+            Some(Ok(change)) => change,
+            None => panic!("the stream ended"),
+        }
+    };
+    let describe = |change: Change<String, registry::Instance>| match change {
+        Change::Insert(id, instance) => format!("+{id}@{}", instance.addr),
+        Change::Remove(id) => format!("-{id}"),
+    };
+
+    // What the first list found, then each change as it happens.
+    assert_eq!(describe(next().await), "+a@127.0.0.1:2001");
+    cluster.etcdctl_ok(&["put", "services/towered/b", &record("127.0.0.1:2002", "b")]);
+    assert_eq!(describe(next().await), "+b@127.0.0.1:2002");
+    // A moved instance is inserted again under its id (tower replaces it).
+    cluster.etcdctl_ok(&["put", "services/towered/a", &record("127.0.0.1:2003", "a")]);
+    assert_eq!(describe(next().await), "+a@127.0.0.1:2003");
+    cluster.etcdctl_ok(&["del", "services/towered/b"]);
+    assert_eq!(describe(next().await), "-b");
+}
