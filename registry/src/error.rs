@@ -170,9 +170,27 @@ pub enum Error {
         reason: String,
     },
 
-    /// The background task owning a registration (or a lease) stopped unexpectedly.
-    #[error("the registration task for {key:?} stopped unexpectedly")]
+    /// Deregistration failed twice over: the key could not be deleted and its lease could not be
+    /// revoked. (When only one of them fails, that error is returned as it is.) The key goes when
+    /// the lease expires, within one TTL.
+    #[error(
+        "could not delete {key:?} ({delete}) nor revoke its lease ({revoke}); it expires with the lease"
+    )]
+    Deregistration {
+        /// The registration's key.
+        key: String,
+        /// Why deleting the key failed.
+        #[source]
+        delete: Box<Error>,
+        /// Why revoking the lease failed.
+        revoke: Box<Error>,
+    },
+
+    /// A background task (a registration's, or a lease's keep-alive) stopped unexpectedly.
+    #[error("the {task} task for {key:?} stopped unexpectedly")]
     TaskLost {
+        /// Which task: `registration` or `lease keep-alive`.
+        task: &'static str,
         /// The key the task was keeping registered (or the lease's name).
         key: String,
         /// Why the task ended (a panic or cancellation by the runtime).

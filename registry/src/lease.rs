@@ -262,9 +262,11 @@ impl SharedLease {
         // Cancels the task: it revokes the lease and ends.
         drop(shared);
         match task {
-            Some(task) => task
-                .await
-                .map_err(|source| Error::TaskLost { key: label, source })?,
+            Some(task) => task.await.map_err(|source| Error::TaskLost {
+                task: "lease keep-alive",
+                key: label,
+                source,
+            })?,
             None => Ok(None),
         }
     }

@@ -210,6 +210,7 @@ impl Registration {
         self.cancel.cancel();
         match self.task.take() {
             Some(task) => task.await.map_err(|source| Error::TaskLost {
+                task: "registration",
                 key: self.key.clone(),
                 source,
             })?,
@@ -344,7 +345,15 @@ async fn run(
     }
     metrics::registered(&key, false);
     state.send_replace(RegistrationState::Deregistered);
-    deleted.and(released.map(drop))
+    match (deleted, released) {
+        (Ok(()), Ok(_)) => Ok(()),
+        (Err(delete), Err(revoke)) => Err(Error::Deregistration {
+            key,
+            delete: Box::new(delete),
+            revoke: Box::new(revoke),
+        }),
+        (Err(e), Ok(_)) | (Ok(()), Err(e)) => Err(e),
+    }
 }
 
 /// Watches our own key from just after `revision` and puts it back, on the same lease, whenever

@@ -115,3 +115,44 @@ async fn bad_input_is_refused_before_anything_is_written() {
     let keys = cluster.etcdctl_ok(&["get", "--prefix", "", "--keys-only"]);
     assert!(keys.trim().is_empty(), "{keys}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deregistration_that_can_neither_delete_nor_revoke_reports_both() {
+    let (mut cluster, _) = cluster().await;
+    let config = registry::RegistryConfig::builder()
+        .endpoints(cluster.endpoints())
+        .request_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let etcd = config.connect().await.unwrap();
+    let registration = config
+        .registration("greeter", "node-gone", "127.0.0.1:50051")
+        .start(&etcd)
+        .unwrap();
+    registration
+        .wait_registered(Duration::from_secs(10))
+        .await
+        .unwrap();
+    for member in 0..cluster.size() {
+        cluster.kill(member);
+    }
+
+    let err = registration
+        .deregister()
+        .await
+        .expect_err("nothing answers: neither the delete nor the revoke can succeed");
+    let registry::Error::Deregistration {
+        key,
+        delete,
+        revoke,
+    } = &err
+    else {
+        panic!("expected both failures, got {err:?}");
+    };
+    assert_eq!(key, "services/greeter/node-gone");
+    let text = err.to_string();
+    assert!(
+        text.contains(&delete.to_string()) && text.contains(&revoke.to_string()),
+        "{text}"
+    );
+}
