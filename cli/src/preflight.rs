@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use etcd_client::GetOptions;
+use registry::error::chain;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
@@ -93,19 +94,4 @@ fn lasting(error: &etcd_client::Error, has_user: bool) -> Option<String> {
                  port (2379 by default) and not an HTTP or peer port? ({text})"
             )
         })
-}
-
-/// An error and its sources on one line.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }

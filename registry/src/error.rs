@@ -202,9 +202,10 @@ pub enum Error {
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// An error and its sources on one line: etcd-client's top-level messages are often just
-/// "transport error", with the useful part (connection refused, which endpoint) further down.
-pub(crate) fn chain(err: &dyn std::error::Error) -> String {
+/// An error and its sources on one line, each cause once: etcd-client's top-level messages are
+/// often just "transport error", with the useful part (connection refused, which endpoint) further
+/// down. For log lines and messages about any error, this crate's or another's.
+pub fn chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

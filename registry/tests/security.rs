@@ -12,7 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use registry::{Credentials, Error, RegistrationState, RegistryConfig, tls::TlsFiles};
+use registry::{
+    Credentials, Error, RegistrationState, RegistryConfig, error::chain, tls::TlsFiles,
+};
 use testkit::{Certs, EtcdCluster};
 
 const ROOT_PASSWORD: &str = "root-Pa55word-7f3c";
@@ -358,17 +360,6 @@ async fn etcd_with_auth_works_refuses_wrong_passwords_and_names_missing_permissi
         WRONG_PASSWORD,
         OUTSIDER_PASSWORD,
     ]);
-}
-
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[tokio::test(flavor = "multi_thread")]
