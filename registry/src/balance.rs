@@ -744,7 +744,14 @@ async fn follow(
     loop {
         if membership_changed {
             let instances = membership.borrow_and_update().instances.clone();
-            reconcile(&shared, &instances, &options, &stop, &mut stops, &mut graced);
+            reconcile(
+                &shared,
+                &instances,
+                &options,
+                &stop,
+                &mut stops,
+                &mut graced,
+            );
             // Applied: from here a failed pick no longer waits for this snapshot. Recorded before
             // the rebuild, whose notification wakes the calls waiting for it.
             *shared.applied.lock().unwrap_or_else(|p| p.into_inner()) = instances;

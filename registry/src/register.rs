@@ -235,7 +235,10 @@ impl Registration {
             .ok_or_else(|| gave_up("the registration has stopped".into()))?;
         lease.set_value(&self.key, &self.draining_value);
         let RegistrationState::Registered { lease_id } = *self.state.borrow() else {
-            return Err(gave_up(format!("not registered: {:?}", *self.state.borrow())));
+            return Err(gave_up(format!(
+                "not registered: {:?}",
+                *self.state.borrow()
+            )));
         };
         let put = lease.put(&self.key, &self.draining_value, lease_id);
         let revision = tokio::time::timeout(timeout, put)

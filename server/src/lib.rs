@@ -295,7 +295,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     info!("shutting down: 1/4 reporting NOT_SERVING");
     set_serving(&health, false).await;
     if config.announce_draining {
-        info!(key = registration.key(), "shutting down: announcing draining in etcd");
+        info!(
+            key = registration.key(),
+            "shutting down: announcing draining in etcd"
+        );
         if let Err(e) = registration.announce_draining(ANNOUNCE_TIMEOUT).await {
             warn!(error = %e, "could not announce draining; clients learn of the departure from the DELETE");
         }

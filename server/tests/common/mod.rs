@@ -131,6 +131,11 @@ pub struct Load {
 
 impl Load {
     pub async fn start(endpoints: Vec<String>, every: Duration) -> Self {
+        Self::start_with(endpoints, every, BalanceOptions::default()).await
+    }
+
+    /// Like [`Load::start`], with the channel's other options (removal grace, say) from `base`.
+    pub async fn start_with(endpoints: Vec<String>, every: Duration, base: BalanceOptions) -> Self {
         let etcd = EtcdConfig::new(endpoints)
             .expect("valid endpoints")
             .connect()
@@ -139,7 +144,7 @@ impl Load {
         let options = BalanceOptions {
             call_timeout: Duration::from_secs(2),
             retry: RetryPolicy::default().idempotent("/helloworld.Greeter/SayHello"),
-            ..BalanceOptions::default()
+            ..base
         };
         let channel = BalancedChannel::new(
             Discovery::start(&etcd, "services", "helloworld").expect("valid names"),
