@@ -244,7 +244,12 @@ impl Registration {
         let revision = tokio::time::timeout(timeout, put)
             .await
             .map_err(|_| gave_up("no answer from etcd".into()))??;
-        info!(key = %self.key, lease = format_args!("{lease_id:x}"), revision, "announced draining");
+        info!(
+            key = self.key.as_str(),
+            lease = format_args!("{lease_id:x}"),
+            revision,
+            "announced draining"
+        );
         Ok(revision)
     }
 

@@ -591,15 +591,23 @@ impl Monitor {
     }
 }
 
-/// Kills two of the three members for `outage` (longer than the servers' TTL), restores them, and
-/// waits until every server is registered again on a new lease and the client has re-synced.
-/// Returns how long re-registration took after the restore.
-async fn lose_quorum_for(
+/// Leases that expire while their servers are alive, connected and serving: the servers reach
+/// etcd through member 0 only. Members 0 and 1 die for longer than the TTL; member 1 comes back,
+/// so the cluster has quorum again and its leader expires the overdue leases (watchers see the
+/// DELETEs) while the servers still cannot reach etcd to register again. Once the client has seen
+/// every DELETE, member 0 comes back and the servers register again on new leases.
+struct Expiry {
+    /// From quorum's return until the client saw the last DELETE.
+    deleted_after_quorum: Duration,
+    /// From member 0's return until the client knew every instance again.
+    back_after_member: Duration,
+}
+
+async fn expire_leases_of_cut_off_servers(
     cluster: &mut EtcdCluster,
     servers: &[&ServerProcess],
     load: &Load,
-    outage: Duration,
-) -> Duration {
+) -> Expiry {
     let before: Vec<_> = servers
         .iter()
         .map(|s| lease_of(cluster, &s.key()))
@@ -607,15 +615,20 @@ async fn lose_quorum_for(
     cluster.kill(0);
     cluster.kill(1);
     let lost = Instant::now();
-    // The outage itself: what is measured is how the client rides it out.
-    while lost.elapsed() < outage {
+    // The outage itself, longer than the 3 s TTL: what is measured is how the client rides it out.
+    while lost.elapsed() < Duration::from_secs(5) {
         sleep(Duration::from_millis(100)).await;
     }
-    cluster.restart(0);
     cluster.restart(1);
-    let restored = Instant::now();
+    let quorum = Instant::now();
+    // A new leader extends every lease by an election timeout and the TTL: the DELETEs come a few
+    // seconds later.
+    wait_membership(load, &[], Duration::from_secs(20)).await;
+    let deleted_after_quorum = quorum.elapsed();
+    cluster.restart(0);
+    let member = Instant::now();
     wait_until(
-        Duration::from_secs(10),
+        Duration::from_secs(15),
         "every server to re-register",
         || {
             servers.iter().zip(&before).all(|(s, old)| {
@@ -624,26 +637,22 @@ async fn lose_quorum_for(
             })
         },
     );
-    let reregistered = restored.elapsed();
-    let started = Instant::now();
-    while load.channel.discovery().membership().problem.is_some() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "discovery never re-synced"
-        );
-        sleep(Duration::from_millis(10)).await;
-    }
     wait_membership(load, &ids(servers), Duration::from_secs(5)).await;
-    reregistered
+    Expiry {
+        deleted_after_quorum,
+        back_after_member: member.elapsed(),
+    }
 }
 
-/// One instance, quorum lost longer than its TTL: when quorum returns the old lease expires at
-/// once and the DELETE reaches the client before the server's new PUT. `grace` is the client's
-/// removal grace. Returns the calls and what the channel showed.
-async fn one_instance_through_quorum_loss(grace: Duration) -> (Vec<common::Call>, Seen, Duration) {
+/// One instance whose lease expires while it serves (see [`expire_leases_of_cut_off_servers`]),
+/// with the client's removal grace `grace`. Returns the calls, what the channel showed, and the
+/// timings.
+async fn one_instance_through_lease_expiry(
+    grace: Duration,
+) -> (Vec<common::Call>, Seen, Expiry, String) {
     let logs = tempfile::tempdir().unwrap();
     let mut cluster = EtcdCluster::start();
-    let server = ServerProcess::start(&cluster, logs.path(), &["--ttl", "3s"]);
+    let server = ServerProcess::start_on(&[cluster.endpoint(0)], logs.path(), &["--ttl", "3s"]);
     wait_registered(&cluster, &server);
     let options = registry::BalanceOptions {
         removal_grace: grace,
@@ -653,26 +662,31 @@ async fn one_instance_through_quorum_loss(grace: Duration) -> (Vec<common::Call>
     load.wait_serving(&[&server.addr], Duration::from_secs(10))
         .await;
     let monitor = Monitor::start(&load.channel);
-    let reregistered =
-        lose_quorum_for(&mut cluster, &[&server], &load, Duration::from_secs(5)).await;
-    // A little traffic after the re-sync, so a late failure would be counted.
+    let expiry = expire_leases_of_cut_off_servers(&mut cluster, &[&server], &load).await;
+    // A little traffic after the re-registration, so a late failure would be counted.
     load.wait_calls_since(Instant::now(), 50, Duration::from_secs(5))
         .await;
     let seen = monitor.stop().await;
-    (load.finish().await, seen, reregistered)
+    (load.finish().await, seen, expiry, server.addr.clone())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f10_one_instance_quorum_lost_longer_than_the_ttl() {
     let _turn = TURN.lock().await;
-    let (calls, seen, reregistered) =
-        one_instance_through_quorum_loss(registry::BalanceOptions::default().removal_grace).await;
+    let grace = registry::BalanceOptions::default().removal_grace;
+    let (calls, seen, expiry, addr) = one_instance_through_lease_expiry(grace).await;
     println!(
-        "FAULT f10 one-instance-quorum-loss-5s-ttl-3s: calls={} failed={} kept-in-grace={:?} re-registered-after-restore={reregistered:?} min-in-rotation={:?}",
+        "FAULT f10 one-instance-lease-expired: calls={} failed={} delete-after-quorum={:?} kept-in-grace={:?} re-registered-after-member-back={:?} min-in-rotation={:?}",
         calls.len(),
         failures(&calls).len(),
+        expiry.deleted_after_quorum,
         seen.kept_in_grace(),
+        expiry.back_after_member,
         seen.min_ready
+    );
+    assert!(
+        seen.graced.contains(&addr),
+        "the DELETE never put the instance in grace: {seen:?}"
     );
     assert_no_failures("f10", &calls);
 }
@@ -683,11 +697,13 @@ async fn f10_one_instance_quorum_lost_longer_than_the_ttl() {
 #[ignore = "a baseline measurement, not a check"]
 async fn f10_baseline_without_removal_grace() {
     let _turn = TURN.lock().await;
-    let (calls, seen, reregistered) = one_instance_through_quorum_loss(Duration::ZERO).await;
+    let (calls, seen, expiry, _) = one_instance_through_lease_expiry(Duration::ZERO).await;
     println!(
-        "FAULT f10-baseline grace-off: calls={} failed={} re-registered-after-restore={reregistered:?} min-in-rotation={:?}",
+        "FAULT f10-baseline grace-off: calls={} failed={} delete-after-quorum={:?} re-registered-after-member-back={:?} min-in-rotation={:?}",
         calls.len(),
         failures(&calls).len(),
+        expiry.deleted_after_quorum,
+        expiry.back_after_member,
         seen.min_ready
     );
 }
@@ -696,27 +712,42 @@ async fn f10_baseline_without_removal_grace() {
 async fn f11_three_instances_whose_leases_expire_together() {
     let _turn = TURN.lock().await;
     let logs = tempfile::tempdir().unwrap();
-    let (mut cluster, servers, load) = setup(logs.path(), &["--ttl", "3s"]).await;
+    let mut cluster = EtcdCluster::start();
+    let servers: Vec<_> = (0..3)
+        .map(|_| ServerProcess::start_on(&[cluster.endpoint(0)], logs.path(), &["--ttl", "3s"]))
+        .collect();
+    for server in &servers {
+        wait_registered(&cluster, server);
+    }
+    let load = Load::start(cluster.endpoints(), EVERY).await;
+    let addrs: Vec<&str> = servers.iter().map(|s| s.addr.as_str()).collect();
+    load.wait_serving(&addrs, Duration::from_secs(10)).await;
     let monitor = Monitor::start(&load.channel);
     let all: Vec<&ServerProcess> = servers.iter().collect();
-    let reregistered = lose_quorum_for(&mut cluster, &all, &load, Duration::from_secs(5)).await;
+    let expiry = expire_leases_of_cut_off_servers(&mut cluster, &all, &load).await;
     load.wait_calls_since(Instant::now(), 50, Duration::from_secs(5))
         .await;
     let seen = monitor.stop().await;
     let calls = load.finish().await;
     println!(
-        "FAULT f11 three-leases-expire-together: calls={} failed={} max-in-grace={} kept-in-grace={:?} min-in-rotation={:?} re-registered-after-restore={reregistered:?}",
+        "FAULT f11 three-leases-expire-together: calls={} failed={} delete-after-quorum={:?} max-in-grace={} kept-in-grace={:?} min-in-rotation={:?} re-registered-after-member-back={:?}",
         calls.len(),
         failures(&calls).len(),
+        expiry.deleted_after_quorum,
         seen.max_in_grace,
         seen.kept_in_grace(),
-        seen.min_ready
+        seen.min_ready,
+        expiry.back_after_member
     );
-    assert_no_failures("f11", &calls);
+    assert_eq!(
+        seen.max_in_grace, 3,
+        "not every instance was kept: {seen:?}"
+    );
     assert!(
         seen.min_ready.is_some_and(|m| m >= 1),
         "the service went to zero instances in rotation: {seen:?}"
     );
+    assert_no_failures("f11", &calls);
 }
 
 /// How a graceful departure reached the client.
@@ -778,7 +809,8 @@ async fn depart(load: &Load, server: &mut ServerProcess) -> Departure {
             Some(i) if i.draining => break (Instant::now(), "draining record"),
             Some(i) if !i.serving => break (Instant::now(), "NOT_SERVING health check"),
             Some(_) => break (Instant::now(), "connection"),
-            None => break (Instant::now(), "DELETE"),
+            // Gone from the channel: removed on the DELETE, or at the end of its grace.
+            None => break (Instant::now(), "removed"),
         }
         assert!(
             signalled.elapsed() < Duration::from_secs(5),

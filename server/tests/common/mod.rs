@@ -32,7 +32,12 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts a server on a free port registering in `cluster`.
     pub fn start(cluster: &EtcdCluster, logs: &Path, extra: &[&str]) -> Self {
-        let endpoints = cluster.endpoints().join(",");
+        Self::start_on(&cluster.endpoints(), logs, extra)
+    }
+
+    /// Starts a server on a free port that talks to etcd through `endpoints` only.
+    pub fn start_on(endpoints: &[String], logs: &Path, extra: &[&str]) -> Self {
+        let endpoints = endpoints.join(",");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let port = free_port();
         let log = logs.join(format!("server-{port}.log"));
