@@ -601,3 +601,20 @@ impl AsyncWrite for MonitoredStream {
         self.inner.is_write_vectored()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn draining_is_read_as_a_boolean_or_as_text() {
+        assert!(is_draining(&json!({"draining": true})));
+        assert!(is_draining(&json!({"draining": "true"})));
+        assert!(!is_draining(&json!({"draining": false})));
+        assert!(!is_draining(&json!({"instance_id": "a"})));
+        assert!(!is_draining(&json!(null)));
+        assert!(!is_draining(&json!("draining")));
+    }
+}
