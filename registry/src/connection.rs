@@ -12,8 +12,9 @@
 //! A new connection enters the rotation only once the server has answered a health check (the kernel
 //! accepts TCP connections for a frozen process, so "connected" alone proves nothing), and while it
 //! lives the instance's `grpc.health.v1` status is polled: NOT_SERVING takes it out of rotation.
-//! Each backend also keeps its calls in flight (for `least_request`) and its record of consecutive
-//! failures (outlier ejection).
+//! Each backend also keeps its calls in flight (for `least_request`), its record of consecutive
+//! failures (outlier ejection), and what the balancer's removal grace needs: whether its last health
+//! check was answered, which connection it is on, and the grace in progress, if any.
 
 use std::{
     future::Future,
