@@ -1,8 +1,8 @@
 //! `client watch`: a live view of discovery at work while calls flow.
 //!
 //! On a terminal the view is redrawn in place every `--refresh`: one row per instance (address, id,
-//! whether it is in rotation, kept in removal grace, and if not in rotation why, health, calls served, errors, last latency, metadata)
-//! and the latest membership and rotation events. When output is not a terminal (a pipe, a file, a
+//! whether it is in rotation and if not why, or kept in removal grace, health, calls served, errors,
+//! last latency, metadata) and the latest membership and rotation events. When output is not a terminal (a pipe, a file, a
 //! test) it degrades to plain lines: one per event, as it happens.
 
 use std::{
