@@ -9,9 +9,9 @@
 //! 3. while running, SIGUSR1 flips the reported health (an operator's switch to take the instance
 //!    out of clients' rotation without deregistering it);
 //! 4. on shutdown: report NOT_SERVING, announce the departure in etcd (the record rewritten with
-//!    `draining: true`, so clients stop calling it on that event), revoke the lease (clients see the DELETE at once), keep serving
-//!    for a short grace period while that propagates, then stop accepting and drain in-flight calls
-//!    with a deadline.
+//!    `draining: true`, so clients stop calling it on that event), revoke the lease (clients see the
+//!    DELETE at once), keep serving for a short grace period while that propagates, then stop
+//!    accepting and drain in-flight calls with a deadline.
 //!
 //! # Layout
 //! - [`Config`]: command-line flags (`main.rs` parses them and installs logging).
@@ -300,7 +300,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             "shutting down: announcing draining in etcd"
         );
         if let Err(e) = registration.announce_draining(ANNOUNCE_TIMEOUT).await {
-            warn!(error = %e, "could not announce draining; clients learn of the departure from the DELETE");
+            warn!(error = %e, "could not announce draining; clients learn of the departure from their health checks");
         }
     }
     info!(
