@@ -1,8 +1,8 @@
 //! `client watch`: a live view of discovery at work while calls flow.
 //!
 //! On a terminal the view is redrawn in place every `--refresh`: one row per instance (address, id,
-//! whether it is in rotation and if not why, health, calls served, errors, last latency, metadata)
-//! and the latest membership and rotation events. When output is not a terminal (a pipe, a file, a
+//! whether it is in rotation and if not why, or kept in removal grace, health, calls served, errors,
+//! last latency, metadata) and the latest membership and rotation events. When output is not a terminal (a pipe, a file, a
 //! test) it degrades to plain lines: one per event, as it happens.
 
 use std::{
@@ -31,13 +31,20 @@ struct Stats {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     InRotation,
+    /// Its key is gone from etcd but it is connected and SERVING: still called, for the
+    /// channel's removal grace.
+    InGrace,
     Out(&'static str),
 }
 
 impl State {
     fn of(instance: &InstanceStatus) -> Self {
-        if instance.in_rotation {
+        if instance.in_rotation && instance.removal_grace.is_some() {
+            State::InGrace
+        } else if instance.in_rotation {
             State::InRotation
+        } else if instance.draining {
+            State::Out("draining")
         } else if !instance.connected {
             State::Out("not connected")
         } else if !instance.serving {
@@ -52,6 +59,7 @@ impl State {
     fn label(&self) -> &'static str {
         match self {
             State::InRotation => "in rotation",
+            State::InGrace => "in grace (key gone)",
             State::Out(why) => why,
         }
     }

@@ -97,12 +97,17 @@ async fn main() -> Result<(), Box<dyn Error>> {
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;
-    // b. Revoke the lease: etcd deletes the key at once and every watcher sees the DELETE.
+    // b. Announce the departure (the record rewritten with `draining: true`): our clients stop
+    //    calling at once. Best effort: without it they still learn from the health poll.
+    if let Err(e) = registration.announce_draining(Duration::from_secs(2)).await {
+        eprintln!("could not announce draining: {e}");
+    }
+    // c. Revoke the lease: etcd deletes the key at once and every watcher sees the DELETE.
     registration.deregister().await?;
     println!("deregistered; serving {DEREGISTER_GRACE:?} more while clients drop the instance");
-    // c. Keep serving a little, for calls picked just before the news arrived.
+    // d. Keep serving a little, for calls picked just before the news arrived.
     tokio::time::sleep(DEREGISTER_GRACE).await;
-    // d. Stop accepting and let in-flight calls finish, within a deadline.
+    // e. Stop accepting and let in-flight calls finish, within a deadline.
     stop_serving.cancel();
     match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
         Ok(served) => served??,

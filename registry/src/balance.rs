@@ -11,6 +11,12 @@
 //! - the picker is an immutable snapshot of the usable backends (connected, SERVING, weight above 0,
 //!   admitted by the [`Selector`]), rebuilt on every change; for round robin a call costs a read
 //!   lock, an atomic increment and a channel clone;
+//! - an instance whose key disappears from etcd while it is connected and answering SERVING is
+//!   kept callable for a bounded *removal grace* ([`BalanceOptions::removal_grace`]): discovery
+//!   reports the truth (the key is gone), the balancer knows whether the instance can still serve.
+//!   It leaves on its re-registration (then it simply continues), a lost connection, NOT_SERVING,
+//!   an unanswered health check, or the end of the grace. An instance whose record says it is
+//!   draining leaves the rotation on that record and gets no grace;
 //! - each call has one deadline; a failure that is safe to retry is sent again to another instance
 //!   ([`crate::retry`]); consecutive failures eject an instance for a while ([`OutlierPolicy`]).
 //!
@@ -20,7 +26,7 @@
 //! past its deadline.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt,
     future::Future,
     pin::Pin,
@@ -38,7 +44,7 @@ use tonic::{
     transport::{Channel, Endpoint},
 };
 use tower::ServiceExt;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 pub use crate::connection::OutlierPolicy;
 
@@ -90,6 +96,12 @@ pub struct BalanceOptions {
     pub health_check_interval: Duration,
     /// TLS to the instances (e.g. from [`crate::tls::Tls::client_config`]); `None` is plaintext.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// How long an instance whose key disappeared from etcd stays callable while it is
+    /// connected and its last health check answered SERVING; `Duration::ZERO` turns the grace
+    /// off (removals then apply at once). It ends early on a re-registration of the same
+    /// instance, a lost connection, NOT_SERVING, an unanswered health check, or a draining
+    /// record. Covers lease expiries the instance could not prevent (etcd without quorum).
+    pub removal_grace: Duration,
 }
 
 impl Default for BalanceOptions {
@@ -111,6 +123,10 @@ impl Default for BalanceOptions {
             outlier: OutlierPolicy::default(),
             health_check_interval: Duration::from_secs(1),
             tls: None,
+            // One default lease TTL: after quorum returns, a live server's new lease and PUT
+            // follow the old lease's expiry within about a second, and a server that cannot
+            // register again for a whole TTL is in trouble its clients should hear about.
+            removal_grace: crate::register::DEFAULT_TTL,
         }
     }
 }
@@ -143,11 +159,29 @@ pub struct InstanceStatus {
     pub serving: bool,
     /// Whether it is ejected for consecutive failures.
     pub ejected: bool,
-    /// Whether calls may go to it now: connected, serving, selected, not ejected.
+    /// Whether calls may go to it now: connected, serving, selected, not ejected, not draining.
     pub in_rotation: bool,
     /// Calls in flight on it.
     pub in_flight: usize,
+    /// Whether its record announces that it is leaving (metadata `draining`): sent nothing.
+    pub draining: bool,
+    /// Set while its key is gone from etcd but it is kept callable ([`BalanceOptions::removal_grace`]).
+    pub removal_grace: Option<RemovalGrace>,
 }
+
+/// Why and until when an instance whose key is gone is still called: see [`InstanceStatus`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemovalGrace {
+    /// When the channel applied the removal.
+    pub since: Instant,
+    /// When the instance leaves at the latest.
+    pub until: Instant,
+    /// Why it was kept, for display.
+    pub why: &'static str,
+}
+
+/// What [`RemovalGrace::why`] says: the only reason an instance is kept.
+const KEPT_WHY: &str = "key gone from etcd while connected and SERVING";
 
 /// Which instance served a call: found in the response's extensions
 /// (`response.extensions().get::<ServedBy>()`).
@@ -198,6 +232,8 @@ struct Shared {
     applied: Mutex<Arc<InstanceMap>>,
     /// Woken on every change of the rotation, for calls waiting for a first connection.
     changed: Notify,
+    /// Woken when an instance in removal grace changes state, so the updater can end its grace.
+    grace_changed: Notify,
     call_timeout: Duration,
     retry: RetryPolicy,
     budget: RetryBudget,
@@ -220,6 +256,7 @@ impl BalancedChannel {
             service: discovery.service().into(),
             membership: discovery.subscribe(),
             changed: Notify::new(),
+            grace_changed: Notify::new(),
             call_timeout: options.call_timeout,
             budget: RetryBudget::new(&options.retry),
             retry: options.retry.clone(),
@@ -291,6 +328,12 @@ impl BalancedChannel {
                     ejected,
                     in_rotation: !ejected && picker.items().iter().any(|p| p.addr == b.addr),
                     in_flight: b.in_flight(),
+                    draining: b.is_draining(),
+                    removal_grace: b.grace().map(|g| RemovalGrace {
+                        since: g.since,
+                        until: g.until,
+                        why: KEPT_WHY,
+                    }),
                 }
             })
             .collect()
@@ -380,15 +423,19 @@ impl Shared {
     }
 
     /// Rebuilds the picker from the backends that may be called: connected, reporting SERVING,
-    /// weight above 0, admitted by the selector, and preferred by it when any is.
+    /// weight above 0, not draining, not at the end of a removal grace, admitted by the selector,
+    /// and preferred by it when any is.
     fn rebuild(&self) {
         let backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
         let usable: Vec<Arc<Backend>> = backends
             .values()
             .filter(|b| {
                 b.is_ready()
                     && b.is_serving()
                     && b.weight() > 0
+                    && !b.is_draining()
+                    && b.grace_over(now).is_none()
                     && self.selector.admits(&b.metadata())
             })
             .cloned()
@@ -721,27 +768,97 @@ async fn follow(
     stop: CancellationToken,
 ) {
     let mut stops: BTreeMap<Arc<str>, DropGuard> = BTreeMap::new();
+    // Addresses in removal grace: the only backends a grace check looks at.
+    let mut graced: BTreeSet<Arc<str>> = BTreeSet::new();
+    let mut membership_changed = true;
     loop {
-        let instances = membership.borrow_and_update().instances.clone();
-        reconcile(&shared, &instances, &options, &stop, &mut stops);
-        // Applied: from here a failed pick no longer waits for this snapshot. Recorded before the
-        // rebuild, whose notification wakes the calls waiting for it.
-        *shared.applied.lock().unwrap_or_else(|p| p.into_inner()) = instances;
-        shared.rebuild();
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            changed = membership.changed() => if changed.is_err() { return },
+        if membership_changed {
+            let instances = membership.borrow_and_update().instances.clone();
+            reconcile(
+                &shared,
+                &instances,
+                &options,
+                &stop,
+                &mut stops,
+                &mut graced,
+            );
+            // Applied: from here a failed pick no longer waits for this snapshot. Recorded before
+            // the rebuild, whose notification wakes the calls waiting for it.
+            *shared.applied.lock().unwrap_or_else(|p| p.into_inner()) = instances;
+        } else {
+            end_graces(&shared, &mut stops, &mut graced);
         }
+        metrics::in_grace(&shared.service, graced.len());
+        shared.rebuild();
+        let next_end = next_grace_end(&shared, &graced);
+        membership_changed = tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = membership.changed() => if changed.is_err() { return } else { true },
+            _ = shared.grace_changed.notified(), if !graced.is_empty() => false,
+            _ = sleep_until_some(next_end) => false,
+        };
     }
 }
 
-/// Makes the backends match `instances`: one per distinct address. The caller rebuilds the picker.
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// When the first of the graces in progress ends at the latest.
+fn next_grace_end(shared: &Shared, graced: &BTreeSet<Arc<str>>) -> Option<Instant> {
+    let backends = shared.backends.lock().unwrap_or_else(|p| p.into_inner());
+    graced
+        .iter()
+        .filter_map(|addr| backends.get(addr)?.grace())
+        .map(|g| g.until)
+        .min()
+}
+
+/// Removes the backends whose removal grace is over (expired, or the instance can no longer
+/// serve). Looks at the backends in grace only.
+fn end_graces(
+    shared: &Shared,
+    stops: &mut BTreeMap<Arc<str>, DropGuard>,
+    graced: &mut BTreeSet<Arc<str>>,
+) {
+    let now = Instant::now();
+    let mut backends = shared.backends.lock().unwrap_or_else(|p| p.into_inner());
+    graced.retain(|addr| {
+        let Some(backend) = backends.get(addr) else {
+            return false;
+        };
+        let Some(why) = backend.grace_over(now) else {
+            return true;
+        };
+        drop_after_grace(&shared.service, backend, why, now);
+        backends.remove(addr);
+        stops.remove(addr);
+        false
+    });
+}
+
+/// Logs and counts the end of a grace that removes the instance.
+fn drop_after_grace(service: &str, backend: &Backend, why: &'static str, now: Instant) {
+    let kept = backend
+        .grace()
+        .map_or(Duration::ZERO, |g| now.saturating_duration_since(g.since));
+    info!(service, addr = %backend.addr, id = %backend.instance_id, why, ?kept, "removal grace over; instance removed");
+    metrics::grace_ended(service, why);
+}
+
+/// Makes the backends match `instances`: one per distinct address, plus those kept in removal
+/// grace (recorded in `graced`). The caller rebuilds the picker.
 fn reconcile(
     shared: &Arc<Shared>,
     instances: &InstanceMap,
     options: &BalanceOptions,
     stop: &CancellationToken,
     stops: &mut BTreeMap<Arc<str>, DropGuard>,
+    graced: &mut BTreeSet<Arc<str>>,
 ) {
     // One backend per address; if several instances share one, the first (by id) describes it.
     let mut wanted: BTreeMap<Arc<str>, &Instance> = BTreeMap::new();
@@ -752,21 +869,65 @@ fn reconcile(
     }
     {
         let mut backends = shared.backends.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
         // Dropping a guard stops that backend's maintainer, which closes its connection once the
-        // calls in flight on it complete.
-        backends.retain(|addr, _| wanted.contains_key(addr));
-        stops.retain(|addr, _| wanted.contains_key(addr));
+        // calls in flight on it complete. An instance that can still serve is kept for the
+        // removal grace instead: its key may be gone only because its lease expired while etcd
+        // had no quorum, and its new registration is on the way.
+        backends.retain(|addr, backend| {
+            if wanted.contains_key(addr) {
+                return true;
+            }
+            if backend.grace().is_some() {
+                return match backend.grace_over(now) {
+                    None => true,
+                    Some(why) => {
+                        drop_after_grace(&shared.service, backend, why, now);
+                        graced.remove(addr);
+                        stops.remove(addr);
+                        false
+                    }
+                };
+            }
+            let why_not = if options.removal_grace.is_zero() {
+                Some("removal grace off")
+            } else {
+                backend.why_no_grace()
+            };
+            match why_not {
+                None => {
+                    let grace = backend.start_grace(now, options.removal_grace);
+                    info!(service = %shared.service, addr = %backend.addr, id = %backend.instance_id, grace = ?options.removal_grace, "key gone from etcd but the instance is connected and SERVING: removal deferred, still callable");
+                    metrics::removal_deferred(&shared.service);
+                    debug!(addr = %backend.addr, until = ?grace.until, "removal grace started");
+                    graced.insert(addr.clone());
+                    true
+                }
+                Some(why) => {
+                    debug!(service = %shared.service, addr = %backend.addr, id = %backend.instance_id, why, "instance removed without grace");
+                    stops.remove(addr);
+                    false
+                }
+            }
+        });
         for (addr, instance) in wanted {
             match backends.get(&addr) {
-                // Same instance: its metadata may have changed.
+                // Same instance: its metadata may have changed; registered again after a grace,
+                // it simply carries on.
                 Some(backend) if *backend.instance_id == *instance.id => {
                     backend.set_metadata(&instance.metadata);
+                    if let Some(grace) = backend.end_grace() {
+                        graced.remove(&addr);
+                        info!(service = %shared.service, addr = %backend.addr, id = %backend.instance_id, kept = ?now.saturating_duration_since(grace.since), "instance registered again during its removal grace; it continues");
+                        metrics::grace_ended(&shared.service, "registered again");
+                    }
                     continue;
                 }
                 // Another instance now at this address (a restart under a new id): start afresh.
                 Some(_) => {
                     backends.remove(&addr);
                     stops.remove(&addr);
+                    graced.remove(&addr);
                 }
                 None => {}
             }
@@ -782,9 +943,15 @@ fn reconcile(
             let backend_stop = stop.child_token();
             let on_change = {
                 let shared = Arc::downgrade(shared);
+                let backend = Arc::downgrade(&backend);
                 move || {
                     if let Some(shared) = shared.upgrade() {
                         shared.rebuild();
+                        // A backend in grace may have to leave now: wake the updater (a stored
+                        // permit, so a change while it is busy is not lost).
+                        if backend.upgrade().is_some_and(|b| b.grace().is_some()) {
+                            shared.grace_changed.notify_one();
+                        }
                     }
                 }
             };

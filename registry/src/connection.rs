@@ -12,8 +12,9 @@
 //! A new connection enters the rotation only once the server has answered a health check (the kernel
 //! accepts TCP connections for a frozen process, so "connected" alone proves nothing), and while it
 //! lives the instance's `grpc.health.v1` status is polled: NOT_SERVING takes it out of rotation.
-//! Each backend also keeps its calls in flight (for `least_request`) and its record of consecutive
-//! failures (outlier ejection).
+//! Each backend also keeps its calls in flight (for `least_request`), its record of consecutive
+//! failures (outlier ejection), and what the balancer's removal grace needs: whether its last health
+//! check was answered, which connection it is on, and the grace in progress, if any.
 
 use std::{
     future::Future,
@@ -21,7 +22,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -62,10 +63,31 @@ pub(crate) struct Backend {
     attempted: AtomicBool,
     /// What the instance's grpc.health.v1 service says; true when it has none.
     serving: AtomicBool,
+    /// Whether the last health check got an answer (false after a timeout or an error), so a
+    /// removal grace is not given to an instance that stopped answering.
+    health_answered: AtomicBool,
+    /// Counts the connections made, so a removal grace given on one connection ends with it
+    /// even if a new one is up before the updater looks again.
+    connections: AtomicU64,
+    /// Set while the instance's key is gone from etcd but the instance is kept callable (see
+    /// [`crate::balance::BalanceOptions::removal_grace`]).
+    grace: Mutex<Option<Grace>>,
     /// Calls sent and not yet answered, for `least_request`.
     in_flight: AtomicUsize,
     outlier: Mutex<Outlier>,
     pub(crate) metrics: metrics::InstanceMetrics,
+}
+
+/// A removal grace in progress: the instance's key disappeared while it was connected and
+/// serving, and it stays callable until `until` unless something says it cannot serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Grace {
+    /// When the key disappeared (as applied by the balancer).
+    pub(crate) since: Instant,
+    /// When the grace ends at the latest.
+    pub(crate) until: Instant,
+    /// The connection the grace was given on.
+    connection: u64,
 }
 
 /// Passive outlier detection: consecutive failures eject an instance for a while.
@@ -120,6 +142,9 @@ impl Backend {
             live: Mutex::new(None),
             attempted: AtomicBool::new(false),
             serving: AtomicBool::new(true),
+            health_answered: AtomicBool::new(true),
+            connections: AtomicU64::new(0),
+            grace: Mutex::new(None),
             in_flight: AtomicUsize::new(0),
             outlier: Mutex::new(Outlier::default()),
             metrics,
@@ -149,6 +174,61 @@ impl Backend {
 
     pub(crate) fn is_serving(&self) -> bool {
         self.serving.load(Ordering::Acquire)
+    }
+
+    /// Whether the record says the instance is leaving (metadata `draining` true, as a boolean
+    /// or as text): it is sent nothing more and gets no removal grace.
+    pub(crate) fn is_draining(&self) -> bool {
+        is_draining(&self.metadata())
+    }
+
+    /// Why the instance may not be kept after its key disappeared, or `None` if it may: it must
+    /// be connected, have answered its last health check with SERVING, and not be draining.
+    pub(crate) fn why_no_grace(&self) -> Option<&'static str> {
+        if !self.is_ready() {
+            Some("not connected")
+        } else if self.is_draining() {
+            Some("announced draining")
+        } else if !self.is_serving() {
+            Some("NOT_SERVING")
+        } else if !self.health_answered.load(Ordering::Acquire) {
+            Some("health check failed")
+        } else {
+            None
+        }
+    }
+
+    /// The removal grace in progress, if any.
+    pub(crate) fn grace(&self) -> Option<Grace> {
+        *lock(&self.grace)
+    }
+
+    /// Keeps the instance callable for `length` from `now` on its current connection.
+    pub(crate) fn start_grace(&self, now: Instant, length: Duration) -> Grace {
+        let grace = Grace {
+            since: now,
+            until: now + length,
+            connection: self.connections.load(Ordering::Acquire),
+        };
+        *lock(&self.grace) = Some(grace);
+        grace
+    }
+
+    /// Ends the removal grace (the instance was registered again).
+    pub(crate) fn end_grace(&self) -> Option<Grace> {
+        lock(&self.grace).take()
+    }
+
+    /// Why the grace in progress must end at `now`, or `None` while it holds (or there is none).
+    pub(crate) fn grace_over(&self, now: Instant) -> Option<&'static str> {
+        let grace = self.grace()?;
+        if grace.connection != self.connections.load(Ordering::Acquire) {
+            return Some("connection lost");
+        }
+        if let Some(why) = self.why_no_grace() {
+            return Some(why);
+        }
+        (now >= grace.until).then_some("grace expired")
     }
 
     pub(crate) fn in_flight(&self) -> usize {
@@ -227,6 +307,11 @@ impl Backend {
     }
 }
 
+/// Whether `metadata` carries the draining announcement ([`crate::endpoint::DRAINING_KEY`] true).
+pub(crate) fn is_draining(metadata: &Value) -> bool {
+    crate::select::text(metadata, crate::endpoint::DRAINING_KEY).is_some_and(|v| v == "true")
+}
+
 /// Locks a mutex that is only held to copy or swap a field: a panic cannot leave the value
 /// half-written, so a poisoned lock is safe to keep using.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -290,6 +375,8 @@ pub(crate) async fn maintain(
                 }
                 connected_before = true;
                 backend.serving.store(serving, Ordering::Release);
+                backend.health_answered.store(true, Ordering::Release);
+                backend.connections.fetch_add(1, Ordering::AcqRel);
                 // A new connection is a fresh start: failures of the old one do not count.
                 *lock(&backend.outlier) = Outlier::default();
                 backend.set(Some(Live {
@@ -381,9 +468,20 @@ async fn watch_health(
             Ok(Err(status)) if matches!(status.code(), Code::Unimplemented | Code::NotFound) => {
                 return std::future::pending().await;
             }
-            // No answer: the connection's own checks (socket, keep-alive) decide about it.
-            Ok(Err(_)) | Err(_) => continue,
+            // No answer: the connection's own checks (socket, keep-alive) decide about the
+            // rotation; but an instance in removal grace is only kept on the strength of its
+            // answers, so it leaves now.
+            Ok(Err(_)) | Err(_) => {
+                if backend.health_answered.swap(false, Ordering::AcqRel) {
+                    debug!(addr = %backend.addr, id = %backend.instance_id, "health check unanswered");
+                    on_change();
+                }
+                continue;
+            }
         };
+        if !backend.health_answered.swap(true, Ordering::AcqRel) {
+            on_change();
+        }
         if backend.serving.swap(serving, Ordering::AcqRel) != serving {
             info!(addr = %backend.addr, id = %backend.instance_id, serving, "health changed");
             if serving {
@@ -502,5 +600,22 @@ impl AsyncWrite for MonitoredStream {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn draining_is_read_as_a_boolean_or_as_text() {
+        assert!(is_draining(&json!({"draining": true})));
+        assert!(is_draining(&json!({"draining": "true"})));
+        assert!(!is_draining(&json!({"draining": false})));
+        assert!(!is_draining(&json!({"instance_id": "a"})));
+        assert!(!is_draining(&json!(null)));
+        assert!(!is_draining(&json!("draining")));
     }
 }

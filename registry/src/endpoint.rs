@@ -28,6 +28,12 @@ pub const MAX_VALUE_BYTES: usize = 64 * 1024;
 /// The metadata key under which we publish the instance id.
 pub const INSTANCE_ID_KEY: &str = "instance_id";
 
+/// The metadata key a server sets to `true` when it announces its departure
+/// ([`crate::Registration::announce_draining`]): our clients stop calling it on that event and give
+/// it no removal grace. A stock Go client ignores metadata and learns of the departure from the
+/// DELETE that follows.
+pub const DRAINING_KEY: &str = "draining";
+
 /// One endpoint record: the address clients dial and free-form metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Endpoint {

@@ -108,6 +108,17 @@ pub struct SharedLease {
     inner: Arc<Shared>,
 }
 
+/// A [`SharedLease`] that does not count as a user.
+#[derive(Debug, Clone)]
+pub(crate) struct WeakLease(std::sync::Weak<Shared>);
+
+impl WeakLease {
+    /// The lease, while any real handle still exists.
+    pub(crate) fn upgrade(&self) -> Option<SharedLease> {
+        self.0.upgrade().map(|inner| SharedLease { inner })
+    }
+}
+
 /// What every clone of a [`SharedLease`] shares. Dropping it (the last clone went away) cancels the
 /// task, which revokes the lease on its way out.
 #[derive(Debug)]
@@ -285,6 +296,25 @@ impl SharedLease {
                 put: None,
             },
         );
+    }
+
+    /// Replaces the value of attached `key`, for every later put (after a new grant, or when the
+    /// key is put back). Does nothing if `key` is not attached.
+    pub(crate) fn set_value(&self, key: &str, value: &str) {
+        if let Some(attached) = locked(&self.inner.keys).get_mut(key) {
+            value.clone_into(&mut attached.value);
+        }
+    }
+
+    /// The current value of attached `key`.
+    pub(crate) fn value_of(&self, key: &str) -> Option<String> {
+        locked(&self.inner.keys).get(key).map(|a| a.value.clone())
+    }
+
+    /// A handle that does not keep the lease alive (nor stop [`SharedLease::release`] from
+    /// revoking it).
+    pub(crate) fn downgrade(&self) -> WeakLease {
+        WeakLease(Arc::downgrade(&self.inner))
     }
 
     /// Makes sure attached `key` is in etcd on lease `id`, returning the revision of its put: the

@@ -73,7 +73,9 @@ pub mod select;
 pub mod serve;
 pub mod tls;
 
-pub use balance::{BalanceOptions, BalancedChannel, InstanceStatus, OutlierPolicy, ServedBy};
+pub use balance::{
+    BalanceOptions, BalancedChannel, InstanceStatus, OutlierPolicy, RemovalGrace, ServedBy,
+};
 pub use config::{Credentials, RegistryConfig, Secret};
 pub use discover::{Change, Discovery, Instance, Membership};
 pub use endpoint::{Endpoint, Format};

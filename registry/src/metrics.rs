@@ -37,6 +37,14 @@ pub const REGISTERED: &str = "registry_registered";
 pub const REREGISTRATIONS: &str = "registry_reregistrations_total";
 /// The key put back after someone deleted it; per `key`.
 pub const KEY_RESTORES: &str = "registry_key_restores_total";
+/// Removals deferred by the removal grace (the key was gone, the instance connected and
+/// SERVING); per `service`.
+pub const REMOVALS_DEFERRED: &str = "registry_removals_deferred_total";
+/// Removal graces that ended, per `service`, with `reason`: `registered again`, `grace expired`,
+/// `connection lost`, `NOT_SERVING`, `health check failed`, `announced draining`, `not connected`.
+pub const GRACE_ENDED: &str = "registry_removal_grace_ended_total";
+/// Instances kept callable in removal grace right now, per `service`.
+pub const INSTANCES_IN_GRACE: &str = "registry_instances_in_grace";
 /// Round trip of a lease keep-alive, from send to etcd's reply; per `key`.
 pub const KEEPALIVE_RTT: &str = "registry_lease_keepalive_rtt_seconds";
 
@@ -69,6 +77,15 @@ pub fn describe() {
     describe_counter!(
         KEY_RESTORES,
         "Times the key was put back after being deleted."
+    );
+    describe_counter!(
+        REMOVALS_DEFERRED,
+        "Removals deferred because the instance was connected and SERVING."
+    );
+    describe_counter!(GRACE_ENDED, "Removal graces that ended, by reason.");
+    describe_gauge!(
+        INSTANCES_IN_GRACE,
+        "Instances whose key is gone, kept callable in removal grace."
     );
     describe_histogram!(KEEPALIVE_RTT, Unit::Seconds, "Lease keep-alive round trip.");
 }
@@ -117,6 +134,18 @@ pub(crate) fn readmitted(service: &str, instance: &str) {
 pub(crate) fn instances(service: &str, known: usize, ready: usize) {
     gauge!(INSTANCES_KNOWN, "service" => service.to_owned()).set(known as f64);
     gauge!(INSTANCES_READY, "service" => service.to_owned()).set(ready as f64);
+}
+
+pub(crate) fn removal_deferred(service: &str) {
+    counter!(REMOVALS_DEFERRED, "service" => service.to_owned()).increment(1);
+}
+
+pub(crate) fn grace_ended(service: &str, reason: &'static str) {
+    counter!(GRACE_ENDED, "service" => service.to_owned(), "reason" => reason).increment(1);
+}
+
+pub(crate) fn in_grace(service: &str, count: usize) {
+    gauge!(INSTANCES_IN_GRACE, "service" => service.to_owned()).set(count as f64);
 }
 
 pub(crate) fn discovery_update(prefix: &str) {

@@ -29,7 +29,7 @@ use crate::{
     error::{Error, Result},
     etcd::Etcd,
     key, key_watch,
-    lease::{self, LeaseEnd, LeaseState, SharedLease},
+    lease::{self, LeaseEnd, LeaseState, SharedLease, WeakLease},
     metrics,
 };
 
@@ -118,6 +118,11 @@ impl RegistrationBuilder {
             }
         }
         let value = endpoint.encode();
+        // The same record with the departure announced (see `Registration::announce_draining`).
+        if let serde_json::Value::Object(fields) = &mut endpoint.metadata {
+            fields.insert(crate::endpoint::DRAINING_KEY.to_owned(), true.into());
+        }
+        let draining_value = endpoint.encode();
         let lease = match self.lease {
             Some(lease) => lease,
             // Its own lease, named after the key in logs and metrics as before leases were shared.
@@ -125,9 +130,12 @@ impl RegistrationBuilder {
         };
         let (state_tx, state) = watch::channel(RegistrationState::Registering);
         let cancel = CancellationToken::new();
+        let weak_lease = lease.downgrade();
         let task = tokio::spawn(run(lease, key.clone(), value, state_tx, cancel.clone()));
         Ok(Registration {
             key,
+            lease: weak_lease,
+            draining_value,
             state,
             cancel,
             task: Some(task),
@@ -142,6 +150,11 @@ impl RegistrationBuilder {
 #[derive(Debug)]
 pub struct Registration {
     key: String,
+    /// The task owns the lease; this handle must not count as a user, or deregistering would
+    /// not revoke it.
+    lease: WeakLease,
+    /// The record with `draining: true` in its metadata.
+    draining_value: String,
     state: watch::Receiver<RegistrationState>,
     cancel: CancellationToken,
     task: Option<JoinHandle<Result<()>>>,
@@ -197,6 +210,46 @@ impl Registration {
                 other => format!("still {other:?}"),
             })),
         }
+    }
+
+    /// Announces that this instance is leaving: rewrites its record, same key, same lease, with
+    /// metadata `draining: true` ([`crate::endpoint::DRAINING_KEY`]). Our clients stop sending
+    /// to it on that event, before the DELETE, and give it no removal grace; a stock Go client
+    /// ignores metadata and keeps calling it until the DELETE. Call it on the way out, before
+    /// [`Registration::deregister`]; every later put of the key (a new lease, the key put back)
+    /// carries the draining record too. Returns the revision of the put.
+    ///
+    /// # Errors
+    /// [`Error::GaveUp`] if the key is not registered right now (nothing can be written without
+    /// a live lease) or etcd did not answer within `timeout`; [`Error::Etcd`] if the put failed.
+    /// Either way the departure is still seen with the DELETE.
+    pub async fn announce_draining(&self, timeout: Duration) -> Result<i64> {
+        let gave_up = |why: String| Error::GaveUp {
+            what: format!("announcing that {} is draining ({why})", self.key),
+            waited: timeout,
+        };
+        let lease = self
+            .lease
+            .upgrade()
+            .ok_or_else(|| gave_up("the registration has stopped".into()))?;
+        lease.set_value(&self.key, &self.draining_value);
+        let RegistrationState::Registered { lease_id } = *self.state.borrow() else {
+            return Err(gave_up(format!(
+                "not registered: {:?}",
+                *self.state.borrow()
+            )));
+        };
+        let put = lease.put(&self.key, &self.draining_value, lease_id);
+        let revision = tokio::time::timeout(timeout, put)
+            .await
+            .map_err(|_| gave_up("no answer from etcd".into()))??;
+        info!(
+            key = self.key.as_str(),
+            lease = format_args!("{lease_id:x}"),
+            revision,
+            "announced draining"
+        );
+        Ok(revision)
     }
 
     /// Stops keeping the key and deletes it, so watchers see a DELETE immediately instead of after
@@ -263,9 +316,11 @@ async fn run(
         };
         // 2. The key on that lease: the lease's task put it already if it granted the lease after
         // we attached; otherwise put it now.
+        // The current record: the draining one once the departure was announced.
+        let current = lease.value_of(&key).unwrap_or_else(|| value.clone());
         let attempt = tokio::select! {
             _ = cancel.cancelled() => break,
-            attempt = lease.ensure_put(&key, &value, id) => attempt,
+            attempt = lease.ensure_put(&key, &current, id) => attempt,
         };
         let put_revision = match attempt {
             Ok(revision) => revision,
@@ -398,9 +453,11 @@ async fn restore(
 ) -> Result<i64, LeaseEnd> {
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     loop {
+        // The current record: the draining one once the departure was announced.
+        let current = lease.value_of(key).unwrap_or_else(|| value.to_owned());
         let attempt = tokio::select! {
             _ = cancel.cancelled() => return Err(LeaseEnd::Cancelled),
-            attempt = lease.put(key, value, id) => attempt,
+            attempt = lease.put(key, &current, id) => attempt,
         };
         match attempt {
             Ok(revision) => {

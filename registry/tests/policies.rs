@@ -262,8 +262,15 @@ async fn metadata_selects_a_canary_and_prefers_a_zone_with_fallback() {
     .await;
     let counts = spread(&zoned, 20, None).await;
     assert_eq!(counts.keys().collect::<Vec<_>>(), ["v2-b"], "{counts:?}");
-    // Zone b empties: the client falls back to zone a rather than failing.
-    registrations.remove(2).deregister().await.unwrap();
+    // Zone b empties: the client falls back to zone a rather than failing. It leaves the way a
+    // server does, announcing first: a bare DELETE of a connected, SERVING instance is deferred by
+    // the clients' removal grace.
+    let leaving = registrations.remove(2);
+    leaving
+        .announce_draining(Duration::from_secs(5))
+        .await
+        .unwrap();
+    leaving.deregister().await.unwrap();
     eventually(Duration::from_secs(5), "fallback to zone a", || {
         let ready = zoned.ready_addrs();
         let zone_a: Vec<_> = servers[..2].iter().map(|s| s.addr.clone()).collect();

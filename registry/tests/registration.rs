@@ -61,6 +61,45 @@ async fn deregistration_deletes_the_key_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announcing_draining_rewrites_the_record_on_the_same_lease_then_deregistration_revokes_it()
+{
+    let (cluster, etcd) = cluster().await;
+    let registration = Registration::builder("greeter", "node-a", "127.0.0.1:50051")
+        .metadata("weight", 1)
+        .start(&etcd)
+        .unwrap();
+    let lease = registration
+        .wait_registered(Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    registration
+        .announce_draining(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let value = cluster.etcdctl_ok(&["get", "services/greeter/node-a", "--print-value-only"]);
+    // Still Go's shape, the metadata still one JSON string, now with the flag.
+    assert_eq!(
+        value.trim(),
+        r#"{"Op":0,"Addr":"127.0.0.1:50051","Metadata":"{\"draining\":true,\"instance_id\":\"node-a\",\"weight\":1}"}"#
+    );
+    let ttl = cluster.etcdctl_ok(&["lease", "timetolive", &lease_hex(lease), "--keys"]);
+    assert!(
+        ttl.contains("services/greeter/node-a"),
+        "not on the same lease: {ttl}"
+    );
+
+    registration.deregister().await.unwrap();
+    let leases = cluster.etcdctl_ok(&["lease", "list"]);
+    assert!(
+        !leases.contains(&lease_hex(lease)),
+        "lease not revoked: {leases}"
+    );
+    let keys = cluster.etcdctl_ok(&["get", "--prefix", "services/", "--keys-only"]);
+    assert!(keys.trim().is_empty(), "key still present: {keys}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_revoked_behind_our_back_is_replaced_and_the_key_put_again() {
     let (cluster, etcd) = cluster().await;
     let registration = Registration::builder("greeter", "node-a", "127.0.0.1:50051")

@@ -8,9 +8,10 @@
 //!    `--etcd-timeout` if etcd never answers;
 //! 3. while running, SIGUSR1 flips the reported health (an operator's switch to take the instance
 //!    out of clients' rotation without deregistering it);
-//! 4. on shutdown: report NOT_SERVING, revoke the lease (clients see the DELETE at once), keep serving
-//!    for a short grace period while that propagates, then stop accepting and drain in-flight calls
-//!    with a deadline.
+//! 4. on shutdown: report NOT_SERVING, announce the departure in etcd (the record rewritten with
+//!    `draining: true`, so clients stop calling it on that event), revoke the lease (clients see the
+//!    DELETE at once), keep serving for a short grace period while that propagates, then stop
+//!    accepting and drain in-flight calls with a deadline.
 //!
 //! # Layout
 //! - [`Config`]: command-line flags (`main.rs` parses them and installs logging).
@@ -89,6 +90,13 @@ pub struct Config {
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     #[serde(with = "duration")]
     pub deregister_grace: Duration,
+
+    /// On shutdown, announce the departure in etcd (the record rewritten with `draining: true`)
+    /// before revoking the lease, so clients stop calling at once rather than keep this
+    /// instance in their removal grace until a health check says NOT_SERVING.
+    #[arg(long, env = "SERVER_ANNOUNCE_DRAINING", default_value_t = true, action = clap::ArgAction::Set)]
+    #[serde(default = "yes")]
+    pub announce_draining: bool,
 
     /// Deadline for in-flight calls to finish on shutdown.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -198,6 +206,10 @@ impl Config {
     }
 }
 
+fn yes() -> bool {
+    true
+}
+
 fn is_unspecified(host: &str) -> bool {
     host.parse::<std::net::IpAddr>()
         .is_ok_and(|ip| ip.is_unspecified())
@@ -216,6 +228,10 @@ pub fn default_instance_id(advertised: &str) -> String {
     }
     id.trim_end_matches('-').to_owned()
 }
+
+/// How long shutdown waits for the draining announcement: one etcd write, which only hangs when
+/// etcd has no quorum, and then the revoke would not get through either.
+const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs one server instance until `shutdown` fires, then deregisters and drains.
 ///
@@ -313,6 +329,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     info!("shutting down: 1/4 reporting NOT_SERVING");
     set_serving(&health, false).await;
+    if config.announce_draining {
+        info!(
+            key = registration.key(),
+            "shutting down: announcing draining in etcd"
+        );
+        if let Err(e) = registration.announce_draining(ANNOUNCE_TIMEOUT).await {
+            warn!(error = %e, "could not announce draining; clients learn of the departure from their health checks");
+        }
+    }
     info!(
         key = registration.key(),
         "shutting down: 2/4 revoking the lease"

@@ -517,3 +517,543 @@ async fn f9_rolling_restart_five_rounds() {
     assert_no_failures("f9", &calls);
     drop(cluster);
 }
+
+/// What the load's channel showed while a fault played out, sampled every 5 ms by a task of its
+/// own (the test's own waits call `etcdctl`, far too slowly to see a short grace).
+#[derive(Debug, Default, Clone)]
+struct Seen {
+    /// First and last sample with an instance in removal grace.
+    grace_first: Option<Instant>,
+    grace_last: Option<Instant>,
+    /// Most instances in grace at once.
+    max_in_grace: usize,
+    /// Addresses that were ever in grace.
+    graced: Vec<String>,
+    /// Fewest instances in rotation in any sample.
+    min_ready: Option<usize>,
+}
+
+impl Seen {
+    fn kept_in_grace(&self) -> Duration {
+        match (self.grace_first, self.grace_last) {
+            (Some(first), Some(last)) => last - first,
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// Samples the channel until stopped; [`Monitor::stop`] returns what it saw.
+struct Monitor {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Seen>,
+}
+
+impl Monitor {
+    fn start(channel: &registry::BalancedChannel) -> Self {
+        let channel = channel.clone();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut seen = Seen::default();
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return seen,
+                    _ = tick.tick() => {}
+                }
+                let now = Instant::now();
+                let instances = channel.instances();
+                let in_grace: Vec<_> = instances
+                    .iter()
+                    .filter(|i| i.removal_grace.is_some())
+                    .collect();
+                if !in_grace.is_empty() {
+                    seen.grace_first.get_or_insert(now);
+                    seen.grace_last = Some(now);
+                }
+                for i in &in_grace {
+                    if !seen.graced.iter().any(|a| **a == *i.addr) {
+                        seen.graced.push(i.addr.to_string());
+                    }
+                }
+                seen.max_in_grace = seen.max_in_grace.max(in_grace.len());
+                let ready = instances.iter().filter(|i| i.in_rotation).count();
+                seen.min_ready = Some(seen.min_ready.map_or(ready, |m| m.min(ready)));
+            }
+        });
+        Self { stop, task }
+    }
+
+    async fn stop(self) -> Seen {
+        // The task only ends when told to; a send error means it already panicked, which the
+        // join reports.
+        let _ = self.stop.send(());
+        self.task.await.expect("the monitor task")
+    }
+}
+
+/// Leases that expire while their servers are alive, connected and serving: the servers reach
+/// etcd through member 0 only. Members 0 and 1 die for longer than the TTL; member 1 comes back,
+/// so the cluster has quorum again and its leader expires the overdue leases (watchers see the
+/// DELETEs) while the servers still cannot reach etcd to register again. Once the client has seen
+/// every DELETE, member 0 comes back and the servers register again on new leases.
+struct Expiry {
+    /// From quorum's return until the client saw the last DELETE.
+    deleted_after_quorum: Duration,
+    /// From member 0's return until the client knew every instance again.
+    back_after_member: Duration,
+}
+
+async fn expire_leases_of_cut_off_servers(
+    cluster: &mut EtcdCluster,
+    servers: &[&ServerProcess],
+    load: &Load,
+) -> Expiry {
+    let before: Vec<_> = servers
+        .iter()
+        .map(|s| lease_of(cluster, &s.key()))
+        .collect();
+    cluster.kill(0);
+    cluster.kill(1);
+    let lost = Instant::now();
+    // The outage itself, longer than the 3 s TTL: what is measured is how the client rides it out.
+    while lost.elapsed() < Duration::from_secs(5) {
+        sleep(Duration::from_millis(100)).await;
+    }
+    cluster.restart(1);
+    let quorum = Instant::now();
+    // A new leader extends every lease by an election timeout and the TTL: the DELETEs come a few
+    // seconds later.
+    wait_membership(load, &[], Duration::from_secs(20)).await;
+    let deleted_after_quorum = quorum.elapsed();
+    cluster.restart(0);
+    let member = Instant::now();
+    wait_until(
+        Duration::from_secs(15),
+        "every server to re-register",
+        || {
+            servers.iter().zip(&before).all(|(s, old)| {
+                let now = lease_of(cluster, &s.key());
+                now.is_some() && now != *old
+            })
+        },
+    );
+    wait_membership(load, &ids(servers), Duration::from_secs(5)).await;
+    Expiry {
+        deleted_after_quorum,
+        back_after_member: member.elapsed(),
+    }
+}
+
+/// One instance whose lease expires while it serves (see [`expire_leases_of_cut_off_servers`]),
+/// with the client's removal grace `grace`. Returns the calls, what the channel showed, and the
+/// timings.
+async fn one_instance_through_lease_expiry(
+    grace: Duration,
+) -> (Vec<common::Call>, Seen, Expiry, String) {
+    let logs = tempfile::tempdir().unwrap();
+    let mut cluster = EtcdCluster::start();
+    let server = ServerProcess::start_on(&[cluster.endpoint(0)], logs.path(), &["--ttl", "3s"]);
+    wait_registered(&cluster, &server);
+    let options = registry::BalanceOptions {
+        removal_grace: grace,
+        ..registry::BalanceOptions::default()
+    };
+    let load = Load::start_with(cluster.endpoints(), EVERY, options).await;
+    load.wait_serving(&[&server.addr], Duration::from_secs(10))
+        .await;
+    let monitor = Monitor::start(&load.channel);
+    let expiry = expire_leases_of_cut_off_servers(&mut cluster, &[&server], &load).await;
+    // A little traffic after the re-registration, so a late failure would be counted.
+    load.wait_calls_since(Instant::now(), 50, Duration::from_secs(5))
+        .await;
+    let seen = monitor.stop().await;
+    (load.finish().await, seen, expiry, server.addr.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f10_one_instance_quorum_lost_longer_than_the_ttl() {
+    let _turn = TURN.lock().await;
+    let grace = registry::BalanceOptions::default().removal_grace;
+    let (calls, seen, expiry, addr) = one_instance_through_lease_expiry(grace).await;
+    println!(
+        "FAULT f10 one-instance-lease-expired: calls={} failed={} delete-after-quorum={:?} kept-in-grace={:?} re-registered-after-member-back={:?} min-in-rotation={:?}",
+        calls.len(),
+        failures(&calls).len(),
+        expiry.deleted_after_quorum,
+        seen.kept_in_grace(),
+        expiry.back_after_member,
+        seen.min_ready
+    );
+    assert!(
+        seen.graced.contains(&addr),
+        "the DELETE never put the instance in grace: {seen:?}"
+    );
+    assert_no_failures("f10", &calls);
+}
+
+/// The same fault with the grace off: what f10 would see without it (run with `--ignored`; its
+/// failures depend on whether the DELETE beats the new PUT, so it asserts nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a baseline measurement, not a check"]
+async fn f10_baseline_without_removal_grace() {
+    let _turn = TURN.lock().await;
+    let (calls, seen, expiry, _) = one_instance_through_lease_expiry(Duration::ZERO).await;
+    println!(
+        "FAULT f10-baseline grace-off: calls={} failed={} delete-after-quorum={:?} re-registered-after-member-back={:?} min-in-rotation={:?}",
+        calls.len(),
+        failures(&calls).len(),
+        expiry.deleted_after_quorum,
+        expiry.back_after_member,
+        seen.min_ready
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f11_three_instances_whose_leases_expire_together() {
+    let _turn = TURN.lock().await;
+    let logs = tempfile::tempdir().unwrap();
+    let mut cluster = EtcdCluster::start();
+    let servers: Vec<_> = (0..3)
+        .map(|_| ServerProcess::start_on(&[cluster.endpoint(0)], logs.path(), &["--ttl", "3s"]))
+        .collect();
+    for server in &servers {
+        wait_registered(&cluster, server);
+    }
+    let load = Load::start(cluster.endpoints(), EVERY).await;
+    let addrs: Vec<&str> = servers.iter().map(|s| s.addr.as_str()).collect();
+    load.wait_serving(&addrs, Duration::from_secs(10)).await;
+    let monitor = Monitor::start(&load.channel);
+    let all: Vec<&ServerProcess> = servers.iter().collect();
+    let expiry = expire_leases_of_cut_off_servers(&mut cluster, &all, &load).await;
+    load.wait_calls_since(Instant::now(), 50, Duration::from_secs(5))
+        .await;
+    let seen = monitor.stop().await;
+    let calls = load.finish().await;
+    println!(
+        "FAULT f11 three-leases-expire-together: calls={} failed={} delete-after-quorum={:?} max-in-grace={} kept-in-grace={:?} min-in-rotation={:?} re-registered-after-member-back={:?}",
+        calls.len(),
+        failures(&calls).len(),
+        expiry.deleted_after_quorum,
+        seen.max_in_grace,
+        seen.kept_in_grace(),
+        seen.min_ready,
+        expiry.back_after_member
+    );
+    assert_eq!(
+        seen.max_in_grace, 3,
+        "not every instance was kept: {seen:?}"
+    );
+    assert!(
+        seen.min_ready.is_some_and(|m| m >= 1),
+        "the service went to zero instances in rotation: {seen:?}"
+    );
+    assert_no_failures("f11", &calls);
+}
+
+/// How a graceful departure reached the client.
+#[derive(Debug)]
+struct Departure {
+    /// From SIGTERM until discovery saw the draining record (`None`: never, no announcement).
+    draining_seen: Option<Duration>,
+    /// From SIGTERM until the instance left the rotation.
+    out: Duration,
+    /// Why it left, as the channel said at that moment.
+    cause: &'static str,
+    /// Calls sent after it left the rotation that it served (must be 0).
+    served_after_out: usize,
+    /// Calls it served that were sent after its key was gone from discovery.
+    served_after_delete: usize,
+}
+
+/// SIGTERMs `server` and follows its departure through the load's channel.
+async fn depart(load: &Load, server: &mut ServerProcess) -> Departure {
+    let id = server.id();
+    let mut membership = load.channel.discovery().subscribe();
+    // Discovery's own signal: the first snapshot with the draining record, and the first without
+    // the key.
+    let watcher = tokio::spawn(async move {
+        let (mut draining, mut deleted) = (None, None);
+        loop {
+            let now = Instant::now();
+            {
+                let m = membership.borrow_and_update();
+                match m.instances.get(&id) {
+                    Some(i)
+                        if i.metadata.get("draining").and_then(|d| d.as_bool()) == Some(true) =>
+                    {
+                        draining.get_or_insert(now);
+                    }
+                    Some(_) => {}
+                    None => {
+                        deleted = Some(now);
+                        return (draining, deleted);
+                    }
+                }
+            }
+            if membership.changed().await.is_err() {
+                return (draining, deleted);
+            }
+        }
+    });
+    let addr = server.addr.clone();
+    server.child.signal(libc::SIGTERM);
+    let signalled = Instant::now();
+    let (out, cause) = loop {
+        let status = load
+            .channel
+            .instances()
+            .into_iter()
+            .find(|i| *i.addr == *addr);
+        match status {
+            Some(i) if i.in_rotation => {}
+            Some(i) if i.draining => break (Instant::now(), "draining record"),
+            Some(i) if !i.serving => break (Instant::now(), "NOT_SERVING health check"),
+            Some(_) => break (Instant::now(), "connection"),
+            // Gone from the channel: removed on the DELETE, or at the end of its grace.
+            None => break (Instant::now(), "removed"),
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(5),
+            "{addr} still in rotation 5 s after SIGTERM"
+        );
+        sleep(Duration::from_millis(1)).await;
+    };
+    let (draining, deleted) = tokio::time::timeout(Duration::from_secs(10), watcher)
+        .await
+        .expect("the key to go within 10 s of SIGTERM")
+        .expect("the membership watcher");
+    let status = server
+        .child
+        .wait_timeout(Duration::from_secs(15))
+        .expect("graceful stop");
+    assert!(status.success(), "{addr} exited {status:?}");
+    // Let the calls sent before the exit complete, so they are counted.
+    load.wait_calls_since(Instant::now(), 20, Duration::from_secs(5))
+        .await;
+    let calls = load.calls();
+    let served_since = |since: Instant| {
+        calls
+            .iter()
+            .filter(|c| c.sent >= since && c.outcome.as_deref() == Ok(addr.as_str()))
+            .count()
+    };
+    Departure {
+        draining_seen: draining.map(|d| d - signalled),
+        out: out - signalled,
+        cause,
+        served_after_out: served_since(out),
+        served_after_delete: deleted.map_or(0, served_since),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f12_graceful_shutdown_announced_before_the_revoke() {
+    let _turn = TURN.lock().await;
+    let logs = tempfile::tempdir().unwrap();
+    // A long deregister grace: a client that had not noticed the departure would keep calling.
+    let args = ["--deregister-grace", "1s"];
+    let (cluster, mut servers, load) = setup(logs.path(), &args).await;
+
+    // Announced (the default): every client stops on the draining record.
+    let announced = depart(&load, &mut servers[0]).await;
+    // Not announced, with the clients' removal grace on: the DELETE is deferred (connected,
+    // last health answer SERVING) until the next health poll says NOT_SERVING.
+    let mut silent = ServerProcess::start(
+        &cluster,
+        logs.path(),
+        &[&args[..], &["--announce-draining", "false"]].concat(),
+    );
+    wait_registered(&cluster, &silent);
+    load.wait_served_since(
+        &[&silent.addr],
+        Some(Instant::now()),
+        Duration::from_secs(10),
+    )
+    .await;
+    let unannounced = depart(&load, &mut silent).await;
+    let calls = load.finish().await;
+
+    // Before this change: no announcement and no grace, the DELETE itself.
+    let before = {
+        let options = registry::BalanceOptions {
+            removal_grace: Duration::ZERO,
+            ..registry::BalanceOptions::default()
+        };
+        let load = Load::start_with(cluster.endpoints(), EVERY, options).await;
+        let mut old = ServerProcess::start(
+            &cluster,
+            logs.path(),
+            &[&args[..], &["--announce-draining", "false"]].concat(),
+        );
+        wait_registered(&cluster, &old);
+        load.wait_served_since(&[&old.addr], Some(Instant::now()), Duration::from_secs(10))
+            .await;
+        let departure = depart(&load, &mut old).await;
+        let calls = load.finish().await;
+        assert_no_failures("f12 (grace off)", &calls);
+        departure
+    };
+    println!(
+        "FAULT f12 graceful-shutdown: calls={} failed={} announced: draining-seen-after={:?} out-after={:?} cause={} served-after-out={} | unannounced+grace: out-after={:?} cause={} served-after-delete={} | unannounced,no-grace (before): out-after={:?} cause={}",
+        calls.len(),
+        failures(&calls).len(),
+        announced.draining_seen,
+        announced.out,
+        announced.cause,
+        announced.served_after_out,
+        unannounced.out,
+        unannounced.cause,
+        unannounced.served_after_delete,
+        before.out,
+        before.cause
+    );
+    assert_no_failures("f12", &calls);
+    for (name, d) in [
+        ("announced", &announced),
+        ("unannounced", &unannounced),
+        ("before", &before),
+    ] {
+        assert_eq!(d.served_after_out, 0, "{name}: {d:?}");
+    }
+    assert_eq!(announced.cause, "draining record", "{announced:?}");
+    assert!(announced.draining_seen.is_some(), "{announced:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f13_drained_instance_gets_nothing_and_no_grace() {
+    let _turn = TURN.lock().await;
+    let logs = tempfile::tempdir().unwrap();
+    let (cluster, servers, load) = setup(logs.path(), &[]).await;
+    let victim = &servers[1];
+    let lease = lease_of(&cluster, &victim.key()).expect("the victim's lease");
+    let monitor = Monitor::start(&load.channel);
+
+    // An operator drains the instance by hand: the same record, on the same lease, with
+    // `draining: true`.
+    let mut record = registry::Endpoint::new(victim.addr.clone(), &victim.id()).unwrap();
+    if let Some(fields) = record.metadata.as_object_mut() {
+        fields.insert("weight".into(), 1.into());
+        fields.insert(registry::endpoint::DRAINING_KEY.into(), true.into());
+    }
+    cluster.etcdctl_ok(&[
+        "put",
+        &format!("--lease={lease}"),
+        &victim.key(),
+        &record.encode(),
+    ]);
+    let put = Instant::now();
+    while load
+        .channel
+        .ready_addrs()
+        .iter()
+        .any(|a| **a == *victim.addr)
+    {
+        assert!(
+            put.elapsed() < Duration::from_secs(2),
+            "a draining instance still in rotation 2 s after its record"
+        );
+        sleep(Duration::from_millis(1)).await;
+    }
+    let out = Instant::now();
+    let left_after = out - put;
+    // 2 s of load while it stays registered, connected and SERVING, but drained.
+    load.wait_calls_since(out, 200, Duration::from_secs(10))
+        .await;
+    let status = load
+        .channel
+        .instances()
+        .into_iter()
+        .find(|i| *i.addr == *victim.addr)
+        .expect("the drained instance is still known");
+    assert!(
+        status.draining && status.connected && status.serving,
+        "{status:?}"
+    );
+    // Deleting the key of a drained instance: no grace; the server's key guard puts its own
+    // record (not drained) back, and it returns.
+    cluster.etcdctl_ok(&["del", &victim.key()]);
+    load.wait_served_since(
+        &[&victim.addr],
+        Some(Instant::now()),
+        Duration::from_secs(5),
+    )
+    .await;
+    let seen = monitor.stop().await;
+    let calls = load.finish().await;
+    let served_while_drained = calls
+        .iter()
+        .filter(|c| c.sent >= out && c.sent < out + Duration::from_secs(2))
+        .filter(|c| c.outcome.as_deref() == Ok(victim.addr.as_str()))
+        .count();
+    println!(
+        "FAULT f13 drained-by-record: calls={} failed={} out-of-rotation-after={left_after:?} served-while-drained={served_while_drained} graced={:?}",
+        calls.len(),
+        failures(&calls).len(),
+        seen.graced
+    );
+    assert_eq!(served_while_drained, 0);
+    assert!(
+        !seen.graced.contains(&victim.addr),
+        "a drained instance got a removal grace"
+    );
+    assert_no_failures("f13", &calls);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f14_killed_and_frozen_instances_get_no_grace() {
+    let _turn = TURN.lock().await;
+    let logs = tempfile::tempdir().unwrap();
+    // Short leases, so both keys expire during the test.
+    let (_cluster, mut servers, load) = setup(logs.path(), &["--ttl", "3s"]).await;
+    let monitor = Monitor::start(&load.channel);
+    let killed_addr = servers[1].addr.clone();
+    let frozen_addr = servers[2].addr.clone();
+    let in_rotation = |addr: &str| load.channel.ready_addrs().iter().any(|a| **a == *addr);
+
+    servers[1].child.kill();
+    let killed = Instant::now();
+    while in_rotation(&killed_addr) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(1),
+            "killed instance still in rotation after 1 s"
+        );
+        sleep(Duration::from_millis(1)).await;
+    }
+    let kill_out = killed.elapsed();
+    servers[2].child.signal(libc::SIGSTOP);
+    let frozen = Instant::now();
+    while in_rotation(&frozen_addr) {
+        assert!(
+            frozen.elapsed() < Duration::from_secs(2),
+            "frozen instance still in rotation after 2 s"
+        );
+        sleep(Duration::from_millis(5)).await;
+    }
+    let freeze_out = frozen.elapsed();
+    // Both leases expire (3 s TTL): the DELETEs must remove both at once, not defer them.
+    wait_membership(&load, &ids(&[&servers[0]]), Duration::from_secs(10)).await;
+    let gone = Instant::now();
+    let still_known = load.channel.instances().len();
+    let seen = monitor.stop().await;
+    servers[2].child.signal(libc::SIGCONT);
+    let calls = load.finish().await;
+    println!(
+        "FAULT f14 killed-and-frozen-with-grace: calls={} failed={} killed-out-after={kill_out:?} frozen-out-after={freeze_out:?} keys-expired-after-kill={:?} graced={:?}",
+        calls.len(),
+        failures(&calls).len(),
+        gone - killed,
+        seen.graced
+    );
+    assert!(
+        seen.graced.is_empty(),
+        "an unreachable instance got a grace: {seen:?}"
+    );
+    assert_eq!(still_known, 1, "a removed instance was kept");
+    // As in f8: calls already waiting on the frozen instance may fail; nothing else may.
+    let failed = failures(&calls).len();
+    assert!(
+        failed <= 10,
+        "{failed} calls failed: {:?}",
+        failures(&calls).first()
+    );
+}

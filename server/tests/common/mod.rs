@@ -32,7 +32,12 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts a server on a free port registering in `cluster` (local processes or containers).
     pub fn start(cluster: &impl Cluster, logs: &Path, extra: &[&str]) -> Self {
-        let endpoints = cluster.endpoints().join(",");
+        Self::start_on(&cluster.endpoints(), logs, extra)
+    }
+
+    /// Starts a server on a free port that talks to etcd through `endpoints` only.
+    pub fn start_on(endpoints: &[String], logs: &Path, extra: &[&str]) -> Self {
+        let endpoints = endpoints.join(",");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let port = free_port();
         let log = logs.join(format!("server-{port}.log"));
@@ -131,6 +136,11 @@ pub struct Load {
 
 impl Load {
     pub async fn start(endpoints: Vec<String>, every: Duration) -> Self {
+        Self::start_with(endpoints, every, BalanceOptions::default()).await
+    }
+
+    /// Like [`Load::start`], with the channel's other options (removal grace, say) from `base`.
+    pub async fn start_with(endpoints: Vec<String>, every: Duration, base: BalanceOptions) -> Self {
         let etcd = EtcdConfig::new(endpoints)
             .expect("valid endpoints")
             .connect()
@@ -139,7 +149,7 @@ impl Load {
         let options = BalanceOptions {
             call_timeout: Duration::from_secs(2),
             retry: RetryPolicy::default().idempotent("/helloworld.Greeter/SayHello"),
-            ..BalanceOptions::default()
+            ..base
         };
         let channel = BalancedChannel::new(
             Discovery::start(&etcd, "services", "helloworld").expect("valid names"),

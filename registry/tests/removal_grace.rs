@@ -1,0 +1,171 @@
+//! The balancer's removal grace and the draining record, each against a real etcd cluster and real
+//! Greeter servers on loopback. Records are written with `etcdctl` rather than by a
+//! [`registry::Registration`], whose key guard would put a deleted key back.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Behaviour, TestServer, cluster, eventually};
+use registry::{BalanceOptions, BalancedChannel, Discovery, Endpoint, Etcd, InstanceStatus};
+use testkit::EtcdCluster;
+use tokio::time::Instant;
+
+/// Starts a server with a health service and writes its record (no lease) under `greeter/<id>`.
+async fn instance(cluster: &EtcdCluster, id: &str) -> TestServer {
+    let health = Behaviour {
+        health: true,
+        ..Behaviour::default()
+    };
+    let server = TestServer::start_with("127.0.0.1:0", id, health).await;
+    put(cluster, id, &server.addr, false);
+    server
+}
+
+fn put(cluster: &EtcdCluster, id: &str, addr: &str, draining: bool) {
+    let mut record = Endpoint::new(addr, id).unwrap();
+    if draining && let Some(fields) = record.metadata.as_object_mut() {
+        fields.insert(registry::endpoint::DRAINING_KEY.into(), true.into());
+    }
+    cluster.etcdctl_ok(&["put", &format!("services/greeter/{id}"), &record.encode()]);
+}
+
+fn del(cluster: &EtcdCluster, id: &str) {
+    cluster.etcdctl_ok(&["del", &format!("services/greeter/{id}")]);
+}
+
+async fn channel(etcd: &Etcd, grace: Duration, ready: usize) -> BalancedChannel {
+    let options = BalanceOptions {
+        removal_grace: grace,
+        ..BalanceOptions::default()
+    };
+    let channel = BalancedChannel::new(
+        Discovery::start(etcd, "services", "greeter").unwrap(),
+        options,
+    );
+    channel
+        .wait_ready(ready, Duration::from_secs(10))
+        .await
+        .unwrap();
+    channel
+}
+
+fn status(channel: &BalancedChannel, id: &str) -> Option<InstanceStatus> {
+    channel
+        .instances()
+        .into_iter()
+        .find(|i| &*i.instance_id == id)
+}
+
+/// Waits until discovery no longer lists `id`: the DELETE has arrived.
+async fn wait_gone_from_discovery(channel: &BalancedChannel, id: &str) {
+    eventually(
+        Duration::from_secs(5),
+        "the DELETE to reach discovery",
+        || {
+            let gone = !channel.discovery().membership().instances.contains_key(id);
+            async move { gone.then_some(()) }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_instance_that_serves_is_kept_until_not_serving_and_a_re_put_continues() {
+    let (cluster, etcd) = cluster().await;
+    let a = instance(&cluster, "a").await;
+    let b = instance(&cluster, "b").await;
+    let channel = channel(&etcd, Duration::from_secs(10), 2).await;
+
+    // b's key disappears and comes back (a re-registration): it simply continues.
+    del(&cluster, "b");
+    wait_gone_from_discovery(&channel, "b").await;
+    let kept = status(&channel, "b").expect("b kept");
+    assert!(kept.in_rotation && kept.removal_grace.is_some(), "{kept:?}");
+    put(&cluster, "b", &b.addr, false);
+    eventually(Duration::from_secs(5), "b's grace to end", || {
+        let s = status(&channel, "b");
+        async move { s.filter(|s| s.removal_grace.is_none() && s.in_rotation) }
+    })
+    .await;
+
+    // a's key disappears for good: kept, and called, while it serves.
+    del(&cluster, "a");
+    wait_gone_from_discovery(&channel, "a").await;
+    let kept = status(&channel, "a").expect("a kept");
+    let grace = kept.removal_grace.clone().expect("a in grace");
+    assert!(kept.in_rotation, "{kept:?}");
+    assert!(
+        grace.until - grace.since == Duration::from_secs(10),
+        "{grace:?}"
+    );
+    // NOT_SERVING ends the grace at the next health poll (every second).
+    a.set_serving(false).await;
+    let flipped = Instant::now();
+    eventually(Duration::from_secs(3), "a to be removed", || {
+        let gone = status(&channel, "a").is_none();
+        async move { gone.then_some(()) }
+    })
+    .await;
+    eprintln!("NOT_SERVING ended a's grace after {:?}", flipped.elapsed());
+    assert_eq!(channel.ready_addrs().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grace_ends_by_itself_and_zero_turns_it_off() {
+    let (cluster, etcd) = cluster().await;
+    let _a = instance(&cluster, "a").await;
+    let _b = instance(&cluster, "b").await;
+    let graced = channel(&etcd, Duration::from_millis(500), 2).await;
+    let off = channel(&etcd, Duration::ZERO, 2).await;
+
+    del(&cluster, "a");
+    wait_gone_from_discovery(&graced, "a").await;
+    wait_gone_from_discovery(&off, "a").await;
+    let deleted = Instant::now();
+    // Without a grace the backend goes with the membership change that removed it.
+    eventually(
+        Duration::from_secs(1),
+        "the grace-off channel to drop a",
+        || {
+            let gone = status(&off, "a").is_none();
+            async move { gone.then_some(()) }
+        },
+    )
+    .await;
+    assert!(status(&graced, "a").is_some_and(|s| s.removal_grace.is_some()));
+    eventually(Duration::from_secs(3), "a's 500 ms grace to end", || {
+        let gone = status(&graced, "a").is_none();
+        async move { gone.then_some(()) }
+    })
+    .await;
+    let ended = deleted.elapsed();
+    eprintln!("a 500 ms grace ended {ended:?} after discovery saw the DELETE");
+    assert!(ended < Duration::from_secs(2), "{ended:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_record_takes_an_instance_out_at_once_and_gets_no_grace() {
+    let (cluster, etcd) = cluster().await;
+    let a = instance(&cluster, "a").await;
+    let _b = instance(&cluster, "b").await;
+    let channel = channel(&etcd, Duration::from_secs(10), 2).await;
+
+    put(&cluster, "a", &a.addr, true);
+    eventually(Duration::from_secs(2), "a to leave the rotation", || {
+        let s = status(&channel, "a");
+        async move { s.filter(|s| s.draining && !s.in_rotation && s.connected && s.serving) }
+    })
+    .await;
+    del(&cluster, "a");
+    wait_gone_from_discovery(&channel, "a").await;
+    eventually(
+        Duration::from_millis(500),
+        "a to be removed at once",
+        || {
+            let gone = status(&channel, "a").is_none();
+            async move { gone.then_some(()) }
+        },
+    )
+    .await;
+}
