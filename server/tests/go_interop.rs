@@ -494,19 +494,9 @@ async fn sigkill_and_sigstop_of_one_of_ours_reported_for_both_clients() {
         }
         // Ours: out of rotation (a killed socket closes at once; a frozen one fails its health
         // checks); then long enough for a frozen instance's lease to expire, for the Go client.
-        while load
-            .channel
-            .ready_addrs()
-            .iter()
-            .any(|a| **a == *victim_addr)
-        {
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "{victim_addr} still in rotation"
-            );
-            sleep(Duration::from_millis(5)).await;
-        }
-        let ours_out = started.elapsed();
+        let ours_out = load
+            .wait_out_of_rotation(&victim_addr, started, Duration::from_secs(5), fault)
+            .await;
         let settle = if fault == "sigkill" { 2 } else { 7 };
         sleep(Duration::from_secs(settle)).await;
         let calls = load.finish().await;

@@ -259,6 +259,26 @@ impl Load {
         }
     }
 
+    /// Waits until `addr` is out of the channel's rotation, polling every millisecond; returns how
+    /// long after `since` that was seen. Panics, naming `what`, if it is still in rotation `bound`
+    /// after `since`.
+    pub async fn wait_out_of_rotation(
+        &self,
+        addr: &str,
+        since: Instant,
+        bound: Duration,
+        what: &str,
+    ) -> Duration {
+        while self.channel.ready_addrs().iter().any(|a| **a == *addr) {
+            assert!(
+                since.elapsed() < bound,
+                "{what} ({addr}) still in rotation after {bound:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        since.elapsed()
+    }
+
     /// Waits until `n` calls sent after `since` have completed.
     pub async fn wait_calls_since(&self, since: Instant, n: usize, timeout: Duration) {
         let started = Instant::now();
