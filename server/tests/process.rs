@@ -321,12 +321,16 @@ fn read_until(stderr: &mut impl std::io::BufRead, needle: &str) {
     }
 }
 
-#[test]
-fn a_closed_stderr_does_not_stop_sigterm_from_deregistering() {
-    use std::io::BufReader;
-    let cluster = EtcdCluster::start();
+/// A `server` process on a free port whose stderr is a pipe the test reads (and may close), and the
+/// key it registers under.
+fn server_with_piped_stderr(
+    cluster: &EtcdCluster,
+) -> (
+    testkit::ChildGuard,
+    std::io::BufReader<std::process::ChildStderr>,
+    String,
+) {
     let port = free_port();
-    let key = format!("services/helloworld/127.0.0.1-{port}");
     let mut child = testkit::spawn(
         Command::new(env!("CARGO_BIN_EXE_server"))
             .args(["--port", &port.to_string()])
@@ -334,35 +338,40 @@ fn a_closed_stderr_does_not_stop_sigterm_from_deregistering() {
             .env("RUST_LOG", "info")
             .stderr(std::process::Stdio::piped()),
     );
-    let mut stderr = BufReader::new(child.child_mut().stderr.take().expect("stderr is piped"));
-    read_until(&mut stderr, "registered");
-    // Like `2> >(head -2)` once head has exited: every later log line fails with EPIPE.
-    drop(stderr);
-    assert!(key_exists(&cluster, &key));
+    let stderr = child.child_mut().stderr.take().expect("stderr is piped");
+    (
+        child,
+        std::io::BufReader::new(stderr),
+        format!("services/helloworld/127.0.0.1-{port}"),
+    )
+}
 
+/// SIGTERM with stderr closed: the server must exit 0 and revoke its key on the way out, not leave
+/// it to expire.
+fn assert_stops_and_deregisters(mut child: testkit::ChildGuard, cluster: &EtcdCluster, key: &str) {
     child.signal(libc::SIGTERM);
     let status = child
         .wait_timeout(Duration::from_secs(15))
         .expect("with its stderr closed, the server did not exit on SIGTERM");
     assert!(status.success(), "exit status {status:?}");
-    // Revoked on the way out, not left to expire.
-    assert!(!key_exists(&cluster, &key), "{key} outlived the server");
+    assert!(!key_exists(cluster, key), "{key} outlived the server");
+}
+
+#[test]
+fn a_closed_stderr_does_not_stop_sigterm_from_deregistering() {
+    let cluster = EtcdCluster::start();
+    let (child, mut stderr, key) = server_with_piped_stderr(&cluster);
+    read_until(&mut stderr, "registered");
+    // Like `2> >(head -2)` once head has exited: every later log line fails with EPIPE.
+    drop(stderr);
+    assert!(key_exists(&cluster, &key));
+    assert_stops_and_deregisters(child, &cluster, &key);
 }
 
 #[test]
 fn a_closed_stderr_before_registration_does_not_kill_the_server() {
-    use std::io::BufReader;
     let cluster = EtcdCluster::start();
-    let port = free_port();
-    let key = format!("services/helloworld/127.0.0.1-{port}");
-    let mut child = testkit::spawn(
-        Command::new(env!("CARGO_BIN_EXE_server"))
-            .args(["--port", &port.to_string()])
-            .args(["--etcd-endpoints", &cluster.endpoints().join(",")])
-            .env("RUST_LOG", "info")
-            .stderr(std::process::Stdio::piped()),
-    );
-    let mut stderr = BufReader::new(child.child_mut().stderr.take().expect("stderr is piped"));
+    let (mut child, mut stderr, key) = server_with_piped_stderr(&cluster);
     // Like `2> >(head -1)`: the reader leaves after the first line, before "registered".
     read_until(&mut stderr, "serving");
     drop(stderr);
@@ -373,12 +382,7 @@ fn a_closed_stderr_before_registration_does_not_kill_the_server() {
         child.is_running(),
         "the server died after its stderr closed"
     );
-    child.signal(libc::SIGTERM);
-    let status = child
-        .wait_timeout(Duration::from_secs(15))
-        .expect("with its stderr closed, the server did not exit on SIGTERM");
-    assert!(status.success(), "exit status {status:?}");
-    assert!(!key_exists(&cluster, &key), "{key} outlived the server");
+    assert_stops_and_deregisters(child, &cluster, &key);
 }
 
 #[test]
