@@ -5,10 +5,10 @@ mod common;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use common::{Behaviour, TestServer, cluster, eventually};
+use common::{Behaviour, TestServer, cluster, eventually, ready_channel as channel};
 use proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
 use registry::{
-    BalanceOptions, BalancedChannel, Discovery, Etcd, Policy, Registration, RetryPolicy, Selector,
+    BalanceOptions, BalancedChannel, Etcd, Policy, Registration, RetryPolicy, Selector,
     balance::HASH_KEY,
 };
 use tokio::time::Instant;
@@ -41,18 +41,6 @@ fn plain(ids: &[&'static str]) -> Vec<Spec<'static>> {
     ids.iter()
         .map(|id| (*id, Behaviour::default(), &[][..]))
         .collect()
-}
-
-async fn channel(etcd: &Etcd, options: BalanceOptions, ready: usize) -> BalancedChannel {
-    let channel = BalancedChannel::new(
-        Discovery::start(etcd, "services", "greeter").unwrap(),
-        options,
-    );
-    channel
-        .wait_ready(ready, Duration::from_secs(10))
-        .await
-        .unwrap();
-    channel
 }
 
 fn with_policy(policy: Policy) -> BalanceOptions {

@@ -6,8 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Behaviour, TestServer, cluster, eventually};
-use registry::{BalanceOptions, BalancedChannel, Discovery, Endpoint, Etcd, InstanceStatus};
+use common::{Behaviour, TestServer, cluster, eventually, ready_channel};
+use registry::{BalanceOptions, BalancedChannel, Endpoint, Etcd, InstanceStatus};
 use testkit::EtcdCluster;
 use tokio::time::Instant;
 
@@ -39,15 +39,7 @@ async fn channel(etcd: &Etcd, grace: Duration, ready: usize) -> BalancedChannel 
         removal_grace: grace,
         ..BalanceOptions::default()
     };
-    let channel = BalancedChannel::new(
-        Discovery::start(etcd, "services", "greeter").unwrap(),
-        options,
-    );
-    channel
-        .wait_ready(ready, Duration::from_secs(10))
-        .await
-        .unwrap();
-    channel
+    ready_channel(etcd, options, ready).await
 }
 
 fn status(channel: &BalancedChannel, id: &str) -> Option<InstanceStatus> {

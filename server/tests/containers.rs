@@ -21,7 +21,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Load, ServerProcess, dead_addr, failures, key_exists, lease_of, wait_registered};
+use common::{
+    Load, ServerProcess, assert_no_failures, dead_addr, failures, key_exists, lease_of,
+    wait_registered,
+};
 use testkit::{Cluster, ComposeCluster, wait_until};
 use tokio::time::{Instant, sleep};
 
@@ -153,13 +156,7 @@ fn report(
         failed.len(),
         servers.len()
     );
-    assert!(
-        failed.is_empty(),
-        "{name}: {} of {} calls failed, first: {:?}",
-        failed.len(),
-        calls.len(),
-        failed.first()
-    );
+    assert_no_failures(name, calls);
     assert_eq!(registered, servers.len(), "{name}: a registration was lost");
 }
 

@@ -11,7 +11,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Load, ServerProcess, dead_addr, failures, key_exists, lease_of, percentile, wait_registered,
+    Load, ServerProcess, assert_no_failures, dead_addr, failures, key_exists, lease_of, percentile,
+    wait_registered,
 };
 use testkit::{EtcdCluster, wait_until};
 use tokio::time::{Instant, sleep};
@@ -37,17 +38,6 @@ async fn setup(
     let addrs: Vec<&str> = servers.iter().map(|s| s.addr.as_str()).collect();
     load.wait_serving(&addrs, Duration::from_secs(10)).await;
     (cluster, servers, load)
-}
-
-fn assert_no_failures(name: &str, calls: &[common::Call]) {
-    let failed = failures(calls);
-    assert!(
-        failed.is_empty(),
-        "{name}: {} of {} calls failed, first: {:?}",
-        failed.len(),
-        calls.len(),
-        failed.first()
-    );
 }
 
 /// Waits until the load's discovery knows exactly `ids`.

@@ -34,6 +34,24 @@ pub async fn cluster() -> (EtcdCluster, Etcd) {
     (cluster, etcd)
 }
 
+/// A balanced channel over the `greeter` service with `options`, once `ready` instances are in
+/// rotation (panics after 10 s).
+pub async fn ready_channel(
+    etcd: &Etcd,
+    options: registry::BalanceOptions,
+    ready: usize,
+) -> registry::BalancedChannel {
+    let channel = registry::BalancedChannel::new(
+        registry::Discovery::start(etcd, "services", "greeter").unwrap(),
+        options,
+    );
+    channel
+        .wait_ready(ready, Duration::from_secs(10))
+        .await
+        .unwrap();
+    channel
+}
+
 /// Polls `check` every 10 ms until it returns `Some`, panicking after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where

@@ -311,6 +311,18 @@ impl Load {
     }
 }
 
+/// Asserts that no call failed, naming the test and the first failure.
+pub fn assert_no_failures(name: &str, calls: &[Call]) {
+    let failed = failures(calls);
+    assert!(
+        failed.is_empty(),
+        "{name}: {} of {} calls failed, first: {:?}",
+        failed.len(),
+        calls.len(),
+        failed.first()
+    );
+}
+
 /// Calls that failed, for assertion messages.
 pub fn failures(calls: &[Call]) -> Vec<&Call> {
     calls.iter().filter(|c| c.outcome.is_err()).collect()
