@@ -52,4 +52,4 @@ pub use error::{Error, Result, settings_to_check};
 pub use layered::{
     ConfigArgs, Layered, Loaded, Sources, command, exit_invalid, load, load_args, load_or_exit,
 };
-pub use values::{duration, pairs, parse_duration, parse_nonzero_duration, text};
+pub use values::{duration, pairs, parse_duration, parse_nonzero_duration, parse_pair, text};

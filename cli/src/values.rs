@@ -138,7 +138,7 @@ pub mod pairs {
             Pairs::Table(table) => Ok(table.into_iter().collect()),
             Pairs::List(list) => list
                 .iter()
-                .map(|pair| registry::select::parse_pair(pair).map_err(D::Error::custom))
+                .map(|pair| super::parse_pair(pair).map_err(D::Error::custom))
                 .collect(),
         }
     }
@@ -203,6 +203,19 @@ pub fn parse_nonzero_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// Parses `key=value` (for command-line flags).
+///
+/// # Errors
+/// A message when there is no `=` or the key is empty.
+pub fn parse_pair(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_owned(), value.trim().to_owned()))
+        }
+        _ => Err(format!("{text:?} is not key=value")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,5 +260,13 @@ mod tests {
                 .contains("more than zero")
         );
         assert!(parse_nonzero_duration("0").is_err());
+    }
+
+    #[test]
+    fn pairs_parse() {
+        assert_eq!(parse_pair("zone=eu-1"), Ok(("zone".into(), "eu-1".into())));
+        assert_eq!(parse_pair("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert!(parse_pair("novalue").is_err());
+        assert!(parse_pair("=x").is_err());
     }
 }

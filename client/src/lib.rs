@@ -27,15 +27,12 @@ use anyhow::Context;
 use clap::Parser;
 use cli::{
     EtcdArgs, GrpcTlsArgs, Layered, MetricsArgs, Sources, duration, pairs, parse_duration,
-    parse_nonzero_duration, text,
+    parse_nonzero_duration, parse_pair, text,
 };
 use proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
 use registry::{
-    BalanceOptions, BalancedChannel, Change, Discovery, Format, Policy, RetryPolicy, Selector,
-    ServedBy,
-    balance::{HASH_KEY, INSTANCE},
-    discover::diff,
-    select::parse_pair,
+    BalanceOptions, BalancedChannel, Change, Discovery, Format, HASH_KEY, INSTANCE, Policy,
+    RetryPolicy, Selector, ServedBy, discover::diff,
 };
 use serde::{Deserialize, Serialize};
 use tokio::time::{Instant, MissedTickBehavior};

@@ -54,9 +54,8 @@
 //! ```
 
 pub mod backoff;
-pub mod balance;
+mod balancer;
 pub mod config;
-mod connection;
 pub mod discover;
 pub mod endpoint;
 pub mod error;
@@ -66,15 +65,13 @@ mod key_watch;
 pub mod lease;
 pub mod lock;
 pub mod metrics;
-pub mod policy;
 pub mod register;
-pub mod retry;
-pub mod select;
 pub mod serve;
 pub mod tls;
 
-pub use balance::{
-    BalanceOptions, BalancedChannel, InstanceStatus, OutlierPolicy, RemovalGrace, ServedBy,
+pub use balancer::{
+    BalanceOptions, BalancedChannel, HASH_KEY, INSTANCE, InstanceStatus, OutlierPolicy, Policy,
+    RemovalGrace, RetryPolicy, Selector, ServedBy,
 };
 pub use config::{Credentials, RegistryConfig, Secret};
 pub use discover::{Change, Discovery, Instance, Membership};
@@ -83,7 +80,4 @@ pub use error::{Error, Result};
 pub use etcd::{Etcd, EtcdConfig};
 pub use lease::{LeaseState, SharedLease};
 pub use lock::{Lock, LockGuard};
-pub use policy::Policy;
 pub use register::{Registration, RegistrationState};
-pub use retry::RetryPolicy;
-pub use select::Selector;

@@ -8,8 +8,7 @@ use std::{collections::BTreeMap, time::Duration};
 use common::{Behaviour, TestServer, cluster, eventually, ready_channel as channel};
 use proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
 use registry::{
-    BalanceOptions, BalancedChannel, Etcd, Policy, Registration, RetryPolicy, Selector,
-    balance::HASH_KEY,
+    BalanceOptions, BalancedChannel, Etcd, HASH_KEY, Policy, Registration, RetryPolicy, Selector,
 };
 use tokio::time::Instant;
 

@@ -76,7 +76,7 @@ pub struct Config {
     pub zone: Option<String>,
 
     /// More metadata, as key=value; repeatable.
-    #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = registry::select::parse_pair)]
+    #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = cli::parse_pair)]
     #[serde(with = "pairs")]
     pub meta: Vec<(String, String)>,
 

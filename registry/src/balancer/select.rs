@@ -48,19 +48,6 @@ impl Selector {
     }
 }
 
-/// Parses `key=value` (for command-line flags).
-///
-/// # Errors
-/// A message when there is no `=` or the key is empty.
-pub fn parse_pair(text: &str) -> Result<(String, String), String> {
-    match text.split_once('=') {
-        Some((key, value)) if !key.trim().is_empty() => {
-            Ok((key.trim().to_owned(), value.trim().to_owned()))
-        }
-        _ => Err(format!("{text:?} is not key=value")),
-    }
-}
-
 /// A metadata value as text: strings as they are, numbers and booleans printed.
 pub(crate) fn text(metadata: &Value, key: &str) -> Option<String> {
     match metadata.get(key)? {
@@ -110,13 +97,5 @@ mod tests {
             .require("canary", "true");
         assert!(selector.admits(&json!({"weight": 2, "canary": true})));
         assert!(selector.admits(&json!({"weight": "2", "canary": "true"})));
-    }
-
-    #[test]
-    fn pairs_parse() {
-        assert_eq!(parse_pair("zone=eu-1"), Ok(("zone".into(), "eu-1".into())));
-        assert_eq!(parse_pair("a=b=c"), Ok(("a".into(), "b=c".into())));
-        assert!(parse_pair("novalue").is_err());
-        assert!(parse_pair("=x").is_err());
     }
 }

@@ -16,12 +16,16 @@ use std::{
     fmt,
     str::FromStr,
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
 };
 
 use rand::{RngExt, SeedableRng, rngs::StdRng};
+use tokio::time::Instant;
+
+use super::{Shared, backend::Backend};
+use crate::metrics;
 
 /// How calls are spread over instances. See the [module docs](self) for a comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -35,7 +39,7 @@ pub enum Policy {
     Random,
     /// Power of two choices over the number of calls in flight.
     LeastRequest,
-    /// Ring hash over the call's key ([`crate::balance::HASH_KEY`]); round robin for calls without.
+    /// Ring hash over the call's key ([`crate::HASH_KEY`]); round robin for calls without.
     ConsistentHash,
     /// The first usable instance in address order.
     PickFirst,
@@ -460,5 +464,53 @@ mod tests {
             "{:#x}",
             hash64(b"user-42")
         );
+    }
+}
+
+impl Shared {
+    /// Rebuilds the picker from the backends that may be called: connected, reporting SERVING,
+    /// weight above 0, not draining, not at the end of a removal grace, admitted by the selector,
+    /// and preferred by it when any is.
+    pub(super) fn rebuild(&self) {
+        let backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let usable: Vec<Arc<Backend>> = backends
+            .values()
+            .filter(|b| {
+                b.is_ready()
+                    && b.is_serving()
+                    && b.weight() > 0
+                    && !b.is_draining()
+                    && b.grace_over(now).is_none()
+                    && self.selector.admits(&b.metadata())
+            })
+            .cloned()
+            .collect();
+        let usable = self
+            .selector
+            .narrow(usable, |b| self.selector.prefers(&b.metadata()));
+        metrics::instances(
+            &self.service,
+            self.membership.borrow().instances.len(),
+            usable.len(),
+        );
+        let picker = Arc::new(Picker::new(self.policy, usable, self.seed));
+        *self.picker.write().unwrap_or_else(|p| p.into_inner()) = picker;
+        drop(backends);
+        self.changed.notify_waiters();
+    }
+}
+
+impl Candidate for Arc<Backend> {
+    fn ring_key(&self) -> &str {
+        &self.addr
+    }
+
+    fn weight(&self) -> u32 {
+        Backend::weight(self)
+    }
+
+    fn in_flight(&self) -> usize {
+        Backend::in_flight(self)
     }
 }

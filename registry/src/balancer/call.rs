@@ -1,0 +1,295 @@
+//! One call through the balanced channel: the pick (waiting, within the call's deadline, while the
+//! channel is still starting), the attempt on one backend, and the retries that are safe.
+//!
+//! Every failure becomes a gRPC status here and nowhere else, naming the instance it went to.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::time::Instant;
+use tonic::{Status, body::Body, transport::Channel};
+use tower::ServiceExt;
+use tracing::{debug, warn};
+
+use super::{
+    BoxError, HASH_KEY, INSTANCE, ServedBy, Shared,
+    backend::Backend,
+    retry::{Replay, grpc_timeout, is_unavailable_response, never_sent, timed_out},
+};
+use crate::{backoff::Backoff, error::chain, metrics};
+
+impl Shared {
+    /// Like [`Shared::pick`], but while the answer may still change for the better (discovery has
+    /// not completed its first list, or an instance is still making its first connection) waits for
+    /// it, until `deadline`. This is gRPC's behaviour for a channel that is still connecting;
+    /// once everything known has been tried, a call fails at once.
+    async fn pick_or_wait(
+        &self,
+        avoid: &[Arc<str>],
+        key: Option<&[u8]>,
+        deadline: Instant,
+    ) -> Result<(Arc<Backend>, Channel), Status> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Register interest before looking, so a change in between is not missed.
+            changed.as_mut().enable();
+            // Asked before picking: if nothing was starting then, everything known had already
+            // been published to the picker, and a failed pick is the answer. Asked after, a
+            // connection published in between would be missed and the call failed for nothing.
+            let starting = self.still_starting();
+            match self.pick(avoid, key) {
+                Ok(picked) => return Ok(picked),
+                Err(status) if !starting => return Err(status),
+                Err(_) => {}
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(Status::deadline_exceeded(format!(
+                    "no instance of service {:?} became reachable before the call's deadline",
+                    self.service
+                )));
+            }
+        }
+    }
+
+    /// Whether a failed pick may still turn into a success without anything new happening: the
+    /// first list is not done, discovery knows instances the updater has not applied yet, or a
+    /// backend has not finished its first connection attempt. This one check is what "the
+    /// channel is still starting" means, for every caller.
+    fn still_starting(&self) -> bool {
+        // The same lock order as `rebuild`: backends, then discovery's snapshot.
+        let backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+        let membership = self.membership.borrow();
+        let applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        !membership.synced
+            || !Arc::ptr_eq(&membership.instances, &applied)
+            || backends.values().any(|b| b.is_connecting())
+    }
+
+    /// The policy's choice and its channel. Prefers, in order: an instance not in `avoid` (those a
+    /// retried call already failed on) and not ejected; any instance not ejected; and, when every
+    /// one is ejected, any instance at all (ejecting them all would turn a partial failure into an
+    /// outage).
+    fn pick(
+        &self,
+        avoid: &[Arc<str>],
+        key: Option<&[u8]>,
+    ) -> Result<(Arc<Backend>, Channel), Status> {
+        let picker = self.picker();
+        let now = Instant::now();
+        let fresh = |b: &Arc<Backend>| b.is_ready() && !b.is_ejected(now);
+        let choice = picker
+            .pick(&self.next, key, |b| fresh(b) && !avoid.contains(&b.addr))
+            .or_else(|| picker.pick(&self.next, key, fresh))
+            .or_else(|| picker.pick(&self.next, key, |b| b.is_ready()));
+        // The connection can drop between the check and here; the next rebuild removes it.
+        choice
+            .and_then(|backend| Some((backend.clone(), backend.channel()?)))
+            .ok_or_else(|| self.unavailable())
+    }
+
+    /// Sends one attempt to `backend`, bounded by `deadline`, counting it in flight while it runs
+    /// and recording its outcome.
+    async fn send(
+        &self,
+        backend: &Arc<Backend>,
+        channel: Channel,
+        request: http::Request<Body>,
+        deadline: Instant,
+    ) -> Result<Result<http::Response<Body>, tonic::transport::Error>, tokio::time::error::Elapsed>
+    {
+        let in_flight = backend.start_call();
+        let started = Instant::now();
+        let outcome = tokio::time::timeout_at(deadline, channel.oneshot(request)).await;
+        drop(in_flight);
+        let attempt = match &outcome {
+            Ok(Ok(response)) if !is_failure_response(response) => Attempt::Succeeded,
+            // The caller's deadline, which may be far shorter than the instance needs: the call
+            // failed, but that says nothing about the instance (a frozen one is found by the
+            // keep-alive ping instead).
+            Err(_) => Attempt::OutOfTime,
+            Ok(Err(error)) if timed_out(error) => Attempt::OutOfTime,
+            Ok(_) => Attempt::Failed,
+        };
+        self.record(backend, attempt, started.elapsed());
+        outcome
+    }
+
+    /// Counts an attempt's outcome: in the metrics, and (unless the call ran out of its own time)
+    /// towards the instance's outlier detection.
+    fn record(&self, backend: &Backend, attempt: Attempt, elapsed: Duration) {
+        backend.metrics.call(elapsed, attempt != Attempt::Succeeded);
+        match attempt {
+            Attempt::Succeeded => backend.record_success(),
+            Attempt::OutOfTime => {}
+            Attempt::Failed => {
+                if let Some(length) = backend.record_failure(&self.outlier, Instant::now()) {
+                    warn!(
+                        service = %self.service,
+                        addr = %backend.addr,
+                        id = %backend.instance_id,
+                        failures = self.outlier.consecutive_failures,
+                        ejected_for = ?length,
+                        "instance ejected after consecutive failures"
+                    );
+                    metrics::ejected(&self.service, &backend.addr, "outlier");
+                }
+            }
+        }
+    }
+
+    fn unavailable(&self) -> Status {
+        let known = self
+            .backends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
+        Status::unavailable(if known == 0 {
+            format!("no instances of service {:?} are registered", self.service)
+        } else {
+            format!(
+                "none of the {known} instance(s) of service {:?} is reachable right now",
+                self.service
+            )
+        })
+    }
+
+    /// One call: pick, send, and on a failure that is safe to retry, send again elsewhere, all
+    /// within the call's deadline.
+    pub(super) async fn call(
+        self: Arc<Self>,
+        request: http::Request<Body>,
+    ) -> Result<http::Response<Body>, BoxError> {
+        let timeout =
+            grpc_timeout(&request).map_or(self.call_timeout, |t| t.min(self.call_timeout));
+        let deadline = Instant::now() + timeout;
+        let key = request
+            .headers()
+            .get(HASH_KEY)
+            .map(|k| k.as_bytes().to_vec());
+        let key = key.as_deref();
+        if !self.retry.enabled() {
+            let mut request = request;
+            let (backend, channel) = self.pick_or_wait(&[], key, deadline).await?;
+            // After the pick: time spent waiting for an instance is no longer the server's.
+            set_grpc_timeout(request.headers_mut(), deadline);
+            return match self.send(&backend, channel, request, deadline).await {
+                Ok(Ok(response)) => Ok(served_by(response, &backend)),
+                Ok(Err(error)) if timed_out(&error) => {
+                    Err(deadline_exceeded(&backend, timeout).into())
+                }
+                Ok(Err(error)) => Err(transport_failure(&backend, &error).into()),
+                Err(_) => Err(deadline_exceeded(&backend, timeout).into()),
+            };
+        }
+
+        let idempotent = self.retry.is_idempotent(request.uri().path());
+        let (mut parts, body) = request.into_parts();
+        let body = Replay::new(body, self.retry.max_replay_bytes);
+        let mut backoff = Backoff::new(self.retry.backoff_initial, self.retry.backoff_max);
+        let mut tried: Vec<Arc<str>> = Vec::new();
+        self.budget.deposit();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (backend, channel) = self.pick_or_wait(&tried, key, deadline).await?;
+            set_grpc_timeout(&mut parts.headers, deadline);
+            let request = http::Request::from_parts(parts.clone(), body.attempt());
+            let (safe, failure) = match self.send(&backend, channel, request, deadline).await {
+                Err(_) => return Err(deadline_exceeded(&backend, timeout).into()),
+                Ok(Err(error)) if timed_out(&error) => {
+                    return Err(deadline_exceeded(&backend, timeout).into());
+                }
+                Ok(Ok(response)) if idempotent && is_unavailable_response(&response) => {
+                    (true, Ok(served_by(response, &backend)))
+                }
+                Ok(Ok(response)) => return Ok(served_by(response, &backend)),
+                Ok(Err(error)) => (
+                    idempotent || never_sent(&error),
+                    Err(transport_failure(&backend, &error)),
+                ),
+            };
+            let retry = safe
+                && attempt < self.retry.max_attempts
+                && body.replayable()
+                && Instant::now() < deadline
+                && self.budget.try_withdraw();
+            if !retry {
+                return failure.map_err(BoxError::from);
+            }
+            debug!(service = %self.service, addr = %backend.addr, attempt, "call failed before being processed; retrying on another instance");
+            tried.push(backend.addr.clone());
+            tokio::time::sleep_until((Instant::now() + backoff.next_delay()).min(deadline)).await;
+        }
+    }
+}
+
+/// How one attempt on an instance ended, as far as judging the instance goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    Succeeded,
+    /// The instance failed the call (a transport error, or a status saying it is failing).
+    Failed,
+    /// The call's deadline passed first.
+    OutOfTime,
+}
+
+/// Tells the server how long the call has left (`grpc-timeout`), so it can give up when we do.
+fn set_grpc_timeout(headers: &mut http::HeaderMap, deadline: Instant) {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if let Ok(value) = http::HeaderValue::from_str(&format!("{}m", left.as_millis().max(1))) {
+        headers.insert("grpc-timeout", value);
+    }
+}
+
+/// A trailers-only response whose status says the server is failing (rather than the request
+/// being wrong): it counts towards outlier ejection.
+fn is_failure_response(response: &http::Response<Body>) -> bool {
+    // UNKNOWN, INTERNAL, UNAVAILABLE, DATA_LOSS.
+    matches!(
+        response.headers().get("grpc-status").map(|v| v.as_bytes()),
+        Some(b"2" | b"13" | b"14" | b"15")
+    )
+}
+
+/// Marks a response with the instance that served it.
+fn served_by(mut response: http::Response<Body>, backend: &Backend) -> http::Response<Body> {
+    response.extensions_mut().insert(ServedBy {
+        addr: backend.addr.clone(),
+        instance_id: backend.instance_id.clone(),
+    });
+    response
+}
+
+/// The one place transport failures become gRPC statuses, naming the instance. Any failure at the
+/// transport level means the connection is unusable, so the instance leaves the rotation now
+/// rather than when its socket reports it.
+fn transport_failure(backend: &Backend, error: &tonic::transport::Error) -> Status {
+    backend.report_broken();
+    blame(
+        Status::unavailable(format!(
+            "instance {} ({}) failed: {}",
+            backend.addr,
+            backend.instance_id,
+            chain(error)
+        )),
+        backend,
+    )
+}
+
+fn deadline_exceeded(backend: &Backend, timeout: Duration) -> Status {
+    blame(
+        Status::deadline_exceeded(format!(
+            "no answer from instance {} ({}) within the call's {timeout:?} deadline",
+            backend.addr, backend.instance_id
+        )),
+        backend,
+    )
+}
+
+/// Names the instance a failed call went to in the status's metadata ([`INSTANCE`]).
+fn blame(mut status: Status, backend: &Backend) -> Status {
+    if let Ok(addr) = backend.addr.parse() {
+        status.metadata_mut().insert(INSTANCE, addr);
+    }
+    status
+}
