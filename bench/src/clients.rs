@@ -26,7 +26,7 @@ use anyhow::Context;
 use proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
 use registry::{
     BalanceOptions, BalancedChannel, Discovery, Etcd, Membership, Policy, RetryPolicy,
-    discover::InstanceMap,
+    discover::Instances,
 };
 use tokio::{sync::watch, task::JoinHandle};
 use tonic::{
@@ -185,7 +185,7 @@ async fn feed(
     }
 }
 
-fn addrs(instances: &InstanceMap) -> BTreeSet<String> {
+fn addrs(instances: &Instances) -> BTreeSet<String> {
     instances.values().map(|i| i.addr.clone()).collect()
 }
 

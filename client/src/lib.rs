@@ -32,7 +32,7 @@ use cli::{
 use proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
 use registry::{
     BalanceOptions, BalancedChannel, Change, Discovery, Format, HASH_KEY, INSTANCE, Policy,
-    RetryPolicy, Selector, ServedBy, discover::diff,
+    RetryPolicy, Selector, ServedBy,
 };
 use serde::{Deserialize, Serialize};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -566,7 +566,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     continue;
                 }
                 let now = membership.borrow_and_update().instances.clone();
-                for change in diff(&known, &now) {
+                for change in known.diff(&now) {
                     match &mut view {
                         Some(view) => view.membership(&change),
                         None => print_change(&change),

@@ -13,7 +13,7 @@
 
 use std::{error::Error, time::Duration};
 
-use registry::{Change, Discovery, EtcdConfig, discover};
+use registry::{Change, Discovery, EtcdConfig};
 
 /// The demo cluster started by `scripts/etcd-cluster.sh` or `docker compose up`.
 const DEMO_ENDPOINTS: &str = "127.0.0.1:23791,127.0.0.1:23792,127.0.0.1:23793";
@@ -51,7 +51,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
                     break;
                 }
                 let now = updates.borrow_and_update().clone();
-                for change in discover::diff(&known.instances, &now.instances) {
+                for change in known.instances.diff(&now.instances) {
                     match change {
                         Change::Added(i) => println!("+ {} at {} {}", i.id, i.addr, i.metadata),
                         Change::Removed(i) => println!("- {} at {}", i.id, i.addr),

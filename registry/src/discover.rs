@@ -16,11 +16,7 @@
 //! Subscribers get [`Membership`] snapshots through a `tokio::sync::watch` channel; the task applies
 //! changes as they arrive, not when a request happens to need them.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use etcd_client::{EventType, GetOptions, KeyValue, WatchOptions};
 use serde_json::Value;
@@ -49,14 +45,113 @@ pub struct Instance {
     pub metadata: Value,
 }
 
-/// Instances by id.
-pub type InstanceMap = BTreeMap<String, Instance>;
+/// A service's instances by id: a persistent map, so that taking a snapshot costs O(1), applying
+/// one watch event O(log n), and comparing two snapshots of the same discovery time in proportion
+/// to what changed between them, not to the size of the fleet (unchanged parts of the tree are
+/// shared, and [`Instances::diff`] skips them).
+#[derive(Clone, Default, PartialEq)]
+pub struct Instances(imbl::OrdMap<String, Instance>);
+
+impl Instances {
+    /// How many instances.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The instance with this id.
+    pub fn get(&self, id: &str) -> Option<&Instance> {
+        self.0.get(id)
+    }
+
+    /// Whether an instance has this id.
+    pub fn contains_key(&self, id: &str) -> bool {
+        self.0.contains_key(id)
+    }
+
+    /// The ids, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.keys()
+    }
+
+    /// The instances, in id order.
+    pub fn values(&self) -> impl Iterator<Item = &Instance> {
+        self.0.values()
+    }
+
+    /// What changed from `self` to `newer`, in id order. Between two snapshots of one discovery
+    /// this costs time in proportion to the changes.
+    pub fn diff<'a>(&'a self, newer: &'a Instances) -> impl Iterator<Item = Change> + 'a {
+        self.0.diff(&newer.0).map(|item| match item {
+            imbl::ordmap::DiffItem::Add(_, new) => Change::Added(new.clone()),
+            imbl::ordmap::DiffItem::Remove(_, old) => Change::Removed(old.clone()),
+            imbl::ordmap::DiffItem::Update {
+                old: (_, old),
+                new: (_, new),
+            } => Change::Updated {
+                old: old.clone(),
+                new: new.clone(),
+            },
+        })
+    }
+
+    /// Whether both are the very same snapshot (not merely equal): O(1).
+    pub(crate) fn same_snapshot(&self, other: &Instances) -> bool {
+        self.0.ptr_eq(&other.0)
+    }
+
+    fn insert(&mut self, instance: Instance) {
+        self.0.insert(instance.id.clone(), instance);
+    }
+
+    fn remove(&mut self, id: &str) {
+        self.0.remove(id);
+    }
+
+    /// Makes `self` equal to `target` by applying their difference, so that it stays a
+    /// descendant of the snapshots before it (and later diffs stay proportional to changes).
+    fn replace_with(&mut self, target: &Instances) {
+        let changes: Vec<Change> = self.diff(target).collect();
+        for change in changes {
+            match change {
+                Change::Removed(old) => self.remove(&old.id),
+                Change::Added(new) | Change::Updated { new, .. } => self.insert(new),
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Instances {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.0.iter()).finish()
+    }
+}
+
+impl std::ops::Index<&str> for Instances {
+    type Output = Instance;
+
+    /// # Panics
+    /// If no instance has this id (like indexing a map); use [`Instances::get`] otherwise.
+    fn index(&self, id: &str) -> &Instance {
+        &self.0[id]
+    }
+}
+
+impl FromIterator<Instance> for Instances {
+    fn from_iter<T: IntoIterator<Item = Instance>>(iter: T) -> Self {
+        Self(iter.into_iter().map(|i| (i.id.clone(), i)).collect())
+    }
+}
 
 /// A snapshot of what discovery knows.
 #[derive(Debug, Clone, Default)]
 pub struct Membership {
     /// The instances, by id.
-    pub instances: Arc<InstanceMap>,
+    pub instances: Instances,
     /// The etcd revision the snapshot reflects (0 before the first list).
     pub revision: i64,
     /// True once a list has succeeded; until then an empty set means "unknown", not "none".
@@ -84,31 +179,6 @@ pub enum Change {
     },
 }
 
-/// What changed from `old` to `new`, in id order.
-pub fn diff(old: &InstanceMap, new: &InstanceMap) -> Vec<Change> {
-    let removed = old
-        .values()
-        .filter(|o| !new.contains_key(&o.id))
-        .map(|o| Change::Removed(o.clone()));
-    let added_or_updated = new.values().filter_map(|n| match old.get(&n.id) {
-        None => Some(Change::Added(n.clone())),
-        Some(o) if o != n => Some(Change::Updated {
-            old: o.clone(),
-            new: n.clone(),
-        }),
-        Some(_) => None,
-    });
-    let mut changes: Vec<_> = removed.chain(added_or_updated).collect();
-    changes.sort_by(|a, b| change_id(a).cmp(change_id(b)));
-    changes
-}
-
-fn change_id(change: &Change) -> &str {
-    match change {
-        Change::Added(i) | Change::Removed(i) | Change::Updated { new: i, .. } => &i.id,
-    }
-}
-
 /// A change for a tower balancer: an instance (by id) to insert or to remove.
 type TowerChange = tower::discover::Change<String, Instance>;
 
@@ -117,7 +187,7 @@ pub struct Changes {
     /// Keeps discovery's task alive for as long as the stream.
     _discovery: Discovery,
     /// The instances the stream has reported so far.
-    seen: Arc<InstanceMap>,
+    seen: Instances,
     /// Changes worked out from the last snapshot, not yet yielded.
     pending: std::collections::VecDeque<TowerChange>,
     next: ReusableBoxFuture<'static, Option<watch::Receiver<Membership>>>,
@@ -156,7 +226,8 @@ impl futures_core::Stream for Changes {
                 return Poll::Ready(None);
             };
             let current = membership.borrow_and_update().instances.clone();
-            for change in diff(&self.seen, &current) {
+            let changes: Vec<Change> = self.seen.diff(&current).collect();
+            for change in changes {
                 self.pending.push_back(match change {
                     Change::Added(instance) | Change::Updated { new: instance, .. } => {
                         tower::discover::Change::Insert(instance.id.clone(), instance)
@@ -268,7 +339,7 @@ impl Discovery {
         membership.mark_changed();
         Changes {
             _discovery: self.clone(),
-            seen: Arc::default(),
+            seen: Instances::default(),
             pending: std::collections::VecDeque::new(),
             next: ReusableBoxFuture::new(next_snapshot(membership)),
         }
@@ -388,10 +459,10 @@ async fn run(
                     // Keep what a rebuilt cluster has not re-listed yet (see REBUILD_GRACE).
                     for id in carried.iter().flat_map(|c| &c.ids) {
                         if let Some(old) = current.get(id) {
-                            instances.insert(id.clone(), old.clone());
+                            instances.insert(old.clone());
                         }
                     }
-                    *current = instances;
+                    current.replace_with(&instances);
                 });
                 position
             }
@@ -444,7 +515,7 @@ async fn run(
 }
 
 /// Lists the prefix with a linearizable get: every instance plus the revision of that view.
-async fn list(etcd: &Etcd, prefix: &str, format: Format) -> Result<(InstanceMap, Position)> {
+async fn list(etcd: &Etcd, prefix: &str, format: Format) -> Result<(Instances, Position)> {
     let resp = etcd
         .call("get", prefix, |mut c| async move {
             c.get(prefix, Some(GetOptions::new().with_prefix())).await
@@ -458,7 +529,6 @@ async fn list(etcd: &Etcd, prefix: &str, format: Format) -> Result<(InstanceMap,
         .kvs()
         .iter()
         .filter_map(|kv| decode(prefix, format, kv))
-        .map(|i| (i.id.clone(), i))
         .collect();
     Ok((instances, position))
 }
@@ -506,7 +576,9 @@ async fn watch_from(
                 if let Some(c) = carried.take() {
                     info!(prefix, count = c.ids.len(), "dropping instances the rebuilt etcd cluster never listed again");
                     publish(tx, prefix, position.revision, |instances| {
-                        instances.retain(|id, _| !c.ids.contains(id));
+                        for id in &c.ids {
+                            instances.remove(id);
+                        }
                     });
                 }
                 continue;
@@ -611,9 +683,7 @@ async fn watch_from(
                         instances.remove(id);
                     }
                     EventType::Put => match decode(prefix, format, kv) {
-                        Some(instance) => {
-                            instances.insert(instance.id.clone(), instance);
-                        }
+                        Some(instance) => instances.insert(instance),
                         // An unreadable new value makes the old one stale too.
                         None => {
                             instances.remove(id);
@@ -654,40 +724,68 @@ fn decode(prefix: &str, format: Format, kv: &KeyValue) -> Option<Instance> {
     }
 }
 
-/// Applies `update` to a copy of the current instances and publishes the result, logging each change.
-/// Subscribers are only woken when something they can see changed.
+/// Applies `update` to a snapshot of the current instances and publishes the result; then logs
+/// each change. Subscribers are only woken when something they can see changed.
+///
+/// Every step costs in proportion to the change, not to the fleet: the snapshot is a persistent
+/// map (taking it is O(1), each update O(log n)) and the diff skips what the two share. The
+/// logging happens after the channel's lock is released.
 fn publish(
     tx: &watch::Sender<Membership>,
     prefix: &str,
     revision: i64,
-    update: impl FnOnce(&mut InstanceMap),
+    update: impl FnOnce(&mut Instances),
 ) {
+    let mut changes: Vec<Change> = Vec::new();
     tx.send_if_modified(|m| {
-        let mut instances = InstanceMap::clone(&m.instances);
+        let mut instances = m.instances.clone();
         update(&mut instances);
-        let changes = diff(&m.instances, &instances);
-        for change in &changes {
-            match change {
-                Change::Added(i) => info!(prefix, id = %i.id, addr = %i.addr, "instance added"),
-                Change::Removed(i) => info!(prefix, id = %i.id, addr = %i.addr, "instance removed"),
-                Change::Updated { new, .. } => {
-                    info!(prefix, id = %new.id, addr = %new.addr, "instance updated")
-                }
-            }
-        }
+        changes = m.instances.diff(&instances).collect();
         let first_sync = !m.synced;
         m.revision = revision;
         m.synced = true;
         if changes.is_empty() && !first_sync {
-            debug!(prefix, revision, "no membership change");
             return false;
         }
-        if !changes.is_empty() {
-            metrics::discovery_update(prefix);
-        }
-        m.instances = Arc::new(instances);
+        m.instances = instances;
         true
     });
+    if changes.is_empty() {
+        debug!(prefix, revision, "no membership change");
+        return;
+    }
+    metrics::discovery_update(prefix);
+    log_changes(prefix, &changes);
+}
+
+/// Beyond this many changes at once (a first list, a re-list) the log gets a summary line and the
+/// instances go to debug level: 100,000 info lines would cost more than the list itself.
+const CHANGES_LOGGED_ONE_BY_ONE: usize = 20;
+
+fn log_changes(prefix: &str, changes: &[Change]) {
+    let one_by_one = changes.len() <= CHANGES_LOGGED_ONE_BY_ONE;
+    for change in changes {
+        let (what, i) = match change {
+            Change::Added(i) => ("instance added", i),
+            Change::Removed(i) => ("instance removed", i),
+            Change::Updated { new, .. } => ("instance updated", new),
+        };
+        if one_by_one {
+            info!(prefix, id = %i.id, addr = %i.addr, "{what}");
+        } else {
+            debug!(prefix, id = %i.id, addr = %i.addr, "{what}");
+        }
+    }
+    if !one_by_one {
+        let count = |f: fn(&Change) -> bool| changes.iter().filter(|c| f(c)).count();
+        info!(
+            prefix,
+            added = count(|c| matches!(c, Change::Added(_))),
+            removed = count(|c| matches!(c, Change::Removed(_))),
+            updated = count(|c| matches!(c, Change::Updated { .. })),
+            "membership changed"
+        );
+    }
 }
 
 /// Records a problem, warning only when it differs from the one already recorded.
@@ -729,8 +827,12 @@ mod tests {
         }
     }
 
-    fn map(items: &[Instance]) -> InstanceMap {
-        items.iter().map(|i| (i.id.clone(), i.clone())).collect()
+    fn map(items: &[Instance]) -> Instances {
+        items.iter().cloned().collect()
+    }
+
+    fn diff(old: &Instances, new: &Instances) -> Vec<Change> {
+        old.diff(new).collect()
     }
 
     #[test]
@@ -757,6 +859,6 @@ mod tests {
             ]
         );
         assert!(diff(&new, &new).is_empty());
-        assert_eq!(diff(&InstanceMap::new(), &old).len(), 3);
+        assert_eq!(diff(&Instances::default(), &old).len(), 3);
     }
 }

@@ -74,7 +74,7 @@ pub use balancer::{
     RemovalGrace, RetryPolicy, Selector, ServedBy,
 };
 pub use config::{Credentials, RegistryConfig, Secret};
-pub use discover::{Change, Discovery, Instance, Membership};
+pub use discover::{Change, Changes, Discovery, Instance, Instances, Membership};
 pub use endpoint::{Endpoint, Format};
 pub use error::{Error, Result};
 pub use etcd::{Etcd, EtcdConfig};

@@ -32,9 +32,6 @@ pub(crate) struct Backend {
     /// The instance's metadata; replaced in place when its record changes.
     pub(super) metadata: Mutex<Arc<Value>>,
     pub(super) live: Mutex<Option<Live>>,
-    /// Set once the first connection attempt has finished, either way. Until then the backend is
-    /// "connecting" and calls may wait for it rather than fail.
-    pub(super) attempted: AtomicBool,
     /// What the instance's grpc.health.v1 service says; true when it has none.
     pub(super) serving: AtomicBool,
     /// Whether the last health check got an answer (false after a timeout or an error), so a
@@ -114,7 +111,6 @@ impl Backend {
             instance_id,
             metadata: Mutex::new(Arc::new(metadata)),
             live: Mutex::new(None),
-            attempted: AtomicBool::new(false),
             serving: AtomicBool::new(true),
             health_answered: AtomicBool::new(true),
             connections: AtomicU64::new(0),
@@ -257,11 +253,6 @@ impl Backend {
 
     pub(crate) fn is_ready(&self) -> bool {
         self.live().is_some()
-    }
-
-    /// True until the first connection attempt has finished.
-    pub(crate) fn is_connecting(&self) -> bool {
-        !self.attempted.load(Ordering::Acquire)
     }
 
     /// A call failed at the transport level: stop picking this instance now and let the maintainer

@@ -3,7 +3,10 @@
 //!
 //! Every failure becomes a gRPC status here and nowhere else, naming the instance it went to.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use tokio::time::Instant;
 use tonic::{Status, body::Body, transport::Channel};
@@ -19,9 +22,10 @@ use crate::{backoff::Backoff, error::chain, metrics};
 
 impl Shared {
     /// Like [`Shared::pick`], but while the answer may still change for the better (discovery has
-    /// not completed its first list, or an instance is still making its first connection) waits for
-    /// it, until `deadline`. This is gRPC's behaviour for a channel that is still connecting;
-    /// once everything known has been tried, a call fails at once.
+    /// not completed its first list or has instances not applied yet, an instance is still making
+    /// its first connection, or the picker is behind a change) waits for it, until `deadline`.
+    /// This is gRPC's behaviour for a channel that is still connecting; once everything known has
+    /// been tried, a call fails at once.
     async fn pick_or_wait(
         &self,
         avoid: &[Arc<str>],
@@ -33,14 +37,20 @@ impl Shared {
             tokio::pin!(changed);
             // Register interest before looking, so a change in between is not missed.
             changed.as_mut().enable();
-            // Asked before picking: if nothing was starting then, everything known had already
-            // been published to the picker, and a failed pick is the answer. Asked after, a
-            // connection published in between would be missed and the call failed for nothing.
-            let starting = self.still_starting();
-            match self.pick(avoid, key) {
+            // The fast path is the pick alone. Only a failed pick asks whether the channel is
+            // still starting, and that answer counts only if no new picker was published since
+            // the pick: otherwise the pick looked at a picker already replaced, so look again.
+            let published = self.rebuild_published.load(Ordering::SeqCst);
+            let status = match self.pick(avoid, key) {
                 Ok(picked) => return Ok(picked),
-                Err(status) if !starting => return Err(status),
-                Err(_) => {}
+                Err(status) => status,
+            };
+            let starting = self.still_starting();
+            if self.rebuild_published.load(Ordering::SeqCst) != published {
+                continue;
+            }
+            if !starting {
+                return Err(status);
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return Err(Status::deadline_exceeded(format!(
@@ -52,17 +62,22 @@ impl Shared {
     }
 
     /// Whether a failed pick may still turn into a success without anything new happening: the
-    /// first list is not done, discovery knows instances the updater has not applied yet, or a
-    /// backend has not finished its first connection attempt. This one check is what "the
-    /// channel is still starting" means, for every caller.
+    /// first list is not done, discovery knows instances the updater has not applied yet, a
+    /// backend has not finished its first connection attempt, or a change has not reached the
+    /// picker yet. This one check is what "the channel is still starting" means, for every
+    /// caller. Each part is published before the next is cleared (backends are counted as
+    /// connecting before their snapshot is marked applied; a connection asks for a rebuild before
+    /// its first attempt ends), so reading them in this order cannot see a gap.
     fn still_starting(&self) -> bool {
-        // The same lock order as `rebuild`: backends, then discovery's snapshot.
-        let backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
         let membership = self.membership.borrow();
+        if !membership.synced {
+            return true;
+        }
         let applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
-        !membership.synced
-            || !Arc::ptr_eq(&membership.instances, &applied)
-            || backends.values().any(|b| b.is_connecting())
+        !membership.instances.same_snapshot(&applied)
+            || self.connecting.load(Ordering::SeqCst) > 0
+            || self.rebuild_requested.load(Ordering::SeqCst)
+                != self.rebuild_published.load(Ordering::SeqCst)
     }
 
     /// The policy's choice and its channel. Prefers, in order: an instance not in `avoid` (those a

@@ -37,7 +37,10 @@ use tonic_health::pb::{
 };
 use tracing::{debug, info, warn};
 
-use super::backend::{Backend, Live, Outlier, lock};
+use super::{
+    backend::{Backend, Live, Outlier, lock},
+    pool::FirstAttempt,
+};
 use crate::{backoff::Backoff, error::chain, metrics};
 
 /// Keeps `backend` connected until `stop` fires: connect, wait for the socket to close, mark the
@@ -48,6 +51,7 @@ pub(crate) async fn maintain(
     endpoint: Endpoint,
     health_interval: Duration,
     on_change: impl Fn(),
+    mut first_attempt: FirstAttempt,
     stop: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
@@ -73,10 +77,9 @@ pub(crate) async fn maintain(
             _ = stop.cancelled() => break,
             connected = connected => connected,
         };
-        // Only the maintainer writes `attempted`. It is set once the attempt's outcome is visible
-        // (the backend published and the picker rebuilt, or the failure known), never before: a
-        // call that sees "not connecting" must also see the connection, or fail for a reason.
-        let first = !backend.attempted.load(Ordering::Acquire);
+        // The first attempt ends once its outcome is visible (the backend published and a picker
+        // rebuild requested, or the failure known), never before: a call that sees "nothing
+        // connecting" must also see the connection, or fail for a reason.
         match connected {
             Ok((channel, serving)) => {
                 info!(addr = %backend.addr, id = %backend.instance_id, serving, "connected; instance in rotation");
@@ -94,7 +97,7 @@ pub(crate) async fn maintain(
                     closed: closed.clone(),
                 }));
                 on_change();
-                backend.attempted.store(true, Ordering::Release);
+                first_attempt.done();
                 backoff.reset();
                 last_problem = None;
                 tokio::select! {
@@ -114,11 +117,10 @@ pub(crate) async fn maintain(
                 } else {
                     debug!(addr = %backend.addr, "still cannot connect");
                 }
-                if first {
-                    // Calls waiting for this backend's first connection can stop waiting.
-                    backend.attempted.store(true, Ordering::Release);
-                    on_change();
-                }
+                // Calls waiting for this backend's first connection can stop waiting (a no-op
+                // after the first attempt).
+                first_attempt.done();
+                on_change();
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(backoff.next_delay()) => {}

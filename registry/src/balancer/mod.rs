@@ -49,7 +49,10 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
-    sync::{Arc, Mutex, RwLock, atomic::AtomicUsize},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, AtomicUsize},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -64,7 +67,7 @@ pub use picker::Policy;
 pub use retry::RetryPolicy;
 pub use select::Selector;
 
-use crate::discover::{Discovery, InstanceMap, Membership};
+use crate::discover::{Discovery, Instances, Membership};
 use backend::Backend;
 use picker::Picker;
 use retry::RetryBudget;
@@ -234,13 +237,20 @@ struct Shared {
     service: Arc<str>,
     /// Discovery's snapshots: whether the first list has completed, and the instances it knows.
     membership: watch::Receiver<Membership>,
-    /// The instance set the updater last turned into backends. Discovery replaces its `Arc` on
-    /// every change, so a snapshot whose `instances` is not this one is known but not yet applied.
-    applied: Mutex<Arc<InstanceMap>>,
-    /// Woken on every change of the rotation, for calls waiting for a first connection.
+    /// The snapshot the updater last turned into backends: a snapshot of discovery's that is not
+    /// this very one is known but not yet applied.
+    applied: Mutex<Instances>,
+    /// Backends whose first connection attempt has not ended yet.
+    connecting: Arc<AtomicUsize>,
+    /// Picker rebuilds asked for (by the updater, and by every connection or health change), and
+    /// the request count the current picker reflects. While they differ, the picker may be
+    /// behind, and a failed pick waits for the rebuild instead of failing.
+    rebuild_requested: AtomicU64,
+    rebuild_published: AtomicU64,
+    /// Wakes the updater, which does the rebuilds.
+    rebuild_wanted: Notify,
+    /// Woken on every rebuild of the picker, for calls waiting for a first connection.
     changed: Notify,
-    /// Woken when an instance in removal grace changes state, so the updater can end its grace.
-    grace_changed: Notify,
     call_timeout: Duration,
     retry: RetryPolicy,
     budget: RetryBudget,
@@ -263,7 +273,10 @@ impl BalancedChannel {
             service: discovery.service().into(),
             membership: discovery.subscribe(),
             changed: Notify::new(),
-            grace_changed: Notify::new(),
+            connecting: Arc::new(AtomicUsize::new(0)),
+            rebuild_requested: AtomicU64::new(0),
+            rebuild_published: AtomicU64::new(0),
+            rebuild_wanted: Notify::new(),
             call_timeout: options.call_timeout,
             budget: RetryBudget::new(&options.retry),
             retry: options.retry.clone(),
@@ -272,7 +285,7 @@ impl BalancedChannel {
             seed: options.seed,
             outlier: options.outlier.clone(),
             backends: Mutex::new(BTreeMap::new()),
-            applied: Mutex::new(Arc::default()),
+            applied: Mutex::new(Instances::default()),
             picker: RwLock::new(Arc::new(Picker::new(
                 options.policy,
                 Vec::new(),

@@ -468,10 +468,26 @@ mod tests {
 }
 
 impl Shared {
+    /// Asks the updater for a rebuild; cheap, and safe to call from any task.
+    pub(super) fn request_rebuild(&self) {
+        self.rebuild_requested.fetch_add(1, Ordering::SeqCst);
+        self.rebuild_wanted.notify_one();
+    }
+
+    /// Rebuilds the picker if a rebuild was asked for since the last one (the updater's job:
+    /// requests that arrive while it is busy are served by one rebuild).
+    pub(super) fn rebuild_if_requested(&self) {
+        let requested = self.rebuild_requested.load(Ordering::SeqCst);
+        if requested != self.rebuild_published.load(Ordering::SeqCst) {
+            self.rebuild(requested);
+        }
+    }
+
     /// Rebuilds the picker from the backends that may be called: connected, reporting SERVING,
     /// weight above 0, not draining, not at the end of a removal grace, admitted by the selector,
-    /// and preferred by it when any is.
-    pub(super) fn rebuild(&self) {
+    /// and preferred by it when any is. `requested` is the request count read before looking at
+    /// the backends: every change requested up to it is reflected.
+    fn rebuild(&self, requested: u64) {
         let backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let usable: Vec<Arc<Backend>> = backends
@@ -497,6 +513,7 @@ impl Shared {
         let picker = Arc::new(Picker::new(self.policy, usable, self.seed));
         *self.picker.write().unwrap_or_else(|p| p.into_inner()) = picker;
         drop(backends);
+        self.rebuild_published.store(requested, Ordering::SeqCst);
         self.changed.notify_waiters();
     }
 }

@@ -1,10 +1,19 @@
 //! The pool of backends: the updater task that turns discovery's membership into one backend per
-//! address, starts and stops their connection tasks, and keeps an instance whose key disappeared
-//! while it could still serve for the removal grace.
+//! address, starts and stops their connection tasks, keeps an instance whose key disappeared while
+//! it could still serve for the removal grace, and rebuilds the picker when anything changed.
+//!
+//! Work follows the change, not the fleet: each membership snapshot is compared with the one
+//! applied before it ([`Instances::diff`] skips what they share), and only the addresses a change
+//! touches are looked at. Connection and health changes of the backends only *request* a picker
+//! rebuild; this task coalesces the requests, so when thousands of backends connect at start the
+//! picker is rebuilt a few times rather than once per backend, and never on a call's path.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -15,45 +24,56 @@ use tracing::{debug, info};
 
 use super::{BalanceOptions, Shared, backend::Backend, connection};
 use crate::{
-    discover::{Instance, InstanceMap, Membership},
+    discover::{Change, Instance, Instances, Membership},
     metrics,
 };
 
-/// The updater task: turns membership snapshots into backends.
+/// What the updater task owns.
+struct Pool {
+    shared: Arc<Shared>,
+    options: BalanceOptions,
+    stop: CancellationToken,
+    /// The snapshot last applied.
+    applied: Instances,
+    /// The ids registered at each address: one backend per address, described by its first id.
+    ids_at: BTreeMap<Arc<str>, BTreeSet<String>>,
+    /// Dropping one stops that backend's connection task.
+    stops: BTreeMap<Arc<str>, DropGuard>,
+    /// Addresses in removal grace: the only backends a grace check looks at.
+    graced: BTreeSet<Arc<str>>,
+}
+
+/// The updater task: applies membership snapshots as they come, ends removal graces, and rebuilds
+/// the picker whenever something asked for it.
 pub(super) async fn follow(
     mut membership: watch::Receiver<Membership>,
     shared: Arc<Shared>,
     options: BalanceOptions,
     stop: CancellationToken,
 ) {
-    let mut stops: BTreeMap<Arc<str>, DropGuard> = BTreeMap::new();
-    // Addresses in removal grace: the only backends a grace check looks at.
-    let mut graced: BTreeSet<Arc<str>> = BTreeSet::new();
+    let mut pool = Pool {
+        shared,
+        options,
+        stop,
+        applied: Instances::default(),
+        ids_at: BTreeMap::new(),
+        stops: BTreeMap::new(),
+        graced: BTreeSet::new(),
+    };
     let mut membership_changed = true;
     loop {
         if membership_changed {
             let instances = membership.borrow_and_update().instances.clone();
-            reconcile(
-                &shared,
-                &instances,
-                &options,
-                &stop,
-                &mut stops,
-                &mut graced,
-            );
-            // Applied: from here a failed pick no longer waits for this snapshot. Recorded before
-            // the rebuild, whose notification wakes the calls waiting for it.
-            *shared.applied.lock().unwrap_or_else(|p| p.into_inner()) = instances;
-        } else {
-            end_graces(&shared, &mut stops, &mut graced);
+            pool.apply(instances);
         }
-        metrics::in_grace(&shared.service, graced.len());
-        shared.rebuild();
-        let next_end = next_grace_end(&shared, &graced);
+        pool.end_graces();
+        metrics::in_grace(&pool.shared.service, pool.graced.len());
+        pool.shared.rebuild_if_requested();
+        let next_end = pool.next_grace_end();
         membership_changed = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = pool.stop.cancelled() => return,
             changed = membership.changed() => if changed.is_err() { return } else { true },
-            _ = shared.grace_changed.notified(), if !graced.is_empty() => false,
+            _ = pool.shared.rebuild_wanted.notified() => false,
             _ = sleep_until_some(next_end) => false,
         };
     }
@@ -67,37 +87,222 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     }
 }
 
-/// When the first of the graces in progress ends at the latest.
-fn next_grace_end(shared: &Shared, graced: &BTreeSet<Arc<str>>) -> Option<Instant> {
-    let backends = shared.backends.lock().unwrap_or_else(|p| p.into_inner());
-    graced
-        .iter()
-        .filter_map(|addr| backends.get(addr)?.grace())
-        .map(|g| g.until)
-        .min()
-}
+impl Pool {
+    /// Makes the backends follow `instances`, looking only at the addresses whose instances
+    /// changed since the snapshot applied before.
+    fn apply(&mut self, instances: Instances) {
+        let mut touched: BTreeSet<Arc<str>> = BTreeSet::new();
+        let changes: Vec<Change> = self.applied.diff(&instances).collect();
+        for change in changes {
+            match change {
+                Change::Added(new) => touched.insert(self.add_id(&new)),
+                Change::Removed(old) => touched.insert(self.remove_id(&old)),
+                Change::Updated { old, new } => {
+                    touched.insert(self.remove_id(&old));
+                    touched.insert(self.add_id(&new))
+                }
+            };
+        }
+        for addr in &touched {
+            self.sync(addr, &instances);
+        }
+        if !touched.is_empty() {
+            self.shared.request_rebuild();
+        }
+        // Applied: from here a failed pick no longer waits for this snapshot. Recorded after the
+        // new backends were counted as connecting, and before the rebuild, whose notification
+        // wakes the calls waiting for it.
+        *self
+            .shared
+            .applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = instances.clone();
+        self.applied = instances;
+    }
 
-/// Removes the backends whose removal grace is over (expired, or the instance can no longer
-/// serve). Looks at the backends in grace only.
-fn end_graces(
-    shared: &Shared,
-    stops: &mut BTreeMap<Arc<str>, DropGuard>,
-    graced: &mut BTreeSet<Arc<str>>,
-) {
-    let now = Instant::now();
-    let mut backends = shared.backends.lock().unwrap_or_else(|p| p.into_inner());
-    graced.retain(|addr| {
-        let Some(backend) = backends.get(addr) else {
-            return false;
+    fn add_id(&mut self, instance: &Instance) -> Arc<str> {
+        let addr: Arc<str> = instance.addr.as_str().into();
+        self.ids_at
+            .entry(addr.clone())
+            .or_default()
+            .insert(instance.id.clone());
+        addr
+    }
+
+    fn remove_id(&mut self, instance: &Instance) -> Arc<str> {
+        let addr: Arc<str> = instance.addr.as_str().into();
+        if let Some(ids) = self.ids_at.get_mut(&addr) {
+            ids.remove(&instance.id);
+            if ids.is_empty() {
+                self.ids_at.remove(&addr);
+            }
+        }
+        addr
+    }
+
+    /// Makes the backend at `addr` match what is registered there now: created, described by
+    /// another instance, updated, kept for the removal grace, or removed.
+    fn sync(&mut self, addr: &Arc<str>, instances: &Instances) {
+        // If several instances share an address, the first (by id) describes its backend.
+        let wanted = self
+            .ids_at
+            .get(addr)
+            .and_then(|ids| ids.first())
+            .and_then(|id| instances.get(id));
+        let shared = self.shared.clone();
+        let mut backends = shared.backends.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match (wanted, backends.get(addr).cloned()) {
+            (None, None) => {}
+            (None, Some(backend)) => {
+                if !self.keep_removed(&backend, now) {
+                    backends.remove(addr);
+                    self.stops.remove(addr);
+                }
+            }
+            // Same instance: its metadata may have changed; registered again after a grace, it
+            // simply carries on.
+            (Some(instance), Some(backend)) if *backend.instance_id == *instance.id => {
+                backend.set_metadata(&instance.metadata);
+                if let Some(grace) = backend.end_grace() {
+                    self.graced.remove(addr);
+                    info!(service = %shared.service, addr = %backend.addr, id = %backend.instance_id, kept = ?now.saturating_duration_since(grace.since), "instance registered again during its removal grace; it continues");
+                    metrics::grace_ended(&shared.service, "registered again");
+                }
+            }
+            // Another instance now at this address (a restart under a new id): start afresh.
+            (Some(instance), Some(_)) => {
+                backends.remove(addr);
+                self.stops.remove(addr);
+                self.graced.remove(addr);
+                self.start_backend(&mut backends, addr, instance);
+            }
+            (Some(instance), None) => self.start_backend(&mut backends, addr, instance),
+        }
+    }
+
+    /// Whether a backend whose address is no longer registered stays, for its removal grace: an
+    /// instance that can still serve is kept, since its key may be gone only because its lease
+    /// expired while etcd had no quorum, and its new registration is on the way. Dropping it
+    /// instead stops its connection task, which closes the connection once the calls in flight
+    /// on it complete.
+    fn keep_removed(&mut self, backend: &Arc<Backend>, now: Instant) -> bool {
+        let service = &self.shared.service;
+        if backend.grace().is_some() {
+            return match backend.grace_over(now) {
+                None => true,
+                Some(why) => {
+                    drop_after_grace(service, backend, why, now);
+                    self.graced.remove(&backend.addr);
+                    false
+                }
+            };
+        }
+        let why_not = if self.options.removal_grace.is_zero() {
+            Some("removal grace off")
+        } else {
+            backend.why_no_grace()
         };
-        let Some(why) = backend.grace_over(now) else {
-            return true;
+        match why_not {
+            None => {
+                let grace = backend.start_grace(now, self.options.removal_grace);
+                info!(service = %service, addr = %backend.addr, id = %backend.instance_id, grace = ?self.options.removal_grace, "key gone from etcd but the instance is connected and SERVING: removal deferred, still callable");
+                metrics::removal_deferred(service);
+                debug!(addr = %backend.addr, until = ?grace.until, "removal grace started");
+                self.graced.insert(backend.addr.clone());
+                true
+            }
+            Some(why) => {
+                debug!(service = %service, addr = %backend.addr, id = %backend.instance_id, why, "instance removed without grace");
+                false
+            }
+        }
+    }
+
+    /// Creates the backend for `instance` at `addr` and starts its connection task.
+    fn start_backend(
+        &mut self,
+        backends: &mut BTreeMap<Arc<str>, Arc<Backend>>,
+        addr: &Arc<str>,
+        instance: &Instance,
+    ) {
+        let Some(endpoint) = endpoint(addr, &self.options) else {
+            return;
         };
-        drop_after_grace(&shared.service, backend, why, now);
-        backends.remove(addr);
-        stops.remove(addr);
-        false
-    });
+        let backend = Arc::new(Backend::new(
+            self.shared.service.clone(),
+            addr.clone(),
+            instance.id.as_str().into(),
+            instance.metadata.clone(),
+        ));
+        let backend_stop = self.stop.child_token();
+        let on_change = {
+            let shared = Arc::downgrade(&self.shared);
+            move || {
+                if let Some(shared) = shared.upgrade() {
+                    shared.request_rebuild();
+                }
+            }
+        };
+        tokio::spawn(connection::maintain(
+            backend.clone(),
+            endpoint,
+            self.options.health_check_interval,
+            on_change,
+            FirstAttempt::new(&self.shared.connecting),
+            backend_stop.clone(),
+        ));
+        backends.insert(addr.clone(), backend);
+        self.stops.insert(addr.clone(), backend_stop.drop_guard());
+    }
+
+    /// Removes the backends whose removal grace is over (expired, or the instance can no longer
+    /// serve). Looks at the backends in grace only.
+    fn end_graces(&mut self) {
+        if self.graced.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut backends = self
+            .shared
+            .backends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut ended = false;
+        self.graced.retain(|addr| {
+            let Some(backend) = backends.get(addr) else {
+                return false;
+            };
+            let Some(why) = backend.grace_over(now) else {
+                return true;
+            };
+            drop_after_grace(&self.shared.service, backend, why, now);
+            backends.remove(addr);
+            self.stops.remove(addr);
+            ended = true;
+            false
+        });
+        if ended {
+            self.shared.request_rebuild();
+        }
+    }
+
+    /// When the first of the graces in progress ends at the latest.
+    fn next_grace_end(&self) -> Option<Instant> {
+        if self.graced.is_empty() {
+            return None;
+        }
+        let backends = self
+            .shared
+            .backends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.graced
+            .iter()
+            .filter_map(|addr| backends.get(addr)?.grace())
+            .map(|g| g.until)
+            .min()
+    }
 }
 
 /// Logs and counts the end of a grace that removes the instance.
@@ -109,121 +314,29 @@ fn drop_after_grace(service: &str, backend: &Backend, why: &'static str, now: In
     metrics::grace_ended(service, why);
 }
 
-/// Makes the backends match `instances`: one per distinct address, plus those kept in removal
-/// grace (recorded in `graced`). The caller rebuilds the picker.
-fn reconcile(
-    shared: &Arc<Shared>,
-    instances: &InstanceMap,
-    options: &BalanceOptions,
-    stop: &CancellationToken,
-    stops: &mut BTreeMap<Arc<str>, DropGuard>,
-    graced: &mut BTreeSet<Arc<str>>,
-) {
-    // One backend per address; if several instances share one, the first (by id) describes it.
-    let mut wanted: BTreeMap<Arc<str>, &Instance> = BTreeMap::new();
-    for instance in instances.values() {
-        wanted
-            .entry(instance.addr.as_str().into())
-            .or_insert(instance);
+/// A backend's first connection attempt, counted in the channel's `connecting` while it lasts:
+/// calls wait for it (within their deadline) rather than fail. Counted down once, when the
+/// attempt's outcome is visible, or when the backend is dropped before it ends.
+#[derive(Debug)]
+pub(super) struct FirstAttempt(Option<Arc<AtomicUsize>>);
+
+impl FirstAttempt {
+    fn new(connecting: &Arc<AtomicUsize>) -> Self {
+        connecting.fetch_add(1, Ordering::SeqCst);
+        Self(Some(connecting.clone()))
     }
-    {
-        let mut backends = shared.backends.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        // Dropping a guard stops that backend's maintainer, which closes its connection once the
-        // calls in flight on it complete. An instance that can still serve is kept for the
-        // removal grace instead: its key may be gone only because its lease expired while etcd
-        // had no quorum, and its new registration is on the way.
-        backends.retain(|addr, backend| {
-            if wanted.contains_key(addr) {
-                return true;
-            }
-            if backend.grace().is_some() {
-                return match backend.grace_over(now) {
-                    None => true,
-                    Some(why) => {
-                        drop_after_grace(&shared.service, backend, why, now);
-                        graced.remove(addr);
-                        stops.remove(addr);
-                        false
-                    }
-                };
-            }
-            let why_not = if options.removal_grace.is_zero() {
-                Some("removal grace off")
-            } else {
-                backend.why_no_grace()
-            };
-            match why_not {
-                None => {
-                    let grace = backend.start_grace(now, options.removal_grace);
-                    info!(service = %shared.service, addr = %backend.addr, id = %backend.instance_id, grace = ?options.removal_grace, "key gone from etcd but the instance is connected and SERVING: removal deferred, still callable");
-                    metrics::removal_deferred(&shared.service);
-                    debug!(addr = %backend.addr, until = ?grace.until, "removal grace started");
-                    graced.insert(addr.clone());
-                    true
-                }
-                Some(why) => {
-                    debug!(service = %shared.service, addr = %backend.addr, id = %backend.instance_id, why, "instance removed without grace");
-                    stops.remove(addr);
-                    false
-                }
-            }
-        });
-        for (addr, instance) in wanted {
-            match backends.get(&addr) {
-                // Same instance: its metadata may have changed; registered again after a grace,
-                // it simply carries on.
-                Some(backend) if *backend.instance_id == *instance.id => {
-                    backend.set_metadata(&instance.metadata);
-                    if let Some(grace) = backend.end_grace() {
-                        graced.remove(&addr);
-                        info!(service = %shared.service, addr = %backend.addr, id = %backend.instance_id, kept = ?now.saturating_duration_since(grace.since), "instance registered again during its removal grace; it continues");
-                        metrics::grace_ended(&shared.service, "registered again");
-                    }
-                    continue;
-                }
-                // Another instance now at this address (a restart under a new id): start afresh.
-                Some(_) => {
-                    backends.remove(&addr);
-                    stops.remove(&addr);
-                    graced.remove(&addr);
-                }
-                None => {}
-            }
-            let Some(endpoint) = endpoint(&addr, options) else {
-                continue;
-            };
-            let backend = Arc::new(Backend::new(
-                shared.service.clone(),
-                addr.clone(),
-                instance.id.as_str().into(),
-                instance.metadata.clone(),
-            ));
-            let backend_stop = stop.child_token();
-            let on_change = {
-                let shared = Arc::downgrade(shared);
-                let backend = Arc::downgrade(&backend);
-                move || {
-                    if let Some(shared) = shared.upgrade() {
-                        shared.rebuild();
-                        // A backend in grace may have to leave now: wake the updater (a stored
-                        // permit, so a change while it is busy is not lost).
-                        if backend.upgrade().is_some_and(|b| b.grace().is_some()) {
-                            shared.grace_changed.notify_one();
-                        }
-                    }
-                }
-            };
-            tokio::spawn(connection::maintain(
-                backend.clone(),
-                endpoint,
-                options.health_check_interval,
-                on_change,
-                backend_stop.clone(),
-            ));
-            backends.insert(addr.clone(), backend);
-            stops.insert(addr, backend_stop.drop_guard());
+
+    /// The first attempt's outcome is visible (published to the picker, or known to have failed).
+    pub(super) fn done(&mut self) {
+        if let Some(connecting) = self.0.take() {
+            connecting.fetch_sub(1, Ordering::SeqCst);
         }
+    }
+}
+
+impl Drop for FirstAttempt {
+    fn drop(&mut self) {
+        self.done();
     }
 }
 
