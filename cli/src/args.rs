@@ -147,8 +147,11 @@ impl MetricsArgs {
         let Some(addr) = self.metrics_addr else {
             return Ok(());
         };
+        // Per-instance series of instances long gone would otherwise be exported forever.
+        let idle = metrics_util::MetricKindMask::COUNTER | metrics_util::MetricKindMask::HISTOGRAM;
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
+            .idle_timeout(idle, Some(registry::metrics::IDLE_SERIES_DROPPED_AFTER))
             .install()
             .map_err(|source| Error::Metrics { addr, source })?;
         registry::metrics::describe();

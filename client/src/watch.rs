@@ -139,8 +139,13 @@ impl View {
                 self.states.insert(addr, state);
             }
         }
+        // Forget instances the channel no longer has, or a watch left running under churn
+        // would keep every address it ever saw.
+        let present: std::collections::BTreeSet<&str> =
+            instances.iter().map(|i| &*i.addr).collect();
         self.states
-            .retain(|addr, _| instances.iter().any(|i| *i.addr == **addr));
+            .retain(|addr, _| present.contains(addr.as_str()));
+        self.stats.retain(|addr, _| present.contains(addr.as_str()));
         if self.interactive {
             // Clear the screen and draw from the top: a refresh in place, no terminal library.
             crate::out::print(&format!("\x1b[2J\x1b[H{}", self.screen(instances)));
@@ -184,5 +189,31 @@ impl View {
             out.push('\n');
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call_to(addr: &str) -> CallOutcome {
+        CallOutcome {
+            n: 1,
+            addr: Some(addr.to_owned()),
+            instance_id: None,
+            latency: Duration::from_millis(1),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn instances_the_channel_dropped_are_forgotten() {
+        let mut view = View::new(false, "test".into());
+        view.call(&call_to("127.0.0.1:1"));
+        view.call(&call_to("127.0.0.1:2"));
+        assert_eq!(view.stats.len(), 2);
+        view.refresh(&[]);
+        assert!(view.stats.is_empty(), "{:?}", view.stats);
+        assert!(view.states.is_empty());
     }
 }

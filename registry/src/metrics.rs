@@ -6,7 +6,9 @@
 //! counters. Labels: `service` (the service name), `instance` (an instance's address), `prefix`
 //! (the key prefix discovery watches), `key` (a registration's etcd key).
 
-use std::time::Duration;
+use std::{sync::RwLock, time::Duration};
+
+use tokio::time::Instant;
 
 use metrics::{
     Counter, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge,
@@ -92,15 +94,34 @@ pub fn describe() {
 
 /// The per-call metrics of one instance, looked up once when its backend is created so the call
 /// path does not build labels (with no recorder installed these are no-ops).
+/// How often an instance's metric handles are fetched from the recorder again. Exporters drop
+/// series that stay idle (the binaries' Prometheus exporter after [`IDLE_SERIES_DROPPED_AFTER`]),
+/// so that addresses gone under churn do not pile up; a handle kept across such a drop would
+/// update a series nobody sees. Fetching again more often than the idle timeout means a handle is
+/// never older than that: a series that was dropped was idle, and is recreated on its next use.
+const HANDLES_REFRESHED_EVERY: Duration = Duration::from_secs(60);
+
+/// How long a counter or histogram series may go without an update before the binaries'
+/// exporter drops it (gauges are kept: they are set when they change, not when they are true).
+pub const IDLE_SERIES_DROPPED_AFTER: Duration = Duration::from_secs(300);
+
+/// Per-instance call metrics: the handles, and when they were fetched.
 #[derive(Debug)]
 pub(crate) struct InstanceMetrics {
+    service: String,
+    instance: String,
+    handles: RwLock<(Instant, InstanceHandles)>,
+}
+
+#[derive(Debug)]
+struct InstanceHandles {
     calls: Counter,
     errors: Counter,
     duration: Histogram,
 }
 
-impl InstanceMetrics {
-    pub(crate) fn new(service: &str, instance: &str) -> Self {
+impl InstanceHandles {
+    fn fetch(service: &str, instance: &str) -> Self {
         let labels = [
             ("service", service.to_owned()),
             ("instance", instance.to_owned()),
@@ -111,14 +132,37 @@ impl InstanceMetrics {
             duration: histogram!(CALL_DURATION, "service" => service.to_owned()),
         }
     }
+}
 
-    pub(crate) fn call(&self, elapsed: Duration, failed: bool) {
-        self.calls.increment(1);
-        if failed {
-            self.errors.increment(1);
+impl InstanceMetrics {
+    pub(crate) fn new(service: &str, instance: &str) -> Self {
+        Self {
+            service: service.to_owned(),
+            instance: instance.to_owned(),
+            handles: RwLock::new((Instant::now(), InstanceHandles::fetch(service, instance))),
         }
-        self.duration.record(elapsed);
     }
+
+    /// Records one attempt; `now` is the caller's clock reading (one per call).
+    pub(crate) fn call(&self, now: Instant, elapsed: Duration, failed: bool) {
+        let read = self.handles.read().unwrap_or_else(|p| p.into_inner());
+        if now.saturating_duration_since(read.0) < HANDLES_REFRESHED_EVERY {
+            record(&read.1, elapsed, failed);
+            return;
+        }
+        drop(read);
+        let mut write = self.handles.write().unwrap_or_else(|p| p.into_inner());
+        *write = (now, InstanceHandles::fetch(&self.service, &self.instance));
+        record(&write.1, elapsed, failed);
+    }
+}
+
+fn record(handles: &InstanceHandles, elapsed: Duration, failed: bool) {
+    handles.calls.increment(1);
+    if failed {
+        handles.errors.increment(1);
+    }
+    handles.duration.record(elapsed);
 }
 
 pub(crate) fn ejected(service: &str, instance: &str, reason: &'static str) {
@@ -170,4 +214,61 @@ pub(crate) fn key_restored(key: &str) {
 
 pub(crate) fn keepalive_rtt(key: &str, rtt: Duration) {
     histogram!(KEEPALIVE_RTT, "key" => key.to_owned()).record(rtt);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use metrics::{Gauge, Key, KeyName, Metadata, Recorder, SharedString};
+
+    use super::*;
+
+    /// Counts how often counters are fetched from it.
+    #[derive(Default)]
+    struct Fetches(AtomicUsize);
+
+    impl Recorder for Fetches {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Counter::noop()
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    #[test]
+    fn instance_handles_are_fetched_again_before_an_exporter_could_drop_them() {
+        assert!(HANDLES_REFRESHED_EVERY < IDLE_SERIES_DROPPED_AFTER);
+        let recorder = Fetches::default();
+        metrics::with_local_recorder(&recorder, || {
+            let start = Instant::now();
+            let m = InstanceMetrics::new("s", "127.0.0.1:1");
+            // calls and errors
+            assert_eq!(recorder.0.load(Ordering::Relaxed), 2);
+            m.call(start + Duration::from_secs(1), Duration::ZERO, false);
+            m.call(start + Duration::from_secs(59), Duration::ZERO, true);
+            assert_eq!(
+                recorder.0.load(Ordering::Relaxed),
+                2,
+                "fresh handles reused"
+            );
+            let refreshed = start + HANDLES_REFRESHED_EVERY + Duration::from_secs(1);
+            m.call(refreshed, Duration::ZERO, false);
+            assert_eq!(
+                recorder.0.load(Ordering::Relaxed),
+                4,
+                "old handles fetched again"
+            );
+            m.call(refreshed + Duration::from_secs(59), Duration::ZERO, false);
+            assert_eq!(recorder.0.load(Ordering::Relaxed), 4);
+        });
+    }
 }

@@ -132,12 +132,15 @@ impl Shared {
     /// Counts an attempt's outcome: in the metrics, and (unless the call ran out of its own time)
     /// towards the instance's outlier detection.
     fn record(&self, backend: &Backend, attempt: Attempt, elapsed: Duration) {
-        backend.metrics.call(elapsed, attempt != Attempt::Succeeded);
+        let now = Instant::now();
+        backend
+            .metrics
+            .call(now, elapsed, attempt != Attempt::Succeeded);
         match attempt {
             Attempt::Succeeded => backend.record_success(),
             Attempt::OutOfTime => {}
             Attempt::Failed => {
-                if let Some(length) = backend.record_failure(&self.outlier, Instant::now()) {
+                if let Some(length) = backend.record_failure(&self.outlier, now) {
                     warn!(
                         service = %self.service,
                         addr = %backend.addr,
