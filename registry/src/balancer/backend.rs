@@ -46,6 +46,14 @@ pub(crate) struct Backend {
     /// Calls sent and not yet answered, for `least_request`.
     pub(super) in_flight: AtomicUsize,
     pub(super) outlier: Mutex<Outlier>,
+    /// When the ejection in progress ends ([`since_epoch`]), 0 when none: read by every pick,
+    /// so it is an atomic rather than behind the outlier lock.
+    ejected_until: AtomicU64,
+    /// Whether the outlier record holds anything a success must clear: most calls succeed on an
+    /// instance with a clean record and need not take the lock.
+    outlier_dirty: AtomicBool,
+    /// Mirrors whether `live` holds a connection, for the picks that only ask.
+    connected: AtomicBool,
     pub(crate) metrics: metrics::InstanceMetrics,
 }
 
@@ -87,7 +95,14 @@ pub(super) struct Outlier {
     pub(super) consecutive: u32,
     /// Ejections since the instance last served a call.
     pub(super) ejections: u32,
-    pub(super) until: Option<Instant>,
+}
+
+/// `instant` as nanoseconds since the first time this was asked (never 0 for a later instant),
+/// so that an instant fits in an atomic.
+fn since_epoch(instant: Instant) -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(|| Instant::now() - Duration::from_nanos(1));
+    u64::try_from(instant.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// A connected channel and the token its socket fires when it closes.
@@ -117,6 +132,9 @@ impl Backend {
             grace: Mutex::new(None),
             in_flight: AtomicUsize::new(0),
             outlier: Mutex::new(Outlier::default()),
+            ejected_until: AtomicU64::new(0),
+            outlier_dirty: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
             metrics,
         }
     }
@@ -213,24 +231,30 @@ impl Backend {
 
     /// Whether the instance is ejected for failing (at `now`).
     pub(crate) fn is_ejected(&self, now: Instant) -> bool {
-        lock(&self.outlier).until.is_some_and(|until| now < until)
+        let until = self.ejected_until.load(Ordering::Acquire);
+        until != 0 && since_epoch(now) < until
     }
 
     pub(crate) fn record_success(&self) {
+        if !self.outlier_dirty.load(Ordering::Acquire) {
+            return;
+        }
         let mut outlier = lock(&self.outlier);
         outlier.consecutive = 0;
         outlier.ejections = 0;
+        self.outlier_dirty.store(false, Ordering::Release);
     }
 
     /// Counts a failed call; ejects the instance when that makes `policy.consecutive_failures`
     /// in a row. Returns the ejection's length when it ejected.
     pub(crate) fn record_failure(&self, policy: &OutlierPolicy, now: Instant) -> Option<Duration> {
         let mut outlier = lock(&self.outlier);
-        if outlier.until.is_some_and(|until| now < until) {
+        if self.is_ejected(now) {
             // Calls already in flight when the instance was ejected: they say nothing new, and
             // counting them would turn one burst into an ever longer ejection.
             return None;
         }
+        self.outlier_dirty.store(true, Ordering::Release);
         outlier.consecutive += 1;
         if policy.consecutive_failures == 0 || outlier.consecutive < policy.consecutive_failures {
             return None;
@@ -242,8 +266,16 @@ impl Backend {
             .min(policy.max_ejection);
         outlier.consecutive = 0;
         outlier.ejections += 1;
-        outlier.until = Some(now + length);
+        self.ejected_until
+            .store(since_epoch(now + length), Ordering::Release);
         Some(length)
+    }
+
+    /// A new connection is a fresh start: failures of the old one do not count.
+    pub(super) fn reset_outlier(&self) {
+        *lock(&self.outlier) = Outlier::default();
+        self.ejected_until.store(0, Ordering::Release);
+        self.outlier_dirty.store(false, Ordering::Release);
     }
 
     /// The channel to call through, if the instance is connected.
@@ -252,7 +284,7 @@ impl Backend {
     }
 
     pub(crate) fn is_ready(&self) -> bool {
-        self.live().is_some()
+        self.connected.load(Ordering::Acquire)
     }
 
     /// A call failed at the transport level: stop picking this instance now and let the maintainer
@@ -264,7 +296,9 @@ impl Backend {
     }
 
     pub(super) fn set(&self, live: Option<Live>) {
-        *self.live() = live;
+        let mut current = self.live();
+        self.connected.store(live.is_some(), Ordering::Release);
+        *current = live;
     }
 
     fn live(&self) -> MutexGuard<'_, Option<Live>> {

@@ -16,7 +16,11 @@ use tracing::{debug, warn};
 use super::{
     BoxError, HASH_KEY, INSTANCE, ServedBy, Shared,
     backend::Backend,
-    retry::{Replay, grpc_timeout, is_unavailable_response, never_sent, timed_out},
+    picker::Policy,
+    retry::{
+        Replay, grpc_timeout, is_failing, is_unavailable, never_sent, timed_out,
+        trailers_only_status,
+    },
 };
 use crate::{backoff::Backoff, error::chain, metrics};
 
@@ -33,10 +37,6 @@ impl Shared {
         deadline: Instant,
     ) -> Result<(Arc<Backend>, Channel), Status> {
         loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            // Register interest before looking, so a change in between is not missed.
-            changed.as_mut().enable();
             // The fast path is the pick alone. Only a failed pick asks whether the channel is
             // still starting, and that answer counts only if no new picker was published since
             // the pick: otherwise the pick looked at a picker already replaced, so look again.
@@ -45,6 +45,11 @@ impl Shared {
                 Ok(picked) => return Ok(picked),
                 Err(status) => status,
             };
+            // Registered before the checks: a rebuild after them wakes this call, and one
+            // before them shows in the published count.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             let starting = self.still_starting();
             if self.rebuild_published.load(Ordering::SeqCst) != published {
                 continue;
@@ -110,23 +115,31 @@ impl Shared {
         channel: Channel,
         request: http::Request<Body>,
         deadline: Instant,
-    ) -> Result<Result<http::Response<Body>, tonic::transport::Error>, tokio::time::error::Elapsed>
-    {
+    ) -> Sent {
         let in_flight = backend.start_call();
         let started = Instant::now();
         let outcome = tokio::time::timeout_at(deadline, channel.oneshot(request)).await;
         drop(in_flight);
-        let attempt = match &outcome {
-            Ok(Ok(response)) if !is_failure_response(response) => Attempt::Succeeded,
+        let (sent, attempt) = match outcome {
+            Ok(Ok(response)) => {
+                // Read once: it decides both the instance's record and whether to retry.
+                let status = trailers_only_status(&response);
+                let attempt = if status.is_some_and(is_failing) {
+                    Attempt::Failed
+                } else {
+                    Attempt::Succeeded
+                };
+                (Sent::Answered(response, status), attempt)
+            }
             // The caller's deadline, which may be far shorter than the instance needs: the call
             // failed, but that says nothing about the instance (a frozen one is found by the
             // keep-alive ping instead).
-            Err(_) => Attempt::OutOfTime,
-            Ok(Err(error)) if timed_out(error) => Attempt::OutOfTime,
-            Ok(_) => Attempt::Failed,
+            Err(_) => (Sent::OutOfTime, Attempt::OutOfTime),
+            Ok(Err(error)) if timed_out(&error) => (Sent::OutOfTime, Attempt::OutOfTime),
+            Ok(Err(error)) => (Sent::Failed(error), Attempt::Failed),
         };
         self.record(backend, attempt, started.elapsed());
-        outcome
+        sent
     }
 
     /// Counts an attempt's outcome: in the metrics, and (unless the call ran out of its own time)
@@ -179,11 +192,16 @@ impl Shared {
     ) -> Result<http::Response<Body>, BoxError> {
         let timeout =
             grpc_timeout(&request).map_or(self.call_timeout, |t| t.min(self.call_timeout));
-        let deadline = Instant::now() + timeout;
-        let key = request
-            .headers()
-            .get(HASH_KEY)
-            .map(|k| k.as_bytes().to_vec());
+        let started = Instant::now();
+        let deadline = started + timeout;
+        // Only a policy that hashes needs the key: a header lookup saved on every other call.
+        let key = match self.policy {
+            Policy::ConsistentHash => request
+                .headers()
+                .get(&HASH_KEY_HEADER)
+                .map(|k| k.as_bytes().to_vec()),
+            _ => None,
+        };
         let key = key.as_deref();
         if !self.retry.enabled() {
             let mut request = request;
@@ -191,37 +209,37 @@ impl Shared {
             // After the pick: time spent waiting for an instance is no longer the server's.
             set_grpc_timeout(request.headers_mut(), deadline);
             return match self.send(&backend, channel, request, deadline).await {
-                Ok(Ok(response)) => Ok(served_by(response, &backend)),
-                Ok(Err(error)) if timed_out(&error) => {
-                    Err(deadline_exceeded(&backend, timeout).into())
-                }
-                Ok(Err(error)) => Err(transport_failure(&backend, &error).into()),
-                Err(_) => Err(deadline_exceeded(&backend, timeout).into()),
+                Sent::Answered(response, _) => Ok(served_by(response, &backend)),
+                Sent::OutOfTime => Err(deadline_exceeded(&backend, timeout).into()),
+                Sent::Failed(error) => Err(transport_failure(&backend, &error).into()),
             };
         }
 
         let idempotent = self.retry.is_idempotent(request.uri().path());
         let (mut parts, body) = request.into_parts();
+        // Later attempts get the method, URI and headers again; extensions stay with the first
+        // (nothing below the balancer reads them, and copying them costs on every call).
+        let mut extensions = Some(std::mem::take(&mut parts.extensions));
         let body = Replay::new(body, self.retry.max_replay_bytes);
         let mut backoff = Backoff::new(self.retry.backoff_initial, self.retry.backoff_max);
         let mut tried: Vec<Arc<str>> = Vec::new();
-        self.budget.deposit();
+        self.budget.deposit(started);
         let mut attempt = 0;
         loop {
             attempt += 1;
             let (backend, channel) = self.pick_or_wait(&tried, key, deadline).await?;
             set_grpc_timeout(&mut parts.headers, deadline);
-            let request = http::Request::from_parts(parts.clone(), body.attempt());
+            let mut request = http::Request::from_parts(parts.clone(), body.attempt());
+            if let Some(extensions) = extensions.take() {
+                *request.extensions_mut() = extensions;
+            }
             let (safe, failure) = match self.send(&backend, channel, request, deadline).await {
-                Err(_) => return Err(deadline_exceeded(&backend, timeout).into()),
-                Ok(Err(error)) if timed_out(&error) => {
-                    return Err(deadline_exceeded(&backend, timeout).into());
-                }
-                Ok(Ok(response)) if idempotent && is_unavailable_response(&response) => {
+                Sent::OutOfTime => return Err(deadline_exceeded(&backend, timeout).into()),
+                Sent::Answered(response, Some(status)) if idempotent && is_unavailable(status) => {
                     (true, Ok(served_by(response, &backend)))
                 }
-                Ok(Ok(response)) => return Ok(served_by(response, &backend)),
-                Ok(Err(error)) => (
+                Sent::Answered(response, _) => return Ok(served_by(response, &backend)),
+                Sent::Failed(error) => (
                     idempotent || never_sent(&error),
                     Err(transport_failure(&backend, &error)),
                 ),
@@ -241,6 +259,16 @@ impl Shared {
     }
 }
 
+/// What became of one attempt.
+enum Sent {
+    /// The instance answered, with this trailers-only `grpc-status` if the answer is one.
+    Answered(http::Response<Body>, Option<u32>),
+    /// The transport failed.
+    Failed(tonic::transport::Error),
+    /// The call's deadline passed first.
+    OutOfTime,
+}
+
 /// How one attempt on an instance ended, as far as judging the instance goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Attempt {
@@ -251,22 +279,37 @@ enum Attempt {
     OutOfTime,
 }
 
-/// Tells the server how long the call has left (`grpc-timeout`), so it can give up when we do.
-fn set_grpc_timeout(headers: &mut http::HeaderMap, deadline: Instant) {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if let Ok(value) = http::HeaderValue::from_str(&format!("{}m", left.as_millis().max(1))) {
-        headers.insert("grpc-timeout", value);
-    }
+/// The header a call's deadline travels in.
+const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+
+/// [`HASH_KEY`] as a header name, parsed once.
+const HASH_KEY_HEADER: http::HeaderName = http::HeaderName::from_static(HASH_KEY);
+
+thread_local! {
+    /// The last `grpc-timeout` value formatted on this thread: calls with the same deadline
+    /// left, to the millisecond (the common case under load with one call timeout), share one
+    /// header value instead of formatting and allocating their own.
+    static LAST_TIMEOUT: std::cell::RefCell<Option<(u128, http::HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
 }
 
-/// A trailers-only response whose status says the server is failing (rather than the request
-/// being wrong): it counts towards outlier ejection.
-fn is_failure_response(response: &http::Response<Body>) -> bool {
-    // UNKNOWN, INTERNAL, UNAVAILABLE, DATA_LOSS.
-    matches!(
-        response.headers().get("grpc-status").map(|v| v.as_bytes()),
-        Some(b"2" | b"13" | b"14" | b"15")
-    )
+/// Tells the server how long the call has left (`grpc-timeout`), so it can give up when we do.
+fn set_grpc_timeout(headers: &mut http::HeaderMap, deadline: Instant) {
+    let millis = deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis()
+        .max(1);
+    let value = LAST_TIMEOUT.with_borrow_mut(|last| match last {
+        Some((m, value)) if *m == millis => Some(value.clone()),
+        _ => {
+            let value = http::HeaderValue::try_from(format!("{millis}m")).ok()?;
+            *last = Some((millis, value.clone()));
+            Some(value)
+        }
+    });
+    if let Some(value) = value {
+        headers.insert(GRPC_TIMEOUT, value);
+    }
 }
 
 /// Marks a response with the instance that served it.

@@ -38,7 +38,7 @@ use tonic_health::pb::{
 use tracing::{debug, info, warn};
 
 use super::{
-    backend::{Backend, Live, Outlier, lock},
+    backend::{Backend, Live},
     pool::FirstAttempt,
 };
 use crate::{backoff::Backoff, error::chain, metrics};
@@ -90,8 +90,7 @@ pub(crate) async fn maintain(
                 backend.serving.store(serving, Ordering::Release);
                 backend.health_answered.store(true, Ordering::Release);
                 backend.connections.fetch_add(1, Ordering::AcqRel);
-                // A new connection is a fresh start: failures of the old one do not count.
-                *lock(&backend.outlier) = Outlier::default();
+                backend.reset_outlier();
                 backend.set(Some(Live {
                     channel: channel.clone(),
                     closed: closed.clone(),

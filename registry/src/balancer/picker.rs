@@ -274,6 +274,71 @@ pub(crate) fn hash64(bytes: &[u8]) -> u64 {
     hash ^ (hash >> 31)
 }
 
+impl Shared {
+    /// Asks the updater for a rebuild; cheap, and safe to call from any task.
+    pub(super) fn request_rebuild(&self) {
+        self.rebuild_requested.fetch_add(1, Ordering::SeqCst);
+        self.rebuild_wanted.notify_one();
+    }
+
+    /// Rebuilds the picker if a rebuild was asked for since the last one (the updater's job:
+    /// requests that arrive while it is busy are served by one rebuild).
+    pub(super) fn rebuild_if_requested(&self) {
+        let requested = self.rebuild_requested.load(Ordering::SeqCst);
+        if requested != self.rebuild_published.load(Ordering::SeqCst) {
+            self.rebuild(requested);
+        }
+    }
+
+    /// Rebuilds the picker from the backends that may be called: connected, reporting SERVING,
+    /// weight above 0, not draining, not at the end of a removal grace, admitted by the selector,
+    /// and preferred by it when any is. `requested` is the request count read before looking at
+    /// the backends: every change requested up to it is reflected.
+    fn rebuild(&self, requested: u64) {
+        let backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let usable: Vec<Arc<Backend>> = backends
+            .values()
+            .filter(|b| {
+                b.is_ready()
+                    && b.is_serving()
+                    && b.weight() > 0
+                    && !b.is_draining()
+                    && b.grace_over(now).is_none()
+                    && self.selector.admits(&b.metadata())
+            })
+            .cloned()
+            .collect();
+        let usable = self
+            .selector
+            .narrow(usable, |b| self.selector.prefers(&b.metadata()));
+        metrics::instances(
+            &self.service,
+            self.membership.borrow().instances.len(),
+            usable.len(),
+        );
+        let picker = Arc::new(Picker::new(self.policy, usable, self.seed));
+        *self.picker.write().unwrap_or_else(|p| p.into_inner()) = picker;
+        drop(backends);
+        self.rebuild_published.store(requested, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+}
+
+impl Candidate for Arc<Backend> {
+    fn ring_key(&self) -> &str {
+        &self.addr
+    }
+
+    fn weight(&self) -> u32 {
+        Backend::weight(self)
+    }
+
+    fn in_flight(&self) -> usize {
+        Backend::in_flight(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,70 +529,5 @@ mod tests {
             "{:#x}",
             hash64(b"user-42")
         );
-    }
-}
-
-impl Shared {
-    /// Asks the updater for a rebuild; cheap, and safe to call from any task.
-    pub(super) fn request_rebuild(&self) {
-        self.rebuild_requested.fetch_add(1, Ordering::SeqCst);
-        self.rebuild_wanted.notify_one();
-    }
-
-    /// Rebuilds the picker if a rebuild was asked for since the last one (the updater's job:
-    /// requests that arrive while it is busy are served by one rebuild).
-    pub(super) fn rebuild_if_requested(&self) {
-        let requested = self.rebuild_requested.load(Ordering::SeqCst);
-        if requested != self.rebuild_published.load(Ordering::SeqCst) {
-            self.rebuild(requested);
-        }
-    }
-
-    /// Rebuilds the picker from the backends that may be called: connected, reporting SERVING,
-    /// weight above 0, not draining, not at the end of a removal grace, admitted by the selector,
-    /// and preferred by it when any is. `requested` is the request count read before looking at
-    /// the backends: every change requested up to it is reflected.
-    fn rebuild(&self, requested: u64) {
-        let backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let usable: Vec<Arc<Backend>> = backends
-            .values()
-            .filter(|b| {
-                b.is_ready()
-                    && b.is_serving()
-                    && b.weight() > 0
-                    && !b.is_draining()
-                    && b.grace_over(now).is_none()
-                    && self.selector.admits(&b.metadata())
-            })
-            .cloned()
-            .collect();
-        let usable = self
-            .selector
-            .narrow(usable, |b| self.selector.prefers(&b.metadata()));
-        metrics::instances(
-            &self.service,
-            self.membership.borrow().instances.len(),
-            usable.len(),
-        );
-        let picker = Arc::new(Picker::new(self.policy, usable, self.seed));
-        *self.picker.write().unwrap_or_else(|p| p.into_inner()) = picker;
-        drop(backends);
-        self.rebuild_published.store(requested, Ordering::SeqCst);
-        self.changed.notify_waiters();
-    }
-}
-
-impl Candidate for Arc<Backend> {
-    fn ring_key(&self) -> &str {
-        &self.addr
-    }
-
-    fn weight(&self) -> u32 {
-        Backend::weight(self)
-    }
-
-    fn in_flight(&self) -> usize {
-        Backend::in_flight(self)
     }
 }

@@ -19,7 +19,10 @@
 
 use std::{
     pin::Pin,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -101,6 +104,9 @@ pub(crate) struct RetryBudget {
     min_per_second: f64,
     cap: f64,
     state: Mutex<(f64, Instant)>,
+    /// Set while the balance is at its cap, where a deposit changes nothing: the normal state
+    /// (retries are rare), in which a call's deposit costs one atomic load instead of the lock.
+    full: AtomicBool,
 }
 
 impl RetryBudget {
@@ -111,12 +117,15 @@ impl RetryBudget {
             min_per_second: policy.budget_min_per_second.max(0.0),
             cap,
             state: Mutex::new((cap, Instant::now())),
+            full: AtomicBool::new(true),
         }
     }
 
-    /// Records a call.
-    pub(crate) fn deposit(&self) {
-        self.deposit_at(Instant::now());
+    /// Records a call made at `now`.
+    pub(crate) fn deposit(&self, now: Instant) {
+        if !self.full.load(Ordering::Relaxed) {
+            self.deposit_at(now);
+        }
     }
 
     /// Takes one retry from the budget, if there is one.
@@ -127,12 +136,16 @@ impl RetryBudget {
     fn deposit_at(&self, now: Instant) {
         let mut state = self.refill(now);
         state.0 = (state.0 + self.ratio).min(self.cap);
+        if state.0 >= self.cap {
+            self.full.store(true, Ordering::Relaxed);
+        }
     }
 
     fn try_withdraw_at(&self, now: Instant) -> bool {
         let mut state = self.refill(now);
         if state.0 >= 1.0 {
             state.0 -= 1.0;
+            self.full.store(false, Ordering::Relaxed);
             true
         } else {
             false
@@ -185,20 +198,33 @@ pub(crate) fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// True for a response that carries only a gRPC `UNAVAILABLE` status (a "trailers-only" response:
-/// the status is in the headers and there is no message), or `CANCELLED`, which a server sends
-/// for calls it drops while shutting down (grpc-core does): we never cancel a call and then read
-/// its response, so a CANCELLED here came from the server.
-pub(crate) fn is_unavailable_response<B>(response: &http::Response<B>) -> bool {
-    response
-        .headers()
-        .get("grpc-status")
-        .is_some_and(|status| matches!(status.as_bytes(), b"14" | b"1"))
+/// The gRPC status of a "trailers-only" response (the status in the headers, no message), which
+/// is how a server refuses or fails a call before answering it; `None` for a normal answer. The
+/// one place responses are classified: see [`is_unavailable`] and [`is_failing`].
+pub(crate) fn trailers_only_status<B>(response: &http::Response<B>) -> Option<u32> {
+    let value = response.headers().get(&GRPC_STATUS)?;
+    std::str::from_utf8(value.as_bytes()).ok()?.parse().ok()
 }
+
+/// `UNAVAILABLE`, or `CANCELLED`, which a server sends for calls it drops while shutting down
+/// (grpc-core does): we never cancel a call and then read its response, so a CANCELLED here came
+/// from the server. Either is safe to retry for an idempotent method.
+pub(crate) fn is_unavailable(status: u32) -> bool {
+    matches!(status, 14 | 1)
+}
+
+/// A status saying the server is failing, rather than the request being wrong (UNKNOWN,
+/// INTERNAL, UNAVAILABLE, DATA_LOSS): it counts towards the instance's outlier ejection.
+pub(crate) fn is_failing(status: u32) -> bool {
+    matches!(status, 2 | 13 | 14 | 15)
+}
+
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
 /// The deadline a call carries in its `grpc-timeout` header, if any (`"100m"`, `"5S"`, `"1H"`).
 pub(crate) fn grpc_timeout<B>(request: &http::Request<B>) -> Option<Duration> {
-    let value = request.headers().get("grpc-timeout")?.to_str().ok()?;
+    const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+    let value = request.headers().get(&GRPC_TIMEOUT)?.to_str().ok()?;
     let (amount, unit) = value.split_at(value.len().checked_sub(1)?);
     // The spec allows at most 8 digits.
     if amount.is_empty() || amount.len() > 8 {
@@ -418,10 +444,19 @@ mod tests {
                 .body(())
                 .unwrap()
         };
-        assert!(is_unavailable_response(&response("14")));
-        assert!(is_unavailable_response(&response("1")));
-        assert!(!is_unavailable_response(&response("0")));
-        assert!(!is_unavailable_response(&http::Response::new(())));
+        fn unavailable(r: &http::Response<()>) -> bool {
+            trailers_only_status(r).is_some_and(is_unavailable)
+        }
+        fn failing(r: &http::Response<()>) -> bool {
+            trailers_only_status(r).is_some_and(is_failing)
+        }
+        assert!(unavailable(&response("14")));
+        assert!(unavailable(&response("1")));
+        assert!(!unavailable(&response("0")));
+        assert!(!unavailable(&http::Response::new(())));
+        assert!(failing(&response("13")) && failing(&response("14")));
+        assert!(!failing(&response("3")) && !failing(&response("1")));
+        assert_eq!(trailers_only_status(&response("x")), None);
     }
 
     async fn collect(mut body: Body) -> Result<Vec<u8>, Status> {
