@@ -219,7 +219,7 @@ impl EtcdArgs {
             _ => {}
         }
         // The rest (TLS files, empty password file, schemes) is the registry's own check.
-        self.registry_config(registry::register::DEFAULT_TTL)?;
+        self.registry_config(registry::DEFAULT_TTL)?;
         Ok(())
     }
 

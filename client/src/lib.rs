@@ -432,7 +432,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     config.validate()?;
     let registry_config = config
         .etcd
-        .registry_config(registry::register::DEFAULT_TTL)
+        .registry_config(registry::DEFAULT_TTL)
         .context("etcd settings")?;
     let tls = config.tls.load().context("TLS settings")?;
     let tls_on = tls.is_some();

@@ -30,6 +30,30 @@ impl Backoff {
         }
     }
 
+    /// Between attempts of a task that keeps something in etcd (a lease, a key, a watch, a lock):
+    /// 100 ms to 1 s, so an outage is noticed again within a second of its end.
+    pub(crate) fn etcd_task() -> Self {
+        Self::new(Duration::from_millis(100), Duration::from_secs(1))
+    }
+
+    /// Between the tries of one etcd request within its deadline: 50 ms to 500 ms, so a
+    /// request rotates through the members a few times before it gives up.
+    pub(crate) fn etcd_request() -> Self {
+        Self::new(Duration::from_millis(50), Duration::from_millis(500))
+    }
+
+    /// Between puts of a registration's key after a failure: 50 ms to 1 s, a little quicker
+    /// at first than [`Backoff::etcd_task`], since clients are waiting for the key.
+    pub(crate) fn key_put() -> Self {
+        Self::new(Duration::from_millis(50), Duration::from_secs(1))
+    }
+
+    /// Between connection attempts to an instance: 100 ms to 3 s, longer than etcd's, since a
+    /// missing instance is discovery's business and dialling it often helps no one.
+    pub(crate) fn reconnect() -> Self {
+        Self::new(Duration::from_millis(100), Duration::from_secs(3))
+    }
+
     /// The delay before the next attempt; grows the base for the attempt after.
     pub fn next_delay(&mut self) -> Duration {
         let factor = rand::rng().random_range(0.5..1.5);

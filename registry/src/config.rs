@@ -31,7 +31,8 @@ use crate::{
     error::{Error, Result},
     etcd::{Etcd, EtcdConfig, with_scheme},
     key,
-    register::{DEFAULT_TTL, MIN_TTL, Registration, RegistrationBuilder},
+    lease::{self, DEFAULT_TTL},
+    register::{Registration, RegistrationBuilder},
     tls::TlsFiles,
 };
 
@@ -220,7 +221,7 @@ impl RegistryConfigBuilder {
         self
     }
 
-    /// The lease TTL of registrations (at least [`MIN_TTL`]).
+    /// The lease TTL of registrations (at least [`crate::MIN_TTL`]).
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
         self
@@ -258,9 +259,7 @@ impl RegistryConfigBuilder {
             .map(|e| with_scheme(e, tls_on))
             .collect::<Result<Vec<_>>>()?;
         let mut etcd = EtcdConfig::new(&endpoints)?;
-        if self.ttl < MIN_TTL {
-            return Err(Error::InvalidTtl { ttl: self.ttl });
-        }
+        lease::check_ttl(self.ttl)?;
         key::service_prefix(&self.namespace, "x")?;
         for (setting, value) in [
             ("etcd-connect-timeout", self.connect_timeout),

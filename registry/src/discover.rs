@@ -438,7 +438,7 @@ async fn run(
     tx: watch::Sender<Membership>,
     cancel: CancellationToken,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+    let mut backoff = Backoff::etcd_task();
     let mut carried: Option<Carried> = None;
     loop {
         let listed = tokio::select! {

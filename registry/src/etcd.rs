@@ -125,7 +125,7 @@ impl EtcdConfig {
     /// retried, each attempt bounded (a balanced channel with no reachable member waits forever).
     async fn open(&self, options: ConnectOptions) -> Result<Client> {
         let deadline = Instant::now() + self.request_timeout;
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let mut backoff = Backoff::etcd_task();
         let mut last_error = None;
         loop {
             let attempt = tokio::time::timeout(
@@ -292,7 +292,7 @@ impl Etcd {
     {
         let timeout = self.config.request_timeout;
         let deadline = Instant::now() + timeout;
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
+        let mut backoff = Backoff::etcd_request();
         let mut last_error = None;
         loop {
             let attempt_deadline = (Instant::now() + self.config.attempt_timeout).min(deadline);

@@ -7,8 +7,6 @@
 //! key itself must then be read; and an error that does not pass (a role without read permission
 //! on the key) must be reported, not retried in silence.
 
-use std::time::Duration;
-
 use etcd_client::{EventType, WatchOptions};
 use tracing::{debug, warn};
 
@@ -18,7 +16,7 @@ use crate::{backoff::Backoff, error::chain, etcd::Etcd};
 /// found the key gone, after a compaction). Retries for ever, with backoff; the caller bounds it by
 /// dropping the future (a `select!` with its cancellation).
 pub(crate) async fn deleted(etcd: &Etcd, key: &str, mut revision: i64) -> i64 {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+    let mut backoff = Backoff::etcd_task();
     let mut last_problem: Option<String> = None;
     loop {
         let start = revision + 1;

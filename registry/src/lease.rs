@@ -37,8 +37,22 @@ use crate::{
     error::{Error, Result, chain},
     etcd::Etcd,
     metrics,
-    register::MIN_TTL,
 };
+
+/// The lease TTL used when none is configured.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+
+/// etcd's smallest grantable TTL (it silently raises smaller requests; we refuse them instead).
+pub const MIN_TTL: Duration = Duration::from_secs(2);
+
+/// Refuses a TTL etcd would not grant as asked: the one check every entry point that takes a TTL
+/// makes.
+pub(crate) fn check_ttl(ttl: Duration) -> Result<()> {
+    if ttl < MIN_TTL {
+        return Err(Error::InvalidTtl { ttl });
+    }
+    Ok(())
+}
 
 /// How a keep-alive session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,9 +193,7 @@ impl SharedLease {
 
     /// [`SharedLease::start`] with the name the lease goes by in logs and metrics.
     pub(crate) fn start_labelled(etcd: &Etcd, ttl: Duration, label: String) -> Result<Self> {
-        if ttl < MIN_TTL {
-            return Err(Error::InvalidTtl { ttl });
-        }
+        check_ttl(ttl)?;
         let keys = Arc::new(Mutex::new(BTreeMap::new()));
         let (state_tx, state) = watch::channel(LeaseState::Granting);
         let (lost, lost_rx) = mpsc::unbounded_channel();
@@ -400,7 +412,7 @@ async fn run(
     cancel: CancellationToken,
 ) -> Result<Option<i64>> {
     // A 1 s cap: after an outage the keys are back within about a second of etcd answering again.
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+    let mut backoff = Backoff::etcd_task();
     let mut current = None;
     let mut last_problem: Option<String> = None;
 
@@ -574,7 +586,7 @@ pub(crate) async fn keep_alive(
     // The latest instant at which the lease is surely still alive: a lease refreshed by a request
     // *sent* at time t lives until t + ttl, so deadlines are always counted from send times.
     let mut expires = Instant::now() + ttl;
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+    let mut backoff = Backoff::etcd_task();
     let mut last_problem: Option<String> = None;
 
     loop {

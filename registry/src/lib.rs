@@ -21,14 +21,18 @@
 //!   alive by one loop that tells a broken stream from a lost lease.
 //! - [`lock`]: [`Lock`], distributed locks on etcd's lock service, released when the holder's lease
 //!   ends.
-//! - [`discover`]: [`Discovery`], list-then-watch into a live [`Membership`].
-//! - [`balance`]: [`BalancedChannel`], round robin over connected instances for generated clients.
-//! - [`retry`]: which failed calls are safe to send again, the retry budget, request replay.
+//! - [`discover`]: [`Discovery`], list-then-watch into a live [`Membership`] of [`Instances`].
+//! - `balancer/`: [`BalancedChannel`], for generated clients, one file per concern:
+//!   - `mod.rs`: the channel, [`BalanceOptions`] and what it reports ([`InstanceStatus`]);
+//!   - `pool.rs`: the updater task, one backend per address, the removal grace;
+//!   - `backend.rs`: one instance's state; `connection.rs`: its connection and health checks;
+//!   - `picker.rs`: the [`Policy`]s (round robin, weighted, random, least request, consistent
+//!     hash, pick first), rebuilt off the call path;
+//!   - `call.rs`: one call, its deadline, the wait while starting, its retries;
+//!   - `retry.rs`: which failures are safe to retry ([`RetryPolicy`]), the budget, request replay;
+//!   - `select.rs`: choosing instances by metadata ([`Selector`]).
 //! - [`metrics`]: what the library records (through the `metrics` facade) and under which names.
-//! - [`policy`]: round robin, weighted, random, least request, consistent hash, pick first.
-//! - [`select`]: choosing instances by metadata (require `version=v2`, prefer `zone=a`).
 //! - [`serve`]: serving on a listener you bound, with `TCP_NODELAY` on every accepted socket.
-//! - `connection`: one HTTP/2 connection per instance, ejected the moment its socket closes.
 //! - [`backoff`]: capped exponential backoff with jitter.
 //! - [`error`]: the crate's [`Error`].
 //!
@@ -78,6 +82,6 @@ pub use discover::{Change, Changes, Discovery, Instance, Instances, Membership};
 pub use endpoint::{Endpoint, Format};
 pub use error::{Error, Result};
 pub use etcd::{Etcd, EtcdConfig};
-pub use lease::{LeaseState, SharedLease};
+pub use lease::{DEFAULT_TTL, LeaseState, MIN_TTL, SharedLease};
 pub use lock::{Lock, LockGuard};
 pub use register::{Registration, RegistrationState};

@@ -90,7 +90,7 @@ impl Lock {
             .await
             .map_err(|_| timed_out("another holder in this process to release it"))?;
         let local = LocalHold::new(&self.lease, name, local);
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let mut backoff = Backoff::etcd_task();
         loop {
             let id = tokio::time::timeout_at(deadline, self.live_lease())
                 .await

@@ -29,15 +29,9 @@ use crate::{
     error::{Error, Result},
     etcd::Etcd,
     key, key_watch,
-    lease::{self, LeaseEnd, LeaseState, SharedLease, WeakLease},
+    lease::{self, DEFAULT_TTL, LeaseEnd, LeaseState, SharedLease, WeakLease},
     metrics,
 };
-
-/// The lease TTL used when none is configured.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
-
-/// etcd's smallest grantable TTL (it silently raises smaller requests; we refuse them instead).
-pub const MIN_TTL: Duration = Duration::from_secs(2);
 
 /// Where a registration stands. Observe it with [`Registration::state`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,7 +78,7 @@ impl RegistrationBuilder {
         self
     }
 
-    /// Sets the lease TTL (default [`DEFAULT_TTL`], at least [`MIN_TTL`]) of the registration's own
+    /// Sets the lease TTL (default [`DEFAULT_TTL`], at least [`crate::MIN_TTL`]) of the registration's own
     /// lease. Ignored with [`RegistrationBuilder::lease`]: a shared lease has its own TTL.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
@@ -106,9 +100,7 @@ impl RegistrationBuilder {
     /// [`Error::InvalidName`], [`Error::InvalidAddr`] or [`Error::InvalidTtl`] for bad input; etcd
     /// problems are never errors here: the task retries them.
     pub fn start(self, etcd: &Etcd) -> Result<Registration> {
-        if self.ttl < MIN_TTL {
-            return Err(Error::InvalidTtl { ttl: self.ttl });
-        }
+        lease::check_ttl(self.ttl)?;
         let key = key::instance_key(&self.namespace, &self.service, &self.instance_id)?;
         let mut endpoint = Endpoint::new(self.addr, &self.instance_id)?;
         if let serde_json::Value::Object(fields) = &mut endpoint.metadata {
@@ -292,7 +284,7 @@ async fn run(
     lease.attach(&key, &value);
     let mut lease_state = lease.state();
     // A 1 s cap: after an outage the key is back within about a second of etcd answering again.
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+    let mut backoff = Backoff::etcd_task();
     let mut last_problem: Option<String> = None;
     let mut registrations = 0u64;
 
@@ -451,7 +443,7 @@ async fn restore(
     id: i64,
     cancel: &CancellationToken,
 ) -> Result<i64, LeaseEnd> {
-    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    let mut backoff = Backoff::key_put();
     loop {
         // The current record: the draining one once the departure was announced.
         let current = lease.value_of(key).unwrap_or_else(|| value.to_owned());

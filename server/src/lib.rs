@@ -150,7 +150,7 @@ impl Config {
                 "requires client certificates, which needs TLS: also pass --tls-cert and --tls-key",
             ));
         }
-        if self.ttl < registry::register::MIN_TTL {
+        if self.ttl < registry::MIN_TTL {
             return Err(sources.invalid(
                 "ttl",
                 format!(

@@ -54,7 +54,7 @@ pub(crate) async fn maintain(
     mut first_attempt: FirstAttempt,
     stop: CancellationToken,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
+    let mut backoff = Backoff::reconnect();
     let mut last_problem: Option<String> = None;
     let mut connected_before = false;
     let probe_timeout = endpoint

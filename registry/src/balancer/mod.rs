@@ -136,7 +136,7 @@ impl Default for BalanceOptions {
             // One default lease TTL: after quorum returns, a live server's new lease and PUT
             // follow the old lease's expiry within about a second, and a server that cannot
             // register again for a whole TTL is in trouble its clients should hear about.
-            removal_grace: crate::register::DEFAULT_TTL,
+            removal_grace: crate::DEFAULT_TTL,
         }
     }
 }

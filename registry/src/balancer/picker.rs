@@ -27,7 +27,16 @@ use tokio::time::Instant;
 use super::{Shared, backend::Backend};
 use crate::metrics;
 
-/// How calls are spread over instances. See the [module docs](self) for a comparison.
+/// How calls are spread over instances:
+///
+/// | policy | picks | use it when |
+/// |---|---|---|
+/// | `round_robin` (default) | each instance in turn | instances are alike |
+/// | `weighted_round_robin` | in proportion to each instance's `weight` metadata, smoothly (nginx's algorithm: 1:2:3 gives `c b a b c c`, never bursts) | instances differ in capacity; weight 0 drains one |
+/// | `random` | uniformly at random | many clients, no shared state wanted |
+/// | `least_request` | the less busy of two random instances (power of two choices over calls in flight) | call costs or instance speeds vary |
+/// | `consistent_hash` | the instance owning the call's key on a hash ring; adding one of N instances moves about 1/N of the keys | per-key caches or affinity |
+/// | `pick_first` | the first usable instance, in address order, until it fails | one primary, the rest as standby |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Policy {
     /// Each usable instance in turn.
