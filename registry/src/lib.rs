@@ -27,7 +27,8 @@
 //! - [`metrics`]: what the library records (through the `metrics` facade) and under which names.
 //! - [`policy`]: round robin, weighted, random, least request, consistent hash, pick first.
 //! - [`select`]: choosing instances by metadata (require `version=v2`, prefer `zone=a`).
-//! - [`serve`]: serving on a listener you bound, with `TCP_NODELAY` on every accepted socket.
+//! - [`serve`]: [`Lifecycle`], a tonic server on a listener you bound: registered once serving,
+//!   NOT_SERVING, deregistered and drained on shutdown.
 //! - `connection`: one HTTP/2 connection per instance, ejected the moment its socket closes.
 //! - [`backoff`]: capped exponential backoff with jitter.
 //! - [`error`]: the crate's [`Error`].
@@ -87,3 +88,4 @@ pub use policy::Policy;
 pub use register::{Registration, RegistrationState};
 pub use retry::RetryPolicy;
 pub use select::Selector;
+pub use serve::Lifecycle;
