@@ -297,7 +297,7 @@ impl Lifecycle {
             incoming(listener),
             stop_accepting.clone().cancelled_owned(),
         );
-        let mut server = Server {
+        let mut server = Serving {
             future: pin!(served),
             ended: None,
             local,
@@ -401,13 +401,13 @@ async fn set_health(health: &HealthReporter, services: &[String], status: Servin
 
 /// The server future, polled in the caller's task alongside each step of the lifecycle (so no
 /// `Send` or `'static` bound beyond tonic's own), and what it ended with if it ended.
-struct Server<'a, F> {
+struct Serving<'a, F> {
     future: Pin<&'a mut F>,
     ended: Option<Result<(), tonic::transport::Error>>,
     local: SocketAddr,
 }
 
-impl<F> Server<'_, F>
+impl<F> Serving<'_, F>
 where
     F: Future<Output = Result<(), tonic::transport::Error>>,
 {

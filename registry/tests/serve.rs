@@ -371,3 +371,37 @@ async fn a_registration_that_never_completes_is_an_error_naming_key_and_endpoint
     // The server stopped with it: nothing is left accepting on the port.
     assert!(TcpStream::connect(server.addr).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_before_registration_completes_stops_without_waiting_for_etcd() {
+    const REGISTER: Duration = Duration::from_secs(30);
+    let dead = format!("127.0.0.1:{}", testkit::free_port());
+    let etcd = EtcdConfig::new([dead.as_str()])
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let server = start(&etcd, |l| {
+        l.register_timeout(REGISTER)
+            .deregister_grace(Duration::ZERO)
+            .announce_timeout(Duration::from_millis(200))
+    })
+    .await;
+    // Serving while it waits for etcd: answered, and already SERVING.
+    let connected = channel(server.addr)
+        .await
+        .expect("not serving while registering");
+    assert_eq!(health(connected, "").await.unwrap(), ServingStatus::Serving);
+    drop(server.arrived);
+
+    server.shutdown.cancel();
+    let cancelled = Instant::now();
+    timeout(Duration::from_secs(10), server.serving)
+        .await
+        .expect("serve kept waiting for a registration after shutdown")
+        .unwrap()
+        .expect("a shutdown before registering is not an error");
+    let took = cancelled.elapsed();
+    eprintln!("stopped {took:?} after shutdown, never registered");
+    assert!(took < REGISTER, "waited out the register timeout: {took:?}");
+}
