@@ -35,18 +35,22 @@
 
 use std::{
     future::Future,
+    io,
     net::SocketAddr,
     pin::{Pin, pin},
-    task::Poll,
+    task::{Context, Poll},
     time::Duration,
 };
 
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{
     body::Body,
     service::Routes,
-    transport::server::{Router, TcpIncoming},
+    transport::server::{Connected, Router, TcpConnectInfo, TcpIncoming},
 };
 use tonic_health::{
     ServingStatus,
@@ -293,8 +297,9 @@ impl Lifecycle {
         set_health(&health, &health_of, ServingStatus::Serving).await;
 
         let stop_accepting = CancellationToken::new();
+        let cut = CancellationToken::new();
         let served = router.serve_with_incoming_shutdown(
-            incoming(listener),
+            Cuttable::incoming(incoming(listener), cut.clone()),
             stop_accepting.clone().cancelled_owned(),
         );
         let mut server = Serving {
@@ -378,9 +383,12 @@ impl Lifecycle {
         stop_accepting.cancel();
         match tokio::time::timeout(drain_timeout, server.finish()).await {
             Ok(served) => served?,
-            // Dropping the server future (on return) cuts the connections still open.
             Err(_) => {
-                warn!(deadline = ?drain_timeout, "drain deadline passed; remaining calls were cut")
+                // tonic runs each connection in a task of its own, which dropping the server
+                // future does not end: failing their sockets does, and their clients see the
+                // calls fail instead of waiting for answers that will never come.
+                cut.cancel();
+                warn!(deadline = ?drain_timeout, "drain deadline passed; remaining calls were cut");
             }
         }
         info!(key, "stopped");
@@ -468,5 +476,102 @@ where
             warn!(key, error = %chain(&e), "deregistration failed; the key expires with its lease");
         }
         self.finish().await
+    }
+}
+
+/// An accepted connection that fails once its drain deadline has passed.
+///
+/// Only reads check: hyper keeps a read pending on every HTTP/2 connection, so a failed read ends
+/// the connection whatever its calls are doing, and writes stay as cheap as the bare socket's.
+struct Cuttable {
+    io: TcpStream,
+    /// A child of the lifecycle's token: each connection waits on a node of its own, so checking
+    /// it takes an uncontended lock rather than one shared by every connection.
+    cut: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl Cuttable {
+    /// The connections of `incoming`, each cut when `cut` is cancelled.
+    fn incoming(
+        incoming: TcpIncoming,
+        cut: CancellationToken,
+    ) -> impl futures_core::Stream<Item = io::Result<Cuttable>> {
+        CuttableIncoming { incoming, cut }
+    }
+}
+
+struct CuttableIncoming {
+    incoming: TcpIncoming,
+    cut: CancellationToken,
+}
+
+impl futures_core::Stream for CuttableIncoming {
+    type Item = io::Result<Cuttable>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let accepted = Pin::new(&mut self.incoming).poll_next(cx);
+        accepted.map(|next| {
+            next.map(|accepted| {
+                accepted.map(|io| Cuttable {
+                    io,
+                    cut: Box::pin(self.cut.child_token().cancelled_owned()),
+                })
+            })
+        })
+    }
+}
+
+impl Connected for Cuttable {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl AsyncRead for Cuttable {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.cut.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the drain deadline passed",
+            )));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Cuttable {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
