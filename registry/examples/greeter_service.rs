@@ -6,10 +6,11 @@
 //! cargo run -p registry --example greeter_service
 //! ```
 //!
-//! It serves `helloworld.Greeter` and `grpc.health.v1.Health` on a free loopback port, registers
-//! the instance as `services/greeter-example/<instance-id>`, discovers it with a [`BalancedChannel`],
-//! makes three calls, and shuts down the way a server should: NOT_SERVING, deregister (the lease is
-//! revoked, so the key is deleted at once), a short grace, then drain. etcd's endpoints come from
+//! It serves `helloworld.Greeter` and `grpc.health.v1.Health` on a free loopback port with a
+//! [`Lifecycle`], which registers the instance as `services/greeter-example/<instance-id>` once
+//! serving; discovers it with a [`BalancedChannel`], makes three calls, and shuts down the way a
+//! server should: NOT_SERVING, deregister (the lease is revoked, so the key is deleted at once), a
+//! short grace, then drain. etcd's endpoints come from
 //! `ETCD_ENDPOINTS` (comma-separated `host:port`), else the demo cluster.
 //!
 //! `cargo test --workspace` compiles this file but does not run it: it needs a running cluster.
@@ -23,13 +24,12 @@ use proto::helloworld::{
     greeter_server::{Greeter, GreeterServer},
 };
 use registry::{
-    BalanceOptions, BalancedChannel, Discovery, Etcd, EtcdConfig, Policy, Registration,
+    BalanceOptions, BalancedChannel, Discovery, Etcd, EtcdConfig, Lifecycle, Policy, Registration,
     RetryPolicy, Selector, ServedBy,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use tonic_health::ServingStatus;
 
 /// The demo cluster started by `scripts/etcd-cluster.sh` or `docker compose up`.
 const DEMO_ENDPOINTS: &str = "127.0.0.1:23791,127.0.0.1:23792,127.0.0.1:23793";
@@ -47,7 +47,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 async fn main() -> Result<(), Box<dyn Error>> {
     let endpoints = std::env::var("ETCD_ENDPOINTS").unwrap_or_else(|_| DEMO_ENDPOINTS.to_owned());
     // One handle per process, cloned where needed. It connects lazily: an etcd that is down is
-    // reported by the first request (here, `wait_registered`), naming the endpoints.
+    // reported by the first request (here, the registration `serve` starts), naming the endpoints.
     let etcd = EtcdConfig::new(endpoints.split(','))?.connect().await?;
 
     // Server, step 1: bind first, so the port is ours before anything is announced.
@@ -55,64 +55,41 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let addr = listener.local_addr()?.to_string();
     let instance_id = addr.replace(':', "-");
 
-    // Server, step 2: serve the Greeter and grpc.health.v1. Clients put an instance in rotation
-    // only after it answered a health check, and take it out when it reports NOT_SERVING.
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("", ServingStatus::Serving).await;
-    let stop_serving = CancellationToken::new();
+    // Server, step 2: describe the instance. Nothing is written yet: `serve` starts the
+    // registration once the server accepts calls, and its task keeps the lease alive and puts the
+    // key back after any etcd outage.
+    let registration = Registration::builder(SERVICE, &instance_id, &addr)
+        .namespace(NAMESPACE)
+        .ttl(Duration::from_secs(10))
+        .metadata("version", "v1");
+
+    // Server, step 3: serve the Greeter, plus grpc.health.v1 (added by `serve`, SERVING for ""
+    // and the Greeter). Clients put an instance in rotation only after it answered a health
+    // check, and take it out when it reports NOT_SERVING. When `shutdown` fires, `serve` leaves
+    // in this order: NOT_SERVING, the draining announcement, the lease revoked (the key deleted
+    // at once), the grace, then the drain within its deadline.
     let greeter = ExampleGreeter {
         instance_id: instance_id.clone(),
         addr: addr.clone(),
     };
+    let router = tonic::transport::Server::builder().add_service(GreeterServer::new(greeter));
+    let shutdown = CancellationToken::new();
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(GreeterServer::new(greeter))
-            .serve_with_incoming_shutdown(
-                registry::serve::incoming(listener),
-                stop_serving.clone().cancelled_owned(),
-            ),
-    );
-
-    // Server, step 3: register once serving. The registration task keeps the lease alive and
-    // puts the key back after any etcd outage, for as long as `registration` lives.
-    let registration = Registration::builder(SERVICE, &instance_id, &addr)
-        .namespace(NAMESPACE)
-        .ttl(Duration::from_secs(10))
-        .metadata("version", "v1")
-        .start(&etcd)?;
-    let lease = registration
-        .wait_registered(Duration::from_secs(10))
-        .await?;
-    println!(
-        "registered {} -> {addr} (lease {lease:x})",
-        registration.key()
+        Lifecycle::new(&etcd, registration)
+            .health_of("helloworld.Greeter")
+            .register_timeout(Duration::from_secs(10))
+            .deregister_grace(DEREGISTER_GRACE)
+            .drain_timeout(DRAIN_TIMEOUT)
+            .serve(router, listener, shutdown.clone()),
     );
 
     // The client half; whatever it returns, the server below still leaves cleanly.
     let called = call_three_times(&etcd).await;
 
-    // Server, step 4: graceful shutdown, in this order.
-    // a. NOT_SERVING: clients following the health service stop picking this instance.
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    // b. Announce the departure (the record rewritten with `draining: true`): our clients stop
-    //    calling at once. Best effort: without it they still learn from the health poll.
-    if let Err(e) = registration.announce_draining(Duration::from_secs(2)).await {
-        eprintln!("could not announce draining: {e}");
-    }
-    // c. Revoke the lease: etcd deletes the key at once and every watcher sees the DELETE.
-    registration.deregister().await?;
-    println!("deregistered; serving {DEREGISTER_GRACE:?} more while clients drop the instance");
-    // d. Keep serving a little, for calls picked just before the news arrived.
-    tokio::time::sleep(DEREGISTER_GRACE).await;
-    // e. Stop accepting and let in-flight calls finish, within a deadline.
-    stop_serving.cancel();
-    match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
-        Ok(served) => served??,
-        Err(_) => eprintln!("drain deadline of {DRAIN_TIMEOUT:?} passed; remaining calls were cut"),
-    }
+    // Server, step 4: a real service cancels `shutdown` on SIGTERM (the `server` binary:
+    // `server/src/main.rs` `on_signal`); here, after the calls.
+    shutdown.cancel();
+    server.await??;
     println!("stopped");
     called
 }

@@ -186,6 +186,41 @@ pub enum Error {
         revoke: Box<Error>,
     },
 
+    /// [`crate::serve::Lifecycle::serve`] gave up on the first registration: the key was not in
+    /// etcd within the register timeout. `source` says what the last attempt met.
+    #[error(
+        "could not register {key:?} in etcd at {endpoints} within {waited:?}; check that etcd is running and reachable at those endpoints"
+    )]
+    NotRegistered {
+        /// The key that was to be registered.
+        key: String,
+        /// The etcd endpoints the client was using.
+        endpoints: String,
+        /// How long we waited.
+        waited: Duration,
+        /// Why it was not registered (an [`Error::GaveUp`] naming the last failure).
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// The address a listener is bound to could not be read.
+    #[error("cannot read the address of the listener to serve on")]
+    Listener {
+        /// The operating system's reason.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Serving gRPC on a listener failed.
+    #[error("serving on {addr} failed")]
+    Serve {
+        /// The address the listener is bound to.
+        addr: std::net::SocketAddr,
+        /// tonic's reason.
+        #[source]
+        source: tonic::transport::Error,
+    },
+
     /// A background task (a registration's, or a lease's keep-alive) stopped unexpectedly.
     #[error("the {task} task for {key:?} stopped unexpectedly")]
     TaskLost {

@@ -32,7 +32,8 @@
 //!   - `retry.rs`: which failures are safe to retry ([`RetryPolicy`]), the budget, request replay;
 //!   - `select.rs`: choosing instances by metadata ([`Selector`]).
 //! - [`metrics`]: what the library records (through the `metrics` facade) and under which names.
-//! - [`serve`]: serving on a listener you bound, with `TCP_NODELAY` on every accepted socket.
+//! - [`serve`]: [`Lifecycle`], a tonic server on a listener you bound: registered once serving,
+//!   NOT_SERVING, deregistered and drained on shutdown.
 //! - [`backoff`]: capped exponential backoff with jitter.
 //! - [`error`]: the crate's [`Error`].
 //!
@@ -85,3 +86,4 @@ pub use etcd::{Etcd, EtcdConfig};
 pub use lease::{DEFAULT_TTL, LeaseState, MIN_TTL, SharedLease};
 pub use lock::{Lock, LockGuard};
 pub use register::{Registration, RegistrationState};
+pub use serve::Lifecycle;

@@ -1,17 +1,20 @@
 //! The helloworld Greeter server: serve first, then register in etcd; on shutdown, leave the rotation
 //! before closing the door.
 //!
-//! [`run`] is the whole life of one instance:
-//! 1. bind the listener (so the address is really ours) and start serving `helloworld.Greeter`,
-//!    `grpc.health.v1.Health` and reflection (v1 and v1alpha);
+//! [`run`] binds the address from the flags and calls [`serve`], which hands the whole life of the
+//! instance to [`registry::serve::Lifecycle`]:
+//! 1. serve `helloworld.Greeter`, `grpc.health.v1.Health` and reflection (v1 and v1alpha) on the
+//!    bound listener;
 //! 2. register `<namespace>/<service>/<instance-id>` under a kept-alive lease, giving up after
 //!    `--etcd-timeout` if etcd never answers;
-//! 3. while running, SIGUSR1 flips the reported health (an operator's switch to take the instance
-//!    out of clients' rotation without deregistering it);
+//! 3. while registered, SIGUSR1 flips the reported health (an operator's switch to take the
+//!    instance out of clients' rotation without deregistering it);
 //! 4. on shutdown: report NOT_SERVING, announce the departure in etcd (the record rewritten with
 //!    `draining: true`, so clients stop calling it on that event), revoke the lease (clients see the
-//!    DELETE at once), keep serving for a short grace period while that propagates, then stop
-//!    accepting and drain in-flight calls with a deadline.
+//!    DELETE at once), keep serving for `--deregister-grace` while that propagates, then stop
+//!    accepting and drain in-flight calls within `--drain-timeout`.
+//!
+//! Tests bind `127.0.0.1:0` themselves and call [`serve`] with the listener.
 //!
 //! # Layout
 //! - [`Config`]: command-line flags (`main.rs` parses them and installs logging).
@@ -23,6 +26,7 @@ use anyhow::Context;
 use clap::Parser;
 use cli::{EtcdArgs, GrpcTlsArgs, Layered, MetricsArgs, Sources, duration, pairs, parse_duration};
 use proto::helloworld::greeter_server::GreeterServer;
+use registry::serve::Lifecycle;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -229,15 +233,40 @@ pub fn default_instance_id(advertised: &str) -> String {
     id.trim_end_matches('-').to_owned()
 }
 
-/// How long shutdown waits for the draining announcement: one etcd write, which only hangs when
-/// etcd has no quorum, and then the revoke would not get through either.
-const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Runs one server instance until `shutdown` fires, then deregisters and drains.
+/// Binds the address from the configuration and serves on it until `shutdown` fires (see
+/// [`serve`]).
 ///
 /// # Errors
-/// When the port cannot be bound, etcd cannot be reached within `--etcd-timeout`, or serving fails.
+/// When the port cannot be bound, or as [`serve`].
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Bad settings are reported before the port is taken.
+    config.validate()?;
+    let bind = format!(
+        "{}:{}",
+        bracket(&config.host),
+        config.port.unwrap_or_default()
+    );
+    let listener = TcpListener::bind(&bind)
+        .await
+        .with_context(|| format!("cannot listen on {bind}; is another process using the port?"))?;
+    serve(config, listener, shutdown).await
+}
+
+/// Serves the Greeter, health and reflection on `listener` (already bound; `--host` and `--port`
+/// are not used to bind) until `shutdown` fires, registered in etcd meanwhile, then deregisters
+/// and drains: [`registry::serve::Lifecycle`] with this binary's flags. The advertised address and
+/// the default instance id take the listener's port.
+///
+/// # Errors
+/// Invalid settings, etcd not reached within `--etcd-timeout`, or serving failed.
+pub async fn serve(
+    mut config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let local = listener.local_addr().context("reading the bound address")?;
+    // The listener decides the port; validation still wants one to check the host with.
+    config.port = Some(local.port());
     config.validate()?;
     let registry_config = config
         .etcd
@@ -245,20 +274,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .context("etcd settings")?;
     let tls = config.tls.load().context("TLS settings")?;
     config.metrics.install()?;
-    let port = config.port.unwrap_or_default();
-    let bind = format!("{}:{}", bracket(&config.host), port);
-    let listener = TcpListener::bind(&bind)
-        .await
-        .with_context(|| format!("cannot listen on {bind}; is another process using the port?"))?;
-    let local = listener.local_addr().context("reading the bound address")?;
     let addr = config.advertised(local);
     let instance_id = config
         .instance_id
         .clone()
         .unwrap_or_else(|| default_instance_id(&addr));
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    set_serving(&health, true).await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -269,8 +290,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .context("building the reflection service")?;
-
-    let stop_serving = CancellationToken::new();
     let greeter = greeter::Greeter::new(instance_id.clone(), addr.clone());
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &tls {
@@ -278,85 +297,40 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .tls_config(tls.server_config()?)
             .context("configuring TLS on the gRPC port")?;
     }
-    let server = builder
-        .add_service(health_service)
+    let router = builder
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(GreeterServer::new(greeter))
-        .serve_with_incoming_shutdown(
-            registry::serve::incoming(listener),
-            stop_serving.clone().cancelled_owned(),
-        );
-    let mut server = tokio::spawn(server);
+        .add_service(GreeterServer::new(greeter));
     let mode = match &tls {
         None => "plaintext",
         Some(tls) if tls.files().ca.is_some() => "mutual TLS",
         Some(_) => "TLS",
     };
-    info!(listen = %local, %addr, id = %instance_id, mode, "serving");
+    info!(listen = %local, %addr, id = %instance_id, mode, "starting");
 
     let etcd = registry_config.connect().await?;
-    let mut builder = registry_config
+    let mut registration = registry_config
         .registration(&config.etcd.service, &instance_id, &addr)
         .metadata("weight", config.weight);
     for (key, value) in [("version", &config.service_version), ("zone", &config.zone)] {
         if let Some(value) = value {
-            builder = builder.metadata(key, value.as_str());
+            registration = registration.metadata(key, value.as_str());
         }
     }
     for (key, value) in &config.meta {
-        builder = builder.metadata(key.as_str(), value.as_str());
+        registration = registration.metadata(key.as_str(), value.as_str());
     }
-    let registration = builder.start(&etcd).context("starting registration")?;
-
-    tokio::select! {
-        registered = registration.wait_registered(config.etcd.etcd_timeout) => {
-            let lease = registered.with_context(|| format!(
-                "could not register {} in etcd at {}; check that etcd is running (scripts/etcd-cluster.sh start)",
-                registration.key(), config.etcd.etcd_endpoints.join(",")
-            ))?;
-            info!(key = registration.key(), lease = format_args!("{lease:x}"), "registered; clients can now find this instance");
-        }
-        _ = shutdown.cancelled() => info!("shutdown requested before registration completed"),
-        served = &mut server => return served_result(served, &bind),
-    }
-
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        served = &mut server => return served_result(served, &bind),
-        _ = toggle_health_on_sigusr1(&health) => {}
-    }
-
-    info!("shutting down: 1/4 reporting NOT_SERVING");
-    set_serving(&health, false).await;
-    if config.announce_draining {
-        info!(
-            key = registration.key(),
-            "shutting down: announcing draining in etcd"
-        );
-        if let Err(e) = registration.announce_draining(ANNOUNCE_TIMEOUT).await {
-            warn!(error = %e, "could not announce draining; clients learn of the departure from their health checks");
-        }
-    }
-    info!(
-        key = registration.key(),
-        "shutting down: 2/4 revoking the lease"
-    );
-    if let Err(e) = registration.deregister().await {
-        warn!(error = %e, "deregistration failed; the key expires with its lease");
-    }
-    info!(grace = ?config.deregister_grace, "shutting down: 3/4 serving while clients drop this instance");
-    tokio::time::sleep(config.deregister_grace).await;
-    info!(deadline = ?config.drain_timeout, "shutting down: 4/4 draining in-flight calls");
-    stop_serving.cancel();
-    match tokio::time::timeout(config.drain_timeout, &mut server).await {
-        Ok(served) => served_result(served, &bind)?,
-        Err(_) => {
-            server.abort();
-            warn!(deadline = ?config.drain_timeout, "drain deadline passed; remaining calls were cut");
-        }
-    }
-    info!("stopped");
+    let lifecycle = Lifecycle::new(&etcd, registration)
+        .health_of(GreeterServer::<greeter::Greeter>::NAME)
+        .register_timeout(config.etcd.etcd_timeout)
+        .announce_draining(config.announce_draining)
+        .deregister_grace(config.deregister_grace)
+        .drain_timeout(config.drain_timeout);
+    let switch = toggle_health_on_sigusr1(lifecycle.reporter());
+    lifecycle
+        .while_serving(switch)
+        .serve(router, listener, shutdown)
+        .await?;
     Ok(())
 }
 
@@ -375,32 +349,23 @@ async fn set_serving(health: &HealthReporter, serving: bool) {
 
 /// The operator's switch: each SIGUSR1 flips the reported health between SERVING and NOT_SERVING,
 /// so clients stop and resume calling this instance without it leaving etcd
-/// (`kill -USR1 <pid>`). Returns only if the signal cannot be listened for.
-async fn toggle_health_on_sigusr1(health: &HealthReporter) {
+/// (`kill -USR1 <pid>`). Runs while the instance is registered; returns only if the signal cannot
+/// be listened for.
+async fn toggle_health_on_sigusr1(health: HealthReporter) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut usr1 = match signal(SignalKind::user_defined1()) {
         Ok(usr1) => usr1,
         Err(e) => {
             warn!(error = %e, "cannot listen for SIGUSR1; the health switch is off");
-            return std::future::pending().await;
+            return;
         }
     };
     let mut serving = true;
     while usr1.recv().await.is_some() {
         serving = !serving;
-        set_serving(health, serving).await;
+        set_serving(&health, serving).await;
         info!(serving, "SIGUSR1: health switched");
     }
-    std::future::pending().await
-}
-
-fn served_result(
-    served: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
-    bind: &str,
-) -> anyhow::Result<()> {
-    served
-        .with_context(|| format!("the server task on {bind} died"))?
-        .with_context(|| format!("serving on {bind} failed"))
 }
 
 fn bracket(host: &str) -> String {

@@ -6,7 +6,7 @@
 use std::{process::Command, time::Duration};
 
 use clap::Parser;
-use testkit::{EtcdCluster, free_port, wait_until};
+use testkit::{EtcdCluster, wait_until};
 use tokio_util::sync::CancellationToken;
 
 /// An in-process server instance; stopped gracefully (deregistered) on `stop`.
@@ -18,20 +18,22 @@ pub(crate) struct Server {
 }
 
 impl Server {
-    /// Starts a server on a free port and waits until its key is in etcd.
+    /// Starts a server on a port-0 listener and waits until its key is in etcd.
     pub(crate) fn start(cluster: &EtcdCluster) -> Self {
         Self::start_with(cluster, &cluster.endpoints().join(","), &[])
     }
 
-    /// Starts a server reaching etcd at `endpoints` with `extra` flags, and waits until its key
-    /// is in etcd; panics with the server's error if it stops first.
+    /// Starts a server on a port-0 listener, reaching etcd at `endpoints` with `extra` flags, and
+    /// waits until its key is in etcd; panics with the server's error if it stops first.
     pub(crate) fn start_with(cluster: &EtcdCluster, endpoints: &str, extra: &[&str]) -> Self {
-        let port = free_port();
-        let port_text = port.to_string();
+        // Bound here and handed over, so no other test can take the port in between.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std)
+            .expect("binding a loopback listener on port 0");
+        let port = listener.local_addr().expect("the bound address").port();
         let args = [
             "server",
-            "--port",
-            &port_text,
             "--etcd-endpoints",
             endpoints,
             "--deregister-grace",
@@ -39,7 +41,7 @@ impl Server {
         ];
         let config = server::Config::try_parse_from(args.iter().chain(extra)).unwrap();
         let shutdown = CancellationToken::new();
-        let mut task = tokio::spawn(server::run(config, shutdown.clone()));
+        let mut task = tokio::spawn(server::serve(config, listener, shutdown.clone()));
         let addr = format!("127.0.0.1:{port}");
         let key = format!("services/helloworld/127.0.0.1-{port}");
         wait_until(
