@@ -25,8 +25,7 @@ use std::{
 use anyhow::Context;
 use proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
 use registry::{
-    BalanceOptions, BalancedChannel, Discovery, Etcd, Membership, Policy, RetryPolicy,
-    discover::Instances,
+    BalanceOptions, BalancedChannel, Discovery, Etcd, Instances, Membership, Policy, RetryPolicy,
 };
 use tokio::{sync::watch, task::JoinHandle};
 use tonic::{

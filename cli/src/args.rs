@@ -4,13 +4,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use registry::{
-    RegistryConfig,
-    config::{Credentials, Secret},
-    etcd::parse_endpoint,
-    key,
-    tls::{Tls, TlsFiles},
-};
+use registry::{Credentials, RegistryConfig, Secret, Tls, TlsFiles, key, parse_endpoint};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -227,7 +221,7 @@ impl EtcdArgs {
     /// registers nothing, passes the default).
     ///
     /// # Errors
-    /// [`Error::Registry`] as [`registry::config::RegistryConfigBuilder::build`] or for an
+    /// [`Error::Registry`] as [`registry::RegistryConfigBuilder::build`] or for an
     /// unreadable password file, [`Error::Invalid`] for a username without a password or the other
     /// way round.
     pub fn registry_config(&self, ttl: Duration) -> Result<RegistryConfig> {

@@ -12,7 +12,7 @@ use rand::RngExt;
 /// Exponential backoff: the base delay doubles after each failure up to `max`; each delay returned is
 /// the base scaled by a random factor in `[0.5, 1.5)`, then capped at `max`.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     initial: Duration,
     max: Duration,
     base: Duration,
@@ -21,7 +21,7 @@ pub struct Backoff {
 impl Backoff {
     /// A backoff starting at `initial` and never exceeding `max` (`max` is raised to `initial` if
     /// given smaller, so the cap can never be inverted).
-    pub fn new(initial: Duration, max: Duration) -> Self {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
         let max = max.max(initial);
         Self {
             initial,
@@ -55,13 +55,13 @@ impl Backoff {
     }
 
     /// The delay before the next attempt; grows the base for the attempt after.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let factor = rand::rng().random_range(0.5..1.5);
         self.next_delay_with(factor)
     }
 
     /// Forget past failures: the next delay starts from `initial` again.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.base = self.initial;
     }
 

@@ -8,7 +8,7 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use registry::{RegistryConfig, config::Credentials, tls::TlsFiles};
+//! use registry::{Credentials, RegistryConfig, TlsFiles};
 //! # async fn demo() -> Result<(), registry::Error> {
 //! let config = RegistryConfig::builder()
 //!     .endpoints(["etcd-1:2379", "etcd-2:2379", "etcd-3:2379"])

@@ -214,7 +214,7 @@ fn auth_refusal(error: &etcd_client::Error) -> Option<String> {
 }
 
 /// Parses one endpoint given as `host:port`, `http://host:port` or `https://host:port` into
-/// `scheme://host:port`; a bare `host:port` becomes `http://` (see [`with_scheme`] for TLS).
+/// `scheme://host:port`; a bare `host:port` becomes `http://` (see `with_scheme` for TLS).
 ///
 /// # Errors
 /// [`Error::InvalidEndpoint`] saying what is wrong.
@@ -240,7 +240,7 @@ pub fn parse_endpoint(endpoint: &str) -> Result<String> {
 ///
 /// # Errors
 /// [`Error::InvalidEndpoint`] saying what is wrong.
-pub fn with_scheme(endpoint: &str, tls: bool) -> Result<String> {
+pub(crate) fn with_scheme(endpoint: &str, tls: bool) -> Result<String> {
     let parsed = parse_endpoint(endpoint)?;
     Ok(if tls && !endpoint.contains("://") {
         parsed.replacen("http://", "https://", 1)

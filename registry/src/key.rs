@@ -35,7 +35,7 @@ pub fn instance_key(namespace: &str, service: &str, instance_id: &str) -> Result
 
 /// The instance id in `key`, if `key` is `<prefix><id>` with a well-formed id; `None` for keys
 /// outside the layout (nested deeper, empty id), which discovery skips.
-pub fn instance_id<'k>(prefix: &str, key: &'k str) -> Option<&'k str> {
+pub(crate) fn instance_id<'k>(prefix: &str, key: &'k str) -> Option<&'k str> {
     let id = key.strip_prefix(prefix)?;
     segment_problem(id).is_none().then_some(id)
 }

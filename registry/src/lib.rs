@@ -11,17 +11,17 @@
 //! waits without a deadline.
 //!
 //! # Layout
-//! - [`config`]: [`RegistryConfig`], the one validated configuration, and its builder.
-//! - [`etcd`]: endpoints, connection options (TLS, auth), the shared [`Etcd`] handle.
-//! - [`tls`]: certificates and keys from PEM files, for etcd, clients and servers.
+//! - `config.rs`: [`RegistryConfig`], the one validated configuration, and its builder.
+//! - `etcd.rs`: endpoints, connection options (TLS, auth), the shared [`Etcd`] handle.
+//! - `tls.rs`: certificates and keys from PEM files, for etcd, clients and servers.
 //! - [`key`]: the key layout `<namespace>/<service>/<instance-id>`.
 //! - [`endpoint`]: the value codec, compatible with Go's `endpoints.Manager`.
-//! - [`register`]: [`Registration`], a key kept alive for as long as its handle lives.
-//! - [`lease`]: [`SharedLease`], one lease per process for all its registrations and locks, kept
+//! - `register.rs`: [`Registration`], a key kept alive for as long as its handle lives.
+//! - `lease.rs`: [`SharedLease`], one lease per process for all its registrations and locks, kept
 //!   alive by one loop that tells a broken stream from a lost lease.
-//! - [`lock`]: [`Lock`], distributed locks on etcd's lock service, released when the holder's lease
+//! - `lock.rs`: [`Lock`], distributed locks on etcd's lock service, released when the holder's lease
 //!   ends.
-//! - [`discover`]: [`Discovery`], list-then-watch into a live [`Membership`] of [`Instances`].
+//! - `discover.rs`: [`Discovery`], list-then-watch into a live [`Membership`] of [`Instances`].
 //! - `balancer/`: [`BalancedChannel`], for generated clients, one file per concern:
 //!   - `mod.rs`: the channel, [`BalanceOptions`] and what it reports ([`InstanceStatus`]);
 //!   - `pool.rs`: the updater task, one backend per address, the removal grace;
@@ -34,7 +34,7 @@
 //! - [`metrics`]: what the library records (through the `metrics` facade) and under which names.
 //! - [`serve`]: [`Lifecycle`], a tonic server on a listener you bound: registered once serving,
 //!   NOT_SERVING, deregistered and drained on shutdown.
-//! - [`backoff`]: capped exponential backoff with jitter.
+//! - `backoff.rs`: capped exponential backoff with jitter.
 //! - [`error`]: the crate's [`Error`].
 //!
 //! # Example
@@ -58,32 +58,33 @@
 //! # }
 //! ```
 
-pub mod backoff;
+mod backoff;
 mod balancer;
-pub mod config;
-pub mod discover;
+mod config;
+mod discover;
 pub mod endpoint;
 pub mod error;
-pub mod etcd;
+mod etcd;
 pub mod key;
 mod key_watch;
-pub mod lease;
-pub mod lock;
+mod lease;
+mod lock;
 pub mod metrics;
-pub mod register;
+mod register;
 pub mod serve;
-pub mod tls;
+mod tls;
 
 pub use balancer::{
     BalanceOptions, BalancedChannel, HASH_KEY, INSTANCE, InstanceStatus, OutlierPolicy, Policy,
     RemovalGrace, RetryPolicy, Selector, ServedBy,
 };
-pub use config::{Credentials, RegistryConfig, Secret};
+pub use config::{Credentials, RegistryConfig, RegistryConfigBuilder, Secret};
 pub use discover::{Change, Changes, Discovery, Instance, Instances, Membership};
 pub use endpoint::{Endpoint, Format};
 pub use error::{Error, Result};
-pub use etcd::{Etcd, EtcdConfig};
+pub use etcd::{Etcd, EtcdConfig, parse_endpoint};
 pub use lease::{DEFAULT_TTL, LeaseState, MIN_TTL, SharedLease};
 pub use lock::{Lock, LockGuard};
-pub use register::{Registration, RegistrationState};
+pub use register::{Registration, RegistrationBuilder, RegistrationState};
 pub use serve::Lifecycle;
+pub use tls::{Tls, TlsFiles};

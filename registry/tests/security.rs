@@ -12,9 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use registry::{
-    Credentials, Error, RegistrationState, RegistryConfig, error::chain, tls::TlsFiles,
-};
+use registry::{Credentials, Error, RegistrationState, RegistryConfig, TlsFiles, error::chain};
 use testkit::{Certs, EtcdCluster};
 
 const ROOT_PASSWORD: &str = "root-Pa55word-7f3c";
