@@ -17,9 +17,10 @@
 //! A broken stream (the member carrying it died, a network blip) is not a lost lease: it is reopened,
 //! on whichever member the client reaches, with a short capped backoff, until that deadline.
 
+use crate::sync::Unpoisoned;
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -171,12 +172,6 @@ impl Drop for Shared {
     }
 }
 
-/// A panic while holding one of these locks cannot leave the data half-updated (every critical
-/// section is a single map operation), so a poisoned lock is used as is.
-fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl SharedLease {
     /// Starts granting a lease of `ttl` (rounded up to whole seconds) and keeping it alive in the
     /// background; returns at once. [`SharedLease::wait_live`] waits for the first grant.
@@ -280,7 +275,7 @@ impl SharedLease {
         let Some(shared) = Arc::into_inner(self.inner) else {
             return Ok(None);
         };
-        let task = locked(&shared.task).take();
+        let task = shared.task.locked().take();
         let label = shared.label.clone();
         // Cancels the task: it revokes the lease and ends.
         drop(shared);
@@ -301,7 +296,7 @@ impl SharedLease {
     /// Adds a registration key to the set re-put after every new grant. The caller puts it on the
     /// current lease itself (see [`SharedLease::ensure_put`]).
     pub(crate) fn attach(&self, key: &str, value: &str) {
-        locked(&self.inner.keys).insert(
+        self.inner.keys.locked().insert(
             key.to_owned(),
             Attached {
                 value: value.to_owned(),
@@ -313,14 +308,14 @@ impl SharedLease {
     /// Replaces the value of attached `key`, for every later put (after a new grant, or when the
     /// key is put back). Does nothing if `key` is not attached.
     pub(crate) fn set_value(&self, key: &str, value: &str) {
-        if let Some(attached) = locked(&self.inner.keys).get_mut(key) {
+        if let Some(attached) = self.inner.keys.locked().get_mut(key) {
             value.clone_into(&mut attached.value);
         }
     }
 
     /// The current value of attached `key`.
     pub(crate) fn value_of(&self, key: &str) -> Option<String> {
-        locked(&self.inner.keys).get(key).map(|a| a.value.clone())
+        self.inner.keys.locked().get(key).map(|a| a.value.clone())
     }
 
     /// A handle that does not keep the lease alive (nor stop [`SharedLease::release`] from
@@ -332,7 +327,10 @@ impl SharedLease {
     /// Makes sure attached `key` is in etcd on lease `id`, returning the revision of its put: the
     /// task may already have put it there when it granted `id`; otherwise put it now.
     pub(crate) async fn ensure_put(&self, key: &str, value: &str, id: i64) -> Result<i64> {
-        let done = locked(&self.inner.keys)
+        let done = self
+            .inner
+            .keys
+            .locked()
             .get(key)
             .and_then(|a| a.put)
             .filter(|&(lease, _)| lease == id);
@@ -352,7 +350,7 @@ impl SharedLease {
     /// Stops keeping `key` and deletes it from etcd, if it is still on the lease we last put it on
     /// (so an instance that took the same key over meanwhile keeps it).
     pub(crate) async fn detach(&self, key: &str) -> Result<()> {
-        let removed = locked(&self.inner.keys).remove(key);
+        let removed = self.inner.keys.locked().remove(key);
         match removed.and_then(|a| a.put) {
             Some((id, _)) => delete_if_on(&self.inner.etcd, key, id).await,
             None => Ok(()),
@@ -369,7 +367,9 @@ impl SharedLease {
 
     /// The in-process mutex serialising holders of lock `name` on this lease.
     pub(crate) fn local_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
-        locked(&self.inner.local_locks)
+        self.inner
+            .local_locks
+            .locked()
             .entry(name.to_owned())
             .or_default()
             .clone()
@@ -377,7 +377,7 @@ impl SharedLease {
 
     /// Forgets lock `name`'s in-process mutex once nobody holds or waits for it.
     pub(crate) fn prune_local_lock(&self, name: &str) {
-        let mut locks = locked(&self.inner.local_locks);
+        let mut locks = self.inner.local_locks.locked();
         // Every holder and waiter has a clone, taken under this lock: one reference is the map's.
         if locks.get(name).is_some_and(|m| Arc::strong_count(m) == 1) {
             locks.remove(name);
@@ -495,7 +495,8 @@ async fn grant_and_put_all(
     keys: &Mutex<BTreeMap<String, Attached>>,
 ) -> Result<i64> {
     let id = grant(etcd, ttl, label).await?;
-    let attached: Vec<(String, String)> = locked(keys)
+    let attached: Vec<(String, String)> = keys
+        .locked()
         .iter()
         .map(|(key, a)| (key.clone(), a.value.clone()))
         .collect();
@@ -515,7 +516,7 @@ async fn record_put(
     id: i64,
     revision: i64,
 ) {
-    let still_attached = match locked(keys).get_mut(key) {
+    let still_attached = match keys.locked().get_mut(key) {
         Some(attached) => {
             attached.put = Some((id, revision));
             true

@@ -72,6 +72,7 @@ mod lock;
 pub mod metrics;
 mod register;
 pub mod serve;
+mod sync;
 mod tls;
 
 pub use balancer::{

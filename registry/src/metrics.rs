@@ -6,6 +6,7 @@
 //! counters. Labels: `service` (the service name), `instance` (an instance's address), `prefix`
 //! (the key prefix discovery watches), `key` (a registration's etcd key).
 
+use crate::sync::Unpoisoned;
 use std::{sync::RwLock, time::Duration};
 
 use tokio::time::Instant;
@@ -145,13 +146,13 @@ impl InstanceMetrics {
 
     /// Records one attempt; `now` is the caller's clock reading (one per call).
     pub(crate) fn call(&self, now: Instant, elapsed: Duration, failed: bool) {
-        let read = self.handles.read().unwrap_or_else(|p| p.into_inner());
+        let read = self.handles.locked();
         if now.saturating_duration_since(read.0) < HANDLES_REFRESHED_EVERY {
             record(&read.1, elapsed, failed);
             return;
         }
         drop(read);
-        let mut write = self.handles.write().unwrap_or_else(|p| p.into_inner());
+        let mut write = crate::sync::write(&self.handles);
         *write = (now, InstanceHandles::fetch(&self.service, &self.instance));
         record(&write.1, elapsed, failed);
     }

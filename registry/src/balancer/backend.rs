@@ -6,6 +6,7 @@
 //! The connection itself is kept by the task in [`super::connection`]; this file is the state that
 //! task, the picker and the calls share.
 
+use crate::sync::Unpoisoned;
 use std::{
     sync::{
         Arc, Mutex, MutexGuard,
@@ -140,12 +141,12 @@ impl Backend {
     }
 
     pub(crate) fn metadata(&self) -> Arc<Value> {
-        lock(&self.metadata).clone()
+        self.metadata.locked().clone()
     }
 
     /// Replaces the metadata; true if it changed.
     pub(crate) fn set_metadata(&self, metadata: &Value) -> bool {
-        let mut current = lock(&self.metadata);
+        let mut current = self.metadata.locked();
         if **current == *metadata {
             return false;
         }
@@ -188,7 +189,7 @@ impl Backend {
 
     /// The removal grace in progress, if any.
     pub(crate) fn grace(&self) -> Option<Grace> {
-        *lock(&self.grace)
+        *self.grace.locked()
     }
 
     /// Keeps the instance callable for `length` from `now` on its current connection.
@@ -198,13 +199,13 @@ impl Backend {
             until: now + length,
             connection: self.connections.load(Ordering::Acquire),
         };
-        *lock(&self.grace) = Some(grace);
+        *self.grace.locked() = Some(grace);
         grace
     }
 
     /// Ends the removal grace (the instance was registered again).
     pub(crate) fn end_grace(&self) -> Option<Grace> {
-        lock(&self.grace).take()
+        self.grace.locked().take()
     }
 
     /// Why the grace in progress must end at `now`, or `None` while it holds (or there is none).
@@ -239,7 +240,7 @@ impl Backend {
         if !self.outlier_dirty.load(Ordering::Acquire) {
             return;
         }
-        let mut outlier = lock(&self.outlier);
+        let mut outlier = self.outlier.locked();
         outlier.consecutive = 0;
         outlier.ejections = 0;
         self.outlier_dirty.store(false, Ordering::Release);
@@ -248,7 +249,7 @@ impl Backend {
     /// Counts a failed call; ejects the instance when that makes `policy.consecutive_failures`
     /// in a row. Returns the ejection's length when it ejected.
     pub(crate) fn record_failure(&self, policy: &OutlierPolicy, now: Instant) -> Option<Duration> {
-        let mut outlier = lock(&self.outlier);
+        let mut outlier = self.outlier.locked();
         if self.is_ejected(now) {
             // Calls already in flight when the instance was ejected: they say nothing new, and
             // counting them would turn one burst into an ever longer ejection.
@@ -273,7 +274,7 @@ impl Backend {
 
     /// A new connection is a fresh start: failures of the old one do not count.
     pub(super) fn reset_outlier(&self) {
-        *lock(&self.outlier) = Outlier::default();
+        *self.outlier.locked() = Outlier::default();
         self.ejected_until.store(0, Ordering::Release);
         self.outlier_dirty.store(false, Ordering::Release);
     }
@@ -302,21 +303,13 @@ impl Backend {
     }
 
     fn live(&self) -> MutexGuard<'_, Option<Live>> {
-        lock(&self.live)
+        self.live.locked()
     }
 }
 
 /// Whether `metadata` carries the draining announcement ([`crate::endpoint::DRAINING_KEY`] true).
 pub(crate) fn is_draining(metadata: &Value) -> bool {
     super::select::text(metadata, crate::endpoint::DRAINING_KEY).is_some_and(|v| v == "true")
-}
-
-/// Locks a mutex that is only held to copy or swap a field: a panic cannot leave the value
-/// half-written, so a poisoned lock is safe to keep using.
-pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A call in flight on a backend; dropping it ends the call.

@@ -3,6 +3,7 @@
 //!
 //! Every failure becomes a gRPC status here and nowhere else, naming the instance it went to.
 
+use crate::sync::Unpoisoned;
 use std::{
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -78,7 +79,7 @@ impl Shared {
         if !membership.synced {
             return true;
         }
-        let applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        let applied = self.applied.locked();
         !membership.instances.same_snapshot(&applied)
             || self.connecting.load(Ordering::SeqCst) > 0
             || self.rebuild_requested.load(Ordering::SeqCst)
@@ -169,11 +170,7 @@ impl Shared {
     }
 
     fn unavailable(&self) -> Status {
-        let known = self
-            .backends
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len();
+        let known = self.backends.locked().len();
         Status::unavailable(if known == 0 {
             format!("no instances of service {:?} are registered", self.service)
         } else {

@@ -138,15 +138,36 @@ pub(crate) async fn maintain(
 /// server without a health service, which then counts as serving) means it processes requests.
 async fn probe(channel: &Channel, timeout: Duration) -> Result<bool, String> {
     let mut health = HealthClient::new(channel.clone());
+    match check(&mut health, timeout).await {
+        Health::Serving(serving) => Ok(serving),
+        Health::NoService => Ok(true),
+        Health::NoAnswer(why) => Err(why),
+    }
+}
+
+/// What one `grpc.health.v1.Health/Check` said.
+enum Health {
+    /// An answer: SERVING (or anything but NOT_SERVING), or NOT_SERVING.
+    Serving(bool),
+    /// The server has no health service (UNIMPLEMENTED, or NOT_FOUND for the overall status):
+    /// it counts as serving and is not asked again.
+    NoService,
+    /// No answer in time, or a failed call.
+    NoAnswer(String),
+}
+
+/// Asks for the overall health (service ""), bounded by `timeout`: the one health request, made
+/// by the first probe and by every poll after it.
+async fn check(health: &mut HealthClient<Channel>, timeout: Duration) -> Health {
     let request = HealthCheckRequest {
         service: String::new(),
     };
     match tokio::time::timeout(timeout, health.check(request)).await {
-        Err(_) => Err(format!("no answer to a health check within {timeout:?}")),
-        Ok(Ok(reply)) => Ok(reply.get_ref().status() != ServingStatus::NotServing),
+        Err(_) => Health::NoAnswer(format!("no answer to a health check within {timeout:?}")),
+        Ok(Ok(reply)) => Health::Serving(reply.get_ref().status() != ServingStatus::NotServing),
         Ok(Err(status)) => match status.code() {
-            Code::Unimplemented | Code::NotFound => Ok(true),
-            _ => Err(format!("health check failed: {status}")),
+            Code::Unimplemented | Code::NotFound => Health::NoService,
+            _ => Health::NoAnswer(format!("health check failed: {status}")),
         },
     }
 }
@@ -171,18 +192,13 @@ async fn watch_health(
     let mut health = HealthClient::new(channel);
     loop {
         tokio::time::sleep(interval).await;
-        let request = HealthCheckRequest {
-            service: String::new(),
-        };
-        let serving = match tokio::time::timeout(timeout, health.check(request)).await {
-            Ok(Ok(reply)) => reply.get_ref().status() != ServingStatus::NotServing,
-            Ok(Err(status)) if matches!(status.code(), Code::Unimplemented | Code::NotFound) => {
-                return std::future::pending().await;
-            }
+        let serving = match check(&mut health, timeout).await {
+            Health::Serving(serving) => serving,
+            Health::NoService => return std::future::pending().await,
             // No answer: the connection's own checks (socket, keep-alive) decide about the
             // rotation; but an instance in removal grace is only kept on the strength of its
             // answers, so it leaves now.
-            Ok(Err(_)) | Err(_) => {
+            Health::NoAnswer(_) => {
                 if backend.health_answered.swap(false, Ordering::AcqRel) {
                     debug!(addr = %backend.addr, id = %backend.instance_id, "health check unanswered");
                     on_change();

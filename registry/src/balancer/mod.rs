@@ -44,6 +44,7 @@ mod pool;
 pub(crate) mod retry;
 pub(crate) mod select;
 
+use crate::sync::Unpoisoned;
 use std::{
     collections::BTreeMap,
     fmt,
@@ -330,11 +331,7 @@ impl BalancedChannel {
     pub fn instances(&self) -> Vec<InstanceStatus> {
         let picker = self.shared.picker();
         let now = Instant::now();
-        let backends = self
-            .shared
-            .backends
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let backends = self.shared.backends.locked();
         backends
             .values()
             .map(|b| {
@@ -426,8 +423,7 @@ impl fmt::Debug for BalancedChannel {
 impl Shared {
     fn connected(&self) -> Vec<Arc<str>> {
         self.backends
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .locked()
             .values()
             .filter(|b| b.is_ready())
             .map(|b| b.addr.clone())
@@ -436,10 +432,7 @@ impl Shared {
 
     fn picker(&self) -> Arc<Picker<Arc<Backend>>> {
         // Poisoning cannot leave the Arc half-written; keep serving.
-        self.picker
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        self.picker.locked().clone()
     }
 }
 

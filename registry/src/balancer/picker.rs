@@ -12,6 +12,7 @@
 //! A `Picker` is built from the usable instances each time they change; picking is a read of that
 //! snapshot plus, depending on the policy, an atomic increment, a short lock or a random draw.
 
+use crate::sync::Unpoisoned;
 use std::{
     fmt,
     str::FromStr,
@@ -199,17 +200,14 @@ impl<T: Candidate> Picker<T> {
 
     fn random_index(&self, n: usize) -> usize {
         // The lock guards a random generator; a panic cannot leave it unusable.
-        self.rng
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .random_range(0..n)
+        self.rng.locked().random_range(0..n)
     }
 
     /// nginx's smooth weighted round robin: every usable item gains its weight, the richest is
     /// picked and pays the total. Over any window of `sum(weights)` picks each item is picked
     /// exactly `weight` times, interleaved rather than in bursts.
     fn smooth_weighted(&self, usable: &impl Fn(&T) -> bool) -> Option<usize> {
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut current = self.current.locked();
         let mut total = 0i64;
         let mut best: Option<usize> = None;
         for (i, item) in self.items.iter().enumerate() {
@@ -304,7 +302,7 @@ impl Shared {
     /// and preferred by it when any is. `requested` is the request count read before looking at
     /// the backends: every change requested up to it is reflected.
     fn rebuild(&self, requested: u64) {
-        let backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+        let backends = self.backends.locked();
         let now = Instant::now();
         let usable: Vec<Arc<Backend>> = backends
             .values()
@@ -327,7 +325,7 @@ impl Shared {
             usable.len(),
         );
         let picker = Arc::new(Picker::new(self.policy, usable, self.seed));
-        *self.picker.write().unwrap_or_else(|p| p.into_inner()) = picker;
+        *crate::sync::write(&self.picker) = picker;
         drop(backends);
         self.rebuild_published.store(requested, Ordering::SeqCst);
         self.changed.notify_waiters();

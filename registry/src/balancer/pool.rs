@@ -8,6 +8,7 @@
 //! rebuild; this task coalesces the requests, so when thousands of backends connect at start the
 //! picker is rebuilt a few times rather than once per backend, and never on a call's path.
 
+use crate::sync::Unpoisoned;
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::{
@@ -112,11 +113,7 @@ impl Pool {
         // Applied: from here a failed pick no longer waits for this snapshot. Recorded after the
         // new backends were counted as connecting, and before the rebuild, whose notification
         // wakes the calls waiting for it.
-        *self
-            .shared
-            .applied
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = instances.clone();
+        *self.shared.applied.locked() = instances.clone();
         self.applied = instances;
     }
 
@@ -150,7 +147,7 @@ impl Pool {
             .and_then(|ids| ids.first())
             .and_then(|id| instances.get(id));
         let shared = self.shared.clone();
-        let mut backends = shared.backends.lock().unwrap_or_else(|p| p.into_inner());
+        let mut backends = shared.backends.locked();
         let now = Instant::now();
         match (wanted, backends.get(addr).cloned()) {
             (None, None) => {}
@@ -263,11 +260,7 @@ impl Pool {
             return;
         }
         let now = Instant::now();
-        let mut backends = self
-            .shared
-            .backends
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut backends = self.shared.backends.locked();
         let mut ended = false;
         self.graced.retain(|addr| {
             let Some(backend) = backends.get(addr) else {
@@ -292,11 +285,7 @@ impl Pool {
         if self.graced.is_empty() {
             return None;
         }
-        let backends = self
-            .shared
-            .backends
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let backends = self.shared.backends.locked();
         self.graced
             .iter()
             .filter_map(|addr| backends.get(addr)?.grace())

@@ -17,6 +17,7 @@
 //! attempt sends it (`Replay`) and replayed to the next attempt; bodies larger than
 //! [`RetryPolicy::max_replay_bytes`] are never retried once that much has been sent.
 
+use crate::sync::Unpoisoned;
 use std::{
     pin::Pin,
     sync::{
@@ -154,7 +155,7 @@ impl RetryBudget {
 
     fn refill(&self, now: Instant) -> MutexGuard<'_, (f64, Instant)> {
         // Only arithmetic happens under the lock; a poisoned value is still a valid number.
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state.locked();
         let elapsed = now.saturating_duration_since(state.1).as_secs_f64();
         state.0 = (state.0 + elapsed * self.min_per_second).min(self.cap);
         state.1 = now;
@@ -300,7 +301,7 @@ impl Replay {
 
     fn lock(&self) -> MutexGuard<'_, ReplayState> {
         // Polling happens under the lock but never panics midway through an update.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.locked()
     }
 }
 

@@ -1,0 +1,42 @@
+//! Locks that survive a panic: the crate's std locks guard only short critical sections (copy a
+//! field, swap an `Arc`, one map operation), so a panic while one is held cannot leave the value
+//! half-written, and a poisoned lock is used as it is rather than turning one panic into many.
+
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// `lock()`, `read()` and `write()` that ignore poisoning (see the module docs).
+pub(crate) trait Unpoisoned<T> {
+    /// The guard of a [`Mutex`], or the read guard of a [`RwLock`].
+    type Read<'a>
+    where
+        Self: 'a;
+    /// Locks for reading (a `Mutex` has only one kind of lock).
+    fn locked(&self) -> Self::Read<'_>;
+}
+
+impl<T> Unpoisoned<T> for Mutex<T> {
+    type Read<'a>
+        = MutexGuard<'a, T>
+    where
+        T: 'a;
+
+    fn locked(&self) -> MutexGuard<'_, T> {
+        self.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl<T> Unpoisoned<T> for RwLock<T> {
+    type Read<'a>
+        = RwLockReadGuard<'a, T>
+    where
+        T: 'a;
+
+    fn locked(&self) -> RwLockReadGuard<'_, T> {
+        self.read().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The write lock of a [`RwLock`], ignoring poisoning.
+pub(crate) fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
