@@ -16,6 +16,7 @@
 //! Subscribers get [`Membership`] snapshots through a `tokio::sync::watch` channel; the task applies
 //! changes as they arrive, not when a request happens to need them.
 
+use crate::sync::Waited;
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use etcd_client::{EventType, GetOptions, KeyValue, WatchOptions};
@@ -372,11 +373,11 @@ impl Discovery {
         what: &str,
         done: impl FnMut(&Membership) -> bool,
     ) -> Result<Membership> {
-        let mut rx = self.membership.clone();
-        if let Ok(Ok(m)) = tokio::time::timeout(timeout, rx.wait_for(done)).await {
-            return Ok(m.clone());
-        }
-        let m = self.membership();
+        let m = match crate::sync::wait_for(&self.membership, timeout, done).await {
+            Waited::Reached(m) => return Ok(m),
+            Waited::Stopped => self.membership(),
+            Waited::TimedOut(m) => m,
+        };
         let why = match (&m.problem, m.synced) {
             (Some(problem), _) => format!("etcd problem: {problem}"),
             (None, true) => format!("{} registered under {}", m.instances.len(), self.prefix),

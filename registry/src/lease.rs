@@ -17,7 +17,7 @@
 //! A broken stream (the member carrying it died, a network blip) is not a lost lease: it is reopened,
 //! on whichever member the client reaches, with a short capped backoff, until that deadline.
 
-use crate::sync::Unpoisoned;
+use crate::sync::{Unpoisoned, Waited};
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
@@ -240,22 +240,17 @@ impl SharedLease {
     /// # Errors
     /// [`Error::GaveUp`] after `timeout`, with the last reason granting failed.
     pub async fn wait_live(&self, timeout: Duration) -> Result<i64> {
-        let mut state = self.state();
-        let live = state.wait_for(|s| matches!(s, LeaseState::Live { .. } | LeaseState::Closed));
         let gave_up = |why: String| Error::GaveUp {
             what: format!("a live lease for {} ({why})", self.inner.label),
             waited: timeout,
         };
-        match tokio::time::timeout(timeout, live).await {
-            Ok(Ok(state)) => match *state {
-                LeaseState::Live { id } => Ok(id),
-                ref other => Err(gave_up(format!("the lease is {other:?}"))),
-            },
-            Ok(Err(_)) => Err(gave_up("the lease task stopped".into())),
-            Err(_) => Err(gave_up(match &*self.inner.state.borrow() {
-                LeaseState::Lost { reason } => reason.clone(),
-                other => format!("still {other:?}"),
-            })),
+        let live = |s: &LeaseState| matches!(s, LeaseState::Live { .. } | LeaseState::Closed);
+        match crate::sync::wait_for(&self.inner.state, timeout, live).await {
+            Waited::Reached(LeaseState::Live { id }) => Ok(id),
+            Waited::Reached(other) => Err(gave_up(format!("the lease is {other:?}"))),
+            Waited::Stopped => Err(gave_up("the lease task stopped".into())),
+            Waited::TimedOut(LeaseState::Lost { reason }) => Err(gave_up(reason)),
+            Waited::TimedOut(other) => Err(gave_up(format!("still {other:?}"))),
         }
     }
 

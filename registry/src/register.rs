@@ -17,6 +17,7 @@
 //! kratos #3883 and rpcx #420). Deregistration deletes the key at once (and revokes the lease when no
 //! one else uses it).
 
+use crate::sync::Waited;
 use std::time::Duration;
 
 use tokio::{sync::watch, task::JoinHandle};
@@ -185,22 +186,17 @@ impl Registration {
     /// # Errors
     /// [`Error::GaveUp`] after `timeout`, with the last reason registration failed.
     pub async fn wait_registered(&self, timeout: Duration) -> Result<i64> {
-        let mut state = self.state.clone();
-        let registered = state.wait_for(|s| matches!(s, RegistrationState::Registered { .. }));
         let gave_up = |why: String| Error::GaveUp {
             what: format!("registration of {} ({why})", self.key),
             waited: timeout,
         };
-        match tokio::time::timeout(timeout, registered).await {
-            Ok(Ok(state)) => match *state {
-                RegistrationState::Registered { lease_id } => Ok(lease_id),
-                ref other => Err(gave_up(format!("unexpected state {other:?}"))),
-            },
-            Ok(Err(_)) => Err(gave_up("the registration task stopped".into())),
-            Err(_) => Err(gave_up(match &*self.state.borrow() {
-                RegistrationState::Lost { reason } => reason.clone(),
-                other => format!("still {other:?}"),
-            })),
+        let registered = |s: &RegistrationState| matches!(s, RegistrationState::Registered { .. });
+        match crate::sync::wait_for(&self.state, timeout, registered).await {
+            Waited::Reached(RegistrationState::Registered { lease_id }) => Ok(lease_id),
+            Waited::Reached(other) => Err(gave_up(format!("unexpected state {other:?}"))),
+            Waited::Stopped => Err(gave_up("the registration task stopped".into())),
+            Waited::TimedOut(RegistrationState::Lost { reason }) => Err(gave_up(reason)),
+            Waited::TimedOut(other) => Err(gave_up(format!("still {other:?}"))),
         }
     }
 

@@ -40,3 +40,35 @@ impl<T> Unpoisoned<T> for RwLock<T> {
 pub(crate) fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(PoisonError::into_inner)
 }
+
+/// How a bounded wait for a state ended.
+#[derive(Debug)]
+pub(crate) enum Waited<T> {
+    /// The state arrived: here it is.
+    Reached(T),
+    /// The task publishing the states ended first.
+    Stopped,
+    /// Time ran out: the state at that moment, to say why.
+    TimedOut(T),
+}
+
+/// Waits at most `timeout` for a value of `rx` that satisfies `done`: the one wait-for-state of
+/// the crate (registrations, leases, discovery), whose callers turn the outcome into an error that
+/// says what was awaited and where things stood.
+pub(crate) async fn wait_for<T: Clone>(
+    rx: &tokio::sync::watch::Receiver<T>,
+    timeout: std::time::Duration,
+    done: impl FnMut(&T) -> bool,
+) -> Waited<T> {
+    let mut waiting = rx.clone();
+    let outcome = match tokio::time::timeout(timeout, waiting.wait_for(done)).await {
+        Ok(Ok(value)) => Some(Ok(value.clone())),
+        Ok(Err(_)) => Some(Err(())),
+        Err(_) => None,
+    };
+    match outcome {
+        Some(Ok(value)) => Waited::Reached(value),
+        Some(Err(())) => Waited::Stopped,
+        None => Waited::TimedOut(rx.borrow().clone()),
+    }
+}
