@@ -70,6 +70,38 @@ pub(crate) struct Grace {
     connection: u64,
 }
 
+/// Why an instance whose key is gone is not (or no longer) kept for the removal grace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NoGrace {
+    /// The balancer's option is zero.
+    Off,
+    NotConnected,
+    /// Its record announced that it is leaving.
+    Draining,
+    NotServing,
+    /// Its last health check got no answer.
+    HealthCheckFailed,
+    /// The connection the grace was given on closed.
+    ConnectionLost,
+    /// The grace ran its full length.
+    Expired,
+}
+
+impl NoGrace {
+    /// The text logs and the `reason` label of [`crate::metrics::GRACE_ENDED`] use.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Off => "removal grace off",
+            Self::NotConnected => "not connected",
+            Self::Draining => "announced draining",
+            Self::NotServing => "NOT_SERVING",
+            Self::HealthCheckFailed => "health check failed",
+            Self::ConnectionLost => "connection lost",
+            Self::Expired => "grace expired",
+        }
+    }
+}
+
 /// Passive outlier detection: consecutive failures eject an instance for a while.
 #[derive(Debug, Clone)]
 pub struct OutlierPolicy {
@@ -173,15 +205,15 @@ impl Backend {
 
     /// Why the instance may not be kept after its key disappeared, or `None` if it may: it must
     /// be connected, have answered its last health check with SERVING, and not be draining.
-    pub(crate) fn why_no_grace(&self) -> Option<&'static str> {
+    pub(crate) fn why_no_grace(&self) -> Option<NoGrace> {
         if !self.is_ready() {
-            Some("not connected")
+            Some(NoGrace::NotConnected)
         } else if self.is_draining() {
-            Some("announced draining")
+            Some(NoGrace::Draining)
         } else if !self.is_serving() {
-            Some("NOT_SERVING")
+            Some(NoGrace::NotServing)
         } else if !self.health_answered.load(Ordering::Acquire) {
-            Some("health check failed")
+            Some(NoGrace::HealthCheckFailed)
         } else {
             None
         }
@@ -209,15 +241,15 @@ impl Backend {
     }
 
     /// Why the grace in progress must end at `now`, or `None` while it holds (or there is none).
-    pub(crate) fn grace_over(&self, now: Instant) -> Option<&'static str> {
+    pub(crate) fn grace_over(&self, now: Instant) -> Option<NoGrace> {
         let grace = self.grace()?;
         if grace.connection != self.connections.load(Ordering::Acquire) {
-            return Some("connection lost");
+            return Some(NoGrace::ConnectionLost);
         }
         if let Some(why) = self.why_no_grace() {
             return Some(why);
         }
-        (now >= grace.until).then_some("grace expired")
+        (now >= grace.until).then_some(NoGrace::Expired)
     }
 
     pub(crate) fn in_flight(&self) -> usize {

@@ -23,7 +23,11 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::transport::Endpoint;
 use tracing::{debug, info};
 
-use super::{BalanceOptions, Shared, backend::Backend, connection};
+use super::{
+    BalanceOptions, Shared,
+    backend::{Backend, NoGrace},
+    connection,
+};
 use crate::{
     discover::{Change, Instance, Instances, Membership},
     metrics,
@@ -196,7 +200,7 @@ impl Pool {
             };
         }
         let why_not = if self.options.removal_grace.is_zero() {
-            Some("removal grace off")
+            Some(NoGrace::Off)
         } else {
             backend.why_no_grace()
         };
@@ -210,7 +214,7 @@ impl Pool {
                 true
             }
             Some(why) => {
-                debug!(service = %service, addr = %backend.addr, id = %backend.instance_id, why, "instance removed without grace");
+                debug!(service = %service, addr = %backend.addr, id = %backend.instance_id, why = why.label(), "instance removed without grace");
                 false
             }
         }
@@ -295,12 +299,12 @@ impl Pool {
 }
 
 /// Logs and counts the end of a grace that removes the instance.
-fn drop_after_grace(service: &str, backend: &Backend, why: &'static str, now: Instant) {
+fn drop_after_grace(service: &str, backend: &Backend, why: NoGrace, now: Instant) {
     let kept = backend
         .grace()
         .map_or(Duration::ZERO, |g| now.saturating_duration_since(g.since));
-    info!(service, addr = %backend.addr, id = %backend.instance_id, why, ?kept, "removal grace over; instance removed");
-    metrics::grace_ended(service, why);
+    info!(service, addr = %backend.addr, id = %backend.instance_id, why = why.label(), ?kept, "removal grace over; instance removed");
+    metrics::grace_ended(service, why.label());
 }
 
 /// A backend's first connection attempt, counted in the channel's `connecting` while it lasts:
