@@ -30,7 +30,9 @@
 //!     hash, pick first), rebuilt off the call path;
 //!   - `call.rs`: one call, its deadline, the wait while starting, its retries;
 //!   - `retry.rs`: which failures are safe to retry ([`RetryPolicy`]), the budget, request replay;
-//!   - `select.rs`: choosing instances by metadata ([`Selector`]).
+//!   - `select.rs`: choosing instances by metadata ([`Selector`]);
+//!   - `subset.rs`: [`Subsetting`], each client connecting to K of N instances chosen by
+//!     rendezvous hashing, kept incrementally.
 //! - [`metrics`]: what the library records (through the `metrics` facade) and under which names.
 //! - [`serve`]: [`Lifecycle`], a tonic server on a listener you bound: registered once serving,
 //!   NOT_SERVING, deregistered and drained on shutdown.
@@ -77,7 +79,7 @@ mod tls;
 
 pub use balancer::{
     BalanceOptions, BalancedChannel, HASH_KEY, INSTANCE, InstanceStatus, OutlierPolicy, Policy,
-    RemovalGrace, RetryPolicy, Selector, ServedBy,
+    RemovalGrace, RetryPolicy, Selector, ServedBy, SubsetStatus, Subsetting,
 };
 pub use config::{Credentials, RegistryConfig, RegistryConfigBuilder, Secret};
 pub use discover::{Change, Changes, Discovery, Instance, Instances, Membership};

@@ -48,6 +48,9 @@ pub const REMOVALS_DEFERRED: &str = "registry_removals_deferred_total";
 pub const GRACE_ENDED: &str = "registry_removal_grace_ended_total";
 /// Instances kept callable in removal grace right now, per `service`.
 pub const INSTANCES_IN_GRACE: &str = "registry_instances_in_grace";
+/// Instances this client connects to: all known ones, or its subset when
+/// [`Subsetting`](crate::Subsetting) applies; per `service`.
+pub const INSTANCES_IN_SUBSET: &str = "registry_instances_in_subset";
 /// Round trip of a lease keep-alive, from send to etcd's reply; per `key`.
 pub const KEEPALIVE_RTT: &str = "registry_lease_keepalive_rtt_seconds";
 
@@ -89,6 +92,10 @@ pub fn describe() {
     describe_gauge!(
         INSTANCES_IN_GRACE,
         "Instances whose key is gone, kept callable in removal grace."
+    );
+    describe_gauge!(
+        INSTANCES_IN_SUBSET,
+        "Instances this client connects to (its subset, or all when subsetting is off)."
     );
     describe_histogram!(KEEPALIVE_RTT, Unit::Seconds, "Lease keep-alive round trip.");
 }
@@ -191,6 +198,10 @@ pub(crate) fn grace_ended(service: &str, reason: &'static str) {
 
 pub(crate) fn in_grace(service: &str, count: usize) {
     gauge!(INSTANCES_IN_GRACE, "service" => service.to_owned()).set(count as f64);
+}
+
+pub(crate) fn in_subset(service: &str, count: usize) {
+    gauge!(INSTANCES_IN_SUBSET, "service" => service.to_owned()).set(count as f64);
 }
 
 pub(crate) fn discovery_update(prefix: &str) {

@@ -23,6 +23,8 @@
 //!   on drop, and killed by the kernel if the test process dies first.
 //! - [`port`]: [`free_port`], a loopback port never handed out twice in one process.
 //! - [`http`]: a bare HTTP GET, to scrape metrics endpoints.
+//! - [`sockets`]: the machine's established TCP connections (`/proc/net/tcp`), to count what a
+//!   client really holds.
 //! - [`wait`]: [`wait_until`] and [`wait_for`], polling with a deadline instead of sleeping.
 //!
 //! # Requirements
@@ -66,6 +68,7 @@ pub mod etcd;
 pub mod http;
 pub mod port;
 pub mod process;
+pub mod sockets;
 pub mod wait;
 
 pub use certs::Certs;

@@ -43,6 +43,7 @@ mod picker;
 mod pool;
 pub(crate) mod retry;
 pub(crate) mod select;
+mod subset;
 
 use crate::sync::Unpoisoned;
 use std::{
@@ -67,6 +68,7 @@ pub use backend::OutlierPolicy;
 pub use picker::Policy;
 pub use retry::RetryPolicy;
 pub use select::Selector;
+pub use subset::{SubsetStatus, Subsetting};
 
 use crate::discover::{Discovery, Instances, Membership};
 use backend::Backend;
@@ -113,6 +115,10 @@ pub struct BalanceOptions {
     /// instance, a lost connection, NOT_SERVING, an unanswered health check, or a draining
     /// record. Covers lease expiries the instance could not prevent (etcd without quorum).
     pub removal_grace: Duration,
+    /// Which instances this client connects to: all, or a subset of K of them once the service
+    /// is large ([`Subsetting`]; by default subsets of 20 above 100 instances). The policy
+    /// spreads calls within the subset.
+    pub subset: Subsetting,
 }
 
 impl Default for BalanceOptions {
@@ -138,6 +144,7 @@ impl Default for BalanceOptions {
             // follow the old lease's expiry within about a second, and a server that cannot
             // register again for a whole TTL is in trouble its clients should hear about.
             removal_grace: crate::DEFAULT_TTL,
+            subset: Subsetting::default(),
         }
     }
 }
@@ -265,6 +272,8 @@ struct Shared {
     picker: RwLock<Arc<Picker<Arc<Backend>>>>,
     /// Rotation counter shared by successive pickers, so a rebuild does not restart the rotation.
     next: AtomicUsize,
+    /// Instances known and in this client's subset, as last applied.
+    subset: subset::Counts,
 }
 
 impl BalancedChannel {
@@ -293,6 +302,7 @@ impl BalancedChannel {
                 options.seed,
             ))),
             next: AtomicUsize::new(0),
+            subset: subset::Counts::default(),
         });
         let stop = CancellationToken::new();
         tokio::spawn(pool::follow(
@@ -327,7 +337,9 @@ impl BalancedChannel {
     }
 
     /// Every instance the channel has a backend for (one per address), in address order, with its
-    /// connection, health and rotation state: what a live view shows.
+    /// connection, health and rotation state: what a live view shows. With subsetting these are
+    /// the subset's members (and instances in removal grace), not every known instance: see
+    /// [`BalancedChannel::subset`].
     pub fn instances(&self) -> Vec<InstanceStatus> {
         let picker = self.shared.picker();
         let now = Instant::now();
@@ -354,6 +366,12 @@ impl BalancedChannel {
                 }
             })
             .collect()
+    }
+
+    /// How many instances the channel knows and how many are in its subset (all, without
+    /// subsetting): only those have backends, connections and health checks.
+    pub fn subset(&self) -> SubsetStatus {
+        self.shared.subset.get()
     }
 
     /// Addresses with a live connection, in rotation or not (e.g. not preferred by the selector, or

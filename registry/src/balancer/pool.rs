@@ -27,6 +27,7 @@ use super::{
     BalanceOptions, Shared,
     backend::{Backend, NoGrace},
     connection,
+    subset::Subset,
 };
 use crate::{
     discover::{Change, Instance, Instances, Membership},
@@ -46,6 +47,8 @@ struct Pool {
     stops: BTreeMap<Arc<str>, DropGuard>,
     /// Addresses in removal grace: the only backends a grace check looks at.
     graced: BTreeSet<Arc<str>>,
+    /// Every registered address ranked for this client; only the subset's members get backends.
+    subset: Subset,
 }
 
 /// The updater task: applies membership snapshots as they come, ends removal graces, and rebuilds
@@ -57,6 +60,7 @@ pub(super) async fn follow(
     stop: CancellationToken,
 ) {
     let mut pool = Pool {
+        subset: Subset::new(&options.subset),
         shared,
         options,
         stop,
@@ -100,14 +104,17 @@ impl Pool {
         let changes: Vec<Change> = self.applied.diff(&instances).collect();
         for change in changes {
             match change {
-                Change::Added(new) => touched.insert(self.add_id(&new)),
-                Change::Removed(old) => touched.insert(self.remove_id(&old)),
+                Change::Added(new) => self.add_id(&new, &mut touched),
+                Change::Removed(old) => self.remove_id(&old, &mut touched),
                 Change::Updated { old, new } => {
-                    touched.insert(self.remove_id(&old));
-                    touched.insert(self.add_id(&new))
+                    self.remove_id(&old, &mut touched);
+                    self.add_id(&new, &mut touched);
                 }
-            };
+            }
         }
+        let status = self.subset.status();
+        self.shared.subset.set(status);
+        metrics::in_subset(&self.shared.service, status.members);
         for addr in &touched {
             self.sync(addr, &instances);
         }
@@ -121,33 +128,42 @@ impl Pool {
         self.applied = instances;
     }
 
-    fn add_id(&mut self, instance: &Instance) -> Arc<str> {
+    /// Records `instance` at its address; an address registered for the first time joins the
+    /// subset's ranking. Every address whose backend may have to change goes into `touched`.
+    fn add_id(&mut self, instance: &Instance, touched: &mut BTreeSet<Arc<str>>) {
         let addr: Arc<str> = instance.addr.as_str().into();
-        self.ids_at
-            .entry(addr.clone())
-            .or_default()
-            .insert(instance.id.clone());
-        addr
+        let ids = self.ids_at.entry(addr.clone()).or_default();
+        let first = ids.is_empty();
+        ids.insert(instance.id.clone());
+        if first {
+            self.subset.insert(&addr).touch(touched);
+        }
+        touched.insert(addr);
     }
 
-    fn remove_id(&mut self, instance: &Instance) -> Arc<str> {
+    /// Forgets `instance` at its address; an address no longer registered at all leaves the
+    /// subset's ranking (and the best of the rest may take its place).
+    fn remove_id(&mut self, instance: &Instance, touched: &mut BTreeSet<Arc<str>>) {
         let addr: Arc<str> = instance.addr.as_str().into();
         if let Some(ids) = self.ids_at.get_mut(&addr) {
             ids.remove(&instance.id);
             if ids.is_empty() {
                 self.ids_at.remove(&addr);
+                self.subset.remove(&addr).touch(touched);
             }
         }
-        addr
+        touched.insert(addr);
     }
 
     /// Makes the backend at `addr` match what is registered there now: created, described by
     /// another instance, updated, kept for the removal grace, or removed.
     fn sync(&mut self, addr: &Arc<str>, instances: &Instances) {
-        // If several instances share an address, the first (by id) describes its backend.
+        // If several instances share an address, the first (by id) describes its backend. Only
+        // the subset's members get one.
         let wanted = self
             .ids_at
             .get(addr)
+            .filter(|_| self.subset.is_member(addr))
             .and_then(|ids| ids.first())
             .and_then(|id| instances.get(id));
         let shared = self.shared.clone();
@@ -155,6 +171,14 @@ impl Pool {
         let now = Instant::now();
         match (wanted, backends.get(addr).cloned()) {
             (None, None) => {}
+            // Still registered, only out of this client's subset: it is alive, so it needs no
+            // grace, and goes like a removed instance (the calls in flight on it finish).
+            (None, Some(backend)) if self.ids_at.contains_key(addr) => {
+                debug!(service = %shared.service, addr = %backend.addr, id = %backend.instance_id, "instance left this client's subset");
+                backends.remove(addr);
+                self.stops.remove(addr);
+                self.graced.remove(addr);
+            }
             (None, Some(backend)) => {
                 if !self.keep_removed(&backend, now) {
                     backends.remove(addr);
