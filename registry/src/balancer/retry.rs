@@ -319,24 +319,26 @@ impl http_body::Body for AttemptBody {
     type Error = Status;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let replay = self.replay.clone();
-        let mut state = replay.lock();
-        if state.generation != self.generation {
+        // Every field is Unpin; borrowing them apart lets the state stay locked through the
+        // shared handle without cloning it on every poll.
+        let this = self.get_mut();
+        let mut state = this.replay.lock();
+        if state.generation != this.generation {
             // A later attempt took over; this one has already failed.
             return Poll::Ready(Some(Err(Status::cancelled("superseded by a retry"))));
         }
-        if let Some(data) = state.recorded.get(self.next) {
+        if let Some(data) = state.recorded.get(this.next) {
             let data = data.clone();
-            self.next += 1;
+            this.next += 1;
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
         let Some(inner) = state.inner.as_mut() else {
-            if let (Some(trailers), false) = (&state.trailers, self.trailers_sent) {
+            if let (Some(trailers), false) = (&state.trailers, this.trailers_sent) {
                 let trailers = trailers.clone();
-                self.trailers_sent = true;
+                this.trailers_sent = true;
                 return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
             }
             return Poll::Ready(None);
@@ -354,7 +356,7 @@ impl http_body::Body for AttemptBody {
                         if state.recorded_bytes + data.len() <= state.limit {
                             state.recorded_bytes += data.len();
                             state.recorded.push(data.clone());
-                            self.next += 1;
+                            this.next += 1;
                         } else {
                             state.overflowed = true;
                             state.recorded.clear();
@@ -362,7 +364,7 @@ impl http_body::Body for AttemptBody {
                     }
                 } else if let Some(trailers) = frame.trailers_ref() {
                     state.trailers = Some(trailers.clone());
-                    self.trailers_sent = true;
+                    this.trailers_sent = true;
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
