@@ -116,6 +116,11 @@ impl Instances {
     /// Makes `self` equal to `target` by applying their difference, so that it stays a
     /// descendant of the snapshots before it (and later diffs stay proportional to changes).
     fn replace_with(&mut self, target: &Instances) {
+        if self.is_empty() {
+            // Nothing to descend from (a first list): the target itself will do.
+            *self = target.clone();
+            return;
+        }
         let changes: Vec<Change> = self.diff(target).collect();
         for change in changes {
             match change {
@@ -515,23 +520,70 @@ async fn run(
     }
 }
 
-/// Lists the prefix with a linearizable get: every instance plus the revision of that view.
+/// Keys asked for per page of a list. A gRPC message may carry 4 MiB and an etcd record is a few
+/// hundred bytes, so a single get of 100,000 instances (about 13 MB) is refused; pages of 5,000
+/// stay far below the limit at any fleet size.
+const LIST_PAGE: i64 = 5_000;
+
+/// Lists the prefix with linearizable gets: every instance plus the revision of that view. Large
+/// services are read in pages, every page after the first at the first page's revision, so the
+/// pages together are one consistent view (a compaction in between fails the list, which is then
+/// retried from scratch).
 async fn list(etcd: &Etcd, prefix: &str, format: Format) -> Result<(Instances, Position)> {
-    let resp = etcd
-        .call("get", prefix, |mut c| async move {
-            c.get(prefix, Some(GetOptions::new().with_prefix())).await
-        })
-        .await?;
-    let position = Position {
-        revision: resp.header().map_or(0, |h| h.revision()),
-        cluster_id: resp.header().map_or(0, |h| h.cluster_id()),
-    };
-    let instances = resp
-        .kvs()
-        .iter()
-        .filter_map(|kv| decode(prefix, format, kv))
-        .collect();
-    Ok((instances, position))
+    let end = prefix_end(prefix.as_bytes());
+    let mut from = prefix.as_bytes().to_vec();
+    let mut position: Option<Position> = None;
+    let mut found: Vec<Instance> = Vec::new();
+    loop {
+        let at = position.as_ref().map_or(0, |p| p.revision);
+        let (start, end) = (&from, &end);
+        let resp = etcd
+            .call("get", prefix, |mut c| async move {
+                let options = GetOptions::new()
+                    .with_range(end.clone())
+                    .with_limit(LIST_PAGE)
+                    .with_revision(at);
+                c.get(start.clone(), Some(options)).await
+            })
+            .await?;
+        let position = position.get_or_insert_with(|| Position {
+            revision: resp.header().map_or(0, |h| h.revision()),
+            cluster_id: resp.header().map_or(0, |h| h.cluster_id()),
+        });
+        found.extend(
+            resp.kvs()
+                .iter()
+                .filter_map(|kv| decode(prefix, format, kv)),
+        );
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                // The next page starts just after the last key of this one.
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => {
+                let position = Position {
+                    revision: position.revision,
+                    cluster_id: position.cluster_id,
+                };
+                return Ok((found.into_iter().collect(), position));
+            }
+        }
+    }
+}
+
+/// The end of the key range holding every key that starts with `prefix`: the prefix with its last
+/// byte below 0xff incremented (etcd's convention; our prefixes end with '/').
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff: every key from the prefix on (etcd's "\0" range end).
+    vec![0]
 }
 
 /// Watches the prefix from `position.revision + 1`, applying every event to the published
@@ -737,55 +789,85 @@ fn publish(
     revision: i64,
     update: impl FnOnce(&mut Instances),
 ) {
-    let mut changes: Vec<Change> = Vec::new();
+    let mut summary = ChangeSummary::default();
     tx.send_if_modified(|m| {
         let mut instances = m.instances.clone();
         update(&mut instances);
-        changes = m.instances.diff(&instances).collect();
+        summary = ChangeSummary::of(&m.instances, &instances);
         let first_sync = !m.synced;
         m.revision = revision;
         m.synced = true;
-        if changes.is_empty() && !first_sync {
+        if summary.is_empty() && !first_sync {
             return false;
         }
         m.instances = instances;
         true
     });
-    if changes.is_empty() {
+    if summary.is_empty() {
         debug!(prefix, revision, "no membership change");
         return;
     }
     metrics::discovery_update(prefix);
-    log_changes(prefix, &changes);
+    summary.log(prefix);
 }
 
-/// Beyond this many changes at once (a first list, a re-list) the log gets a summary line and the
-/// instances go to debug level: 100,000 info lines would cost more than the list itself.
+/// Beyond this many changes at once (a first list, a re-list) the log gets a summary line instead
+/// of a line per instance: 100,000 lines would cost more than the list itself.
 const CHANGES_LOGGED_ONE_BY_ONE: usize = 20;
 
-fn log_changes(prefix: &str, changes: &[Change]) {
-    let one_by_one = changes.len() <= CHANGES_LOGGED_ONE_BY_ONE;
-    for change in changes {
-        let (what, i) = match change {
-            Change::Added(i) => ("instance added", i),
-            Change::Removed(i) => ("instance removed", i),
-            Change::Updated { new, .. } => ("instance updated", new),
-        };
-        if one_by_one {
-            info!(prefix, id = %i.id, addr = %i.addr, "{what}");
-        } else {
-            debug!(prefix, id = %i.id, addr = %i.addr, "{what}");
+/// What one publication changed: counted without copying an instance, and the changes themselves
+/// only when few enough to log one by one.
+#[derive(Default)]
+struct ChangeSummary {
+    added: usize,
+    removed: usize,
+    updated: usize,
+    few: Vec<Change>,
+}
+
+impl ChangeSummary {
+    fn of(old: &Instances, new: &Instances) -> Self {
+        let mut summary = Self::default();
+        for item in old.0.diff(&new.0) {
+            match item {
+                imbl::ordmap::DiffItem::Add(..) => summary.added += 1,
+                imbl::ordmap::DiffItem::Remove(..) => summary.removed += 1,
+                imbl::ordmap::DiffItem::Update { .. } => summary.updated += 1,
+            }
         }
+        if summary.len() <= CHANGES_LOGGED_ONE_BY_ONE {
+            summary.few = old.diff(new).collect();
+        }
+        summary
     }
-    if !one_by_one {
-        let count = |f: fn(&Change) -> bool| changes.iter().filter(|c| f(c)).count();
-        info!(
-            prefix,
-            added = count(|c| matches!(c, Change::Added(_))),
-            removed = count(|c| matches!(c, Change::Removed(_))),
-            updated = count(|c| matches!(c, Change::Updated { .. })),
-            "membership changed"
-        );
+
+    fn len(&self) -> usize {
+        self.added + self.removed + self.updated
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn log(&self, prefix: &str) {
+        for change in &self.few {
+            match change {
+                Change::Added(i) => info!(prefix, id = %i.id, addr = %i.addr, "instance added"),
+                Change::Removed(i) => info!(prefix, id = %i.id, addr = %i.addr, "instance removed"),
+                Change::Updated { new, .. } => {
+                    info!(prefix, id = %new.id, addr = %new.addr, "instance updated")
+                }
+            }
+        }
+        if self.few.is_empty() {
+            info!(
+                prefix,
+                added = self.added,
+                removed = self.removed,
+                updated = self.updated,
+                "membership changed"
+            );
+        }
     }
 }
 
@@ -834,6 +916,13 @@ mod tests {
 
     fn diff(old: &Instances, new: &Instances) -> Vec<Change> {
         old.diff(new).collect()
+    }
+
+    #[test]
+    fn a_prefix_range_ends_just_past_the_prefix() {
+        assert_eq!(prefix_end(b"services/s/"), b"services/s0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
     }
 
     #[test]

@@ -331,3 +331,37 @@ async fn discovery_changes_stream_as_tower_discover_changes() {
     cluster.etcdctl_ok(&["del", "services/towered/b"]);
     assert_eq!(describe(next().await), "-b");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_too_large_for_one_grpc_message_is_listed_in_pages() {
+    // 40,000 records of about 150 bytes: some 6 MB, more than the 4 MiB one gRPC message may
+    // carry, so a single get of the prefix is refused; discovery must read it in pages.
+    const COUNT: usize = 40_000;
+    let (_cluster, etcd) = cluster().await;
+    let metadata = r#"{"instance_id":"x","zone":"zone-a","version":"v1.2.3"}"#;
+    let mut ops = Vec::with_capacity(COUNT);
+    for i in 0..COUNT {
+        let addr = format!("10.{}.{}.{}:50051", i / 65_536, (i / 256) % 256, i % 256);
+        let value = format!(r#"{{"Op":0,"Addr":"{addr}","Metadata":{metadata:?}}}"#);
+        ops.push(etcd_client::TxnOp::put(
+            format!("services/large/{i:06}"),
+            value,
+            None,
+        ));
+    }
+    let mut client = etcd.client();
+    for chunk in ops.chunks(100) {
+        client
+            .txn(etcd_client::Txn::new().and_then(chunk.to_vec()))
+            .await
+            .expect("writing the records");
+    }
+    let discovery = Discovery::start(&etcd, "services", "large").unwrap();
+    let listed = discovery
+        .wait_for_instances(COUNT, Duration::from_secs(30))
+        .await
+        .expect("every record listed");
+    assert_eq!(listed.instances.len(), COUNT);
+    assert_eq!(listed.instances["039999"].addr, "10.0.156.63:50051");
+    assert_eq!(listed.lists, 1, "one list, in pages");
+}
