@@ -137,13 +137,19 @@ pub fn ours(etcd: &Etcd, policy: Policy, retry: bool) -> anyhow::Result<Client> 
         policy,
         ..BalanceOptions::default()
     };
-    let discovery = Discovery::start(etcd, NAMESPACE, SERVICE).context("starting discovery")?;
+    let discovery = Discovery::builder(SERVICE)
+        .namespace(NAMESPACE)
+        .start(etcd)
+        .context("starting discovery")?;
     Ok(Client::Ours(BalancedChannel::new(discovery, options)))
 }
 
 /// tonic's `balance_channel`, fed from a `Discovery` of its own.
 pub fn tonic(etcd: &Etcd) -> anyhow::Result<Client> {
-    let discovery = Discovery::start(etcd, NAMESPACE, SERVICE).context("starting discovery")?;
+    let discovery = Discovery::builder(SERVICE)
+        .namespace(NAMESPACE)
+        .start(etcd)
+        .context("starting discovery")?;
     let (channel, changes) = Channel::balance_channel::<String>(64);
     let feeder = tokio::spawn(feed(discovery.subscribe(), changes));
     Ok(Client::Tonic {

@@ -61,7 +61,10 @@ impl Fixture {
             .connect()
             .await
             .context("connecting to the bench cluster")?;
-        let observer = Discovery::start(&etcd, NAMESPACE, SERVICE).context("observer")?;
+        let observer = Discovery::builder(SERVICE)
+            .namespace(NAMESPACE)
+            .start(&etcd)
+            .context("observer")?;
         let logs = tempfile::Builder::new()
             .prefix("bench-logs-")
             .tempdir()

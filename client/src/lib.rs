@@ -441,12 +441,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let etcd = registry_config.connect().await.map_err(name_settings)?;
     let prefix = registry::key::service_prefix(&config.etcd.namespace, &config.etcd.service)?;
     cli::preflight::check(&etcd, &prefix, config.etcd.etcd_timeout).await?;
-    let discovery = Discovery::start_with_format(
-        &etcd,
-        &config.etcd.namespace,
-        &config.etcd.service,
-        config.format,
-    )?;
+    let discovery = Discovery::builder(&config.etcd.service)
+        .namespace(&config.etcd.namespace)
+        .format(config.format)
+        .start(&etcd)?;
     let selector = Selector {
         require: config.select.clone(),
         prefer: config.prefer.clone(),

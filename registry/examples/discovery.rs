@@ -27,7 +27,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let etcd = EtcdConfig::new(endpoints.split(','))?.connect().await?;
 
     // List, then watch from the list's revision: no change between the two is missed.
-    let discovery = Discovery::start(&etcd, "services", &service)?;
+    let discovery = Discovery::builder(&service).start(&etcd)?;
     let mut known = discovery.wait_synced(Duration::from_secs(10)).await?;
     println!(
         "{} instance(s) under {} at revision {}",

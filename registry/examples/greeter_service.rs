@@ -96,7 +96,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
 
 /// The client side: discover the service, balance over its instances, call it.
 async fn call_three_times(etcd: &Etcd) -> Result<(), Box<dyn Error>> {
-    let discovery = Discovery::start(etcd, NAMESPACE, SERVICE)?;
+    let discovery = Discovery::builder(SERVICE)
+        .namespace(NAMESPACE)
+        .start(etcd)?;
     let options = BalanceOptions {
         policy: Policy::RoundRobin,
         // Only instances that published version=v1; `prefer` would fall back to the others.

@@ -14,7 +14,7 @@
 //!     .endpoints(["etcd-1:2379", "etcd-2:2379", "etcd-3:2379"])
 //!     .connect_timeout(Duration::from_secs(3))
 //!     .ttl(Duration::from_secs(10))
-//!     .namespace("services")
+//!     
 //!     .tls(TlsFiles { ca: Some("ca.pem".into()), ..TlsFiles::default() })
 //!     .auth(Credentials::new("greeter", "s3cret"))
 //!     .build()?;
@@ -27,7 +27,7 @@
 use std::{fmt, path::Path, time::Duration};
 
 use crate::{
-    discover::Discovery,
+    discover::{Discovery, DiscoveryBuilder},
     error::{Error, Result},
     etcd::{Etcd, EtcdConfig, with_scheme},
     key,
@@ -161,12 +161,9 @@ impl RegistryConfig {
             .ttl(self.ttl)
     }
 
-    /// Starts discovering `service` in this configuration's namespace.
-    ///
-    /// # Errors
-    /// As [`Discovery::start`].
-    pub fn discovery(&self, etcd: &Etcd, service: &str) -> Result<Discovery> {
-        Discovery::start(etcd, &self.namespace, service)
+    /// A discovery of `service` in this configuration's namespace; call `start`.
+    pub fn discovery(&self, service: impl Into<String>) -> DiscoveryBuilder {
+        Discovery::builder(service).namespace(&self.namespace)
     }
 }
 

@@ -256,42 +256,71 @@ pub struct Discovery {
     _task: Arc<DropGuard>,
 }
 
-impl Discovery {
-    /// Starts discovering `service` under `namespace` (e.g. [`key::DEFAULT_NAMESPACE`]); returns at
-    /// once. The first list happens in the background: see [`Discovery::wait_for_instances`].
-    ///
-    /// # Errors
-    /// [`Error::InvalidName`] if the namespace or service cannot be used in a key.
-    pub fn start(etcd: &Etcd, namespace: &str, service: &str) -> Result<Self> {
-        Self::start_with_format(etcd, namespace, service, Format::GoNaming)
+/// What to discover, before it starts: [`Discovery::builder`]. The same shape as
+/// [`crate::RegistrationBuilder`]: the service first, options after, the etcd handle last.
+#[derive(Debug, Clone)]
+pub struct DiscoveryBuilder {
+    service: String,
+    namespace: String,
+    format: Format,
+}
+
+impl DiscoveryBuilder {
+    /// The key namespace (default [`key::DEFAULT_NAMESPACE`]): instances live under
+    /// `<namespace>/<service>/`.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
     }
 
-    /// Like [`Discovery::start`], for instances registered by another framework ([`Format`]).
+    /// How the records are written (default [`Format::GoNaming`]), for instances registered by
+    /// another framework.
+    pub fn format(mut self, format: Format) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Starts discovering; returns at once. The first list happens in the background: see
+    /// [`Discovery::wait_for_instances`]. Must be called inside a Tokio runtime.
     ///
     /// # Errors
     /// [`Error::InvalidName`] if the namespace or service cannot be used in a key.
-    pub fn start_with_format(
-        etcd: &Etcd,
-        namespace: &str,
-        service: &str,
-        format: Format,
-    ) -> Result<Self> {
-        let prefix: Arc<str> = format.prefix(namespace, service)?.into();
+    pub fn start(self, etcd: &Etcd) -> Result<Discovery> {
+        let prefix: Arc<str> = self.format.prefix(&self.namespace, &self.service)?.into();
         let (tx, membership) = watch::channel(Membership::default());
         let cancel = CancellationToken::new();
         tokio::spawn(run(
             etcd.clone(),
             prefix.clone(),
-            format,
+            self.format,
             tx,
             cancel.clone(),
         ));
-        Ok(Self {
-            service: service.into(),
+        Ok(Discovery {
+            service: self.service.into(),
             prefix,
             membership,
             _task: Arc::new(cancel.drop_guard()),
         })
+    }
+}
+
+impl Discovery {
+    /// Discovery of `service`: set the namespace or the record format if need be, then
+    /// [`DiscoveryBuilder::start`] it on an etcd connection.
+    ///
+    /// ```no_run
+    /// # async fn demo(etcd: registry::Etcd) -> Result<(), registry::Error> {
+    /// let discovery = registry::Discovery::builder("helloworld").start(&etcd)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn builder(service: impl Into<String>) -> DiscoveryBuilder {
+        DiscoveryBuilder {
+            service: service.into(),
+            namespace: key::DEFAULT_NAMESPACE.to_owned(),
+            format: Format::GoNaming,
+        }
     }
 
     /// The service name.
@@ -520,10 +549,14 @@ async fn run(
     }
 }
 
-/// Keys asked for per page of a list. A gRPC message may carry 4 MiB and an etcd record is a few
-/// hundred bytes, so a single get of 100,000 instances (about 13 MB) is refused; pages of 5,000
-/// stay far below the limit at any fleet size.
+/// Keys asked for per page of a list. A single get of 100,000 records (about 13 MB) would be
+/// refused by gRPC's default 4 MiB message limit; pages of 5,000 typical records stay far below
+/// the [`LIST_MESSAGE_LIMIT`] at any fleet size.
 const LIST_PAGE: i64 = 5_000;
+
+/// The largest list response accepted: 5,000 records of up to 12 KiB. A page of larger records
+/// (etcd accepts values up to 1.5 MiB) is asked for again in halves.
+const LIST_MESSAGE_LIMIT: usize = 64 * 1024 * 1024;
 
 /// Lists the prefix with linearizable gets: every instance plus the revision of that view. Large
 /// services are read in pages, every page after the first at the first page's revision, so the
@@ -532,21 +565,38 @@ const LIST_PAGE: i64 = 5_000;
 async fn list(etcd: &Etcd, prefix: &str, format: Format) -> Result<(Instances, Position)> {
     let end = prefix_end(prefix.as_bytes());
     let mut from = prefix.as_bytes().to_vec();
+    let mut page = LIST_PAGE;
     let mut position: Option<Position> = None;
     let mut found: Vec<Instance> = Vec::new();
     loop {
         let at = position.as_ref().map_or(0, |p| p.revision);
         let (start, end) = (&from, &end);
-        let resp = etcd
-            .call("get", prefix, |mut c| async move {
+        let answer = etcd
+            .call("get", prefix, |c| async move {
                 let options = GetOptions::new()
                     .with_range(end.clone())
-                    .with_limit(LIST_PAGE)
+                    .with_limit(page)
                     .with_revision(at);
-                c.get(start.clone(), Some(options)).await
+                c.kv_client()
+                    .max_decoding_message_size(LIST_MESSAGE_LIMIT)
+                    .get(start.clone(), Some(options))
+                    .await
             })
-            .await?;
-        let position = position.get_or_insert_with(|| Position {
+            .await;
+        let resp = match answer {
+            Ok(resp) => resp,
+            Err(e) if page > 1 && is_too_large(&e) => {
+                page /= 2;
+                debug!(
+                    prefix,
+                    page, "a page of the list was too large; asking for fewer keys"
+                );
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        // The first page fixes the revision (and cluster) the whole list reflects.
+        position.get_or_insert_with(|| Position {
             revision: resp.header().map_or(0, |h| h.revision()),
             cluster_id: resp.header().map_or(0, |h| h.cluster_id()),
         });
@@ -562,14 +612,26 @@ async fn list(etcd: &Etcd, prefix: &str, format: Format) -> Result<(Instances, P
                 from.push(0);
             }
             _ => {
-                let position = Position {
-                    revision: position.revision,
-                    cluster_id: position.cluster_id,
-                };
+                let position = position.unwrap_or(Position {
+                    revision: 0,
+                    cluster_id: 0,
+                });
                 return Ok((found.into_iter().collect(), position));
             }
         }
     }
+}
+
+/// Whether etcd's answer was refused for its size (gRPC `OUT_OF_RANGE`, "message length too
+/// large").
+fn is_too_large(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Etcd {
+            source: etcd_client::Error::GRpcStatus(status),
+            ..
+        } if status.code() == tonic::Code::OutOfRange
+    )
 }
 
 /// The end of the key range holding every key that starts with `prefix`: the prefix with its last

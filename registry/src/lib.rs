@@ -51,7 +51,7 @@
 //! registration.wait_registered(Duration::from_secs(5)).await?;
 //!
 //! // Client side: a channel to hand to any generated client, e.g. `GreeterClient::new(channel)`.
-//! let discovery = Discovery::start(&etcd, "services", "helloworld")?;
+//! let discovery = Discovery::builder("helloworld").start(&etcd)?;
 //! let channel = BalancedChannel::new(discovery, BalanceOptions::default());
 //! channel.wait_ready(1, Duration::from_secs(5)).await?;
 //!
@@ -82,7 +82,7 @@ pub use balancer::{
     RemovalGrace, RetryPolicy, Selector, ServedBy, SubsetStatus, Subsetting,
 };
 pub use config::{Credentials, RegistryConfig, RegistryConfigBuilder, Secret};
-pub use discover::{Change, Changes, Discovery, Instance, Instances, Membership};
+pub use discover::{Change, Changes, Discovery, DiscoveryBuilder, Instance, Instances, Membership};
 pub use endpoint::{Endpoint, Format};
 pub use error::{Error, Result};
 pub use etcd::{Etcd, EtcdConfig, parse_endpoint};

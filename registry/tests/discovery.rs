@@ -54,7 +54,7 @@ async fn discovery_lists_then_follows_puts_and_deletes_skipping_bad_records() {
         r#"{"Addr":"127.0.0.1:1004"}"#,
     ]);
 
-    let discovery = Discovery::start(&etcd, "services", "greeter").unwrap();
+    let discovery = Discovery::builder("greeter").start(&etcd).unwrap();
     discovery
         .wait_for_instances(2, Duration::from_secs(10))
         .await
@@ -98,7 +98,7 @@ async fn round_robin_serves_three_instances_exactly_thirty_calls_each() {
         r.wait_registered(Duration::from_secs(10)).await.unwrap();
         registrations.push(r);
     }
-    let discovery = Discovery::start(&etcd, "services", "greeter").unwrap();
+    let discovery = Discovery::builder("greeter").start(&etcd).unwrap();
     let channel = BalancedChannel::new(discovery, BalanceOptions::default());
     channel
         .wait_ready(3, Duration::from_secs(10))
@@ -134,7 +134,7 @@ async fn a_new_instance_receives_calls_within_a_second_of_registering() {
         .unwrap();
     r1.wait_registered(Duration::from_secs(10)).await.unwrap();
     let channel = BalancedChannel::new(
-        Discovery::start(&etcd, "services", "greeter").unwrap(),
+        Discovery::builder("greeter").start(&etcd).unwrap(),
         BalanceOptions::default(),
     );
     channel
@@ -179,7 +179,7 @@ async fn a_crashed_instance_is_skipped_at_once_and_used_again_when_back() {
     ra.wait_registered(Duration::from_secs(10)).await.unwrap();
     rb.wait_registered(Duration::from_secs(10)).await.unwrap();
     let channel = BalancedChannel::new(
-        Discovery::start(&etcd, "services", "greeter").unwrap(),
+        Discovery::builder("greeter").start(&etcd).unwrap(),
         BalanceOptions::default(),
     );
     channel
@@ -232,7 +232,7 @@ async fn a_crashed_instance_is_skipped_at_once_and_used_again_when_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_instances_a_call_fails_fast_with_unavailable() {
     let (_cluster, etcd) = cluster().await;
-    let discovery = Discovery::start(&etcd, "services", "nobody").unwrap();
+    let discovery = Discovery::builder("nobody").start(&etcd).unwrap();
     // Wait for the first (empty) list, so the failure is "none registered", not "not synced yet".
     eventually(Duration::from_secs(10), "the first list", || {
         let synced = discovery.membership().synced;
@@ -265,18 +265,21 @@ async fn go_zero_and_kratos_records_are_read_when_asked_for() {
         r#"{"id":"k-1","name":"greeter","version":"v2","metadata":{"zone":"a"},"endpoints":["grpc://127.0.0.1:9000?isSecure=false"]}"#,
     ]);
 
-    let zero =
-        Discovery::start_with_format(&etcd, "services", "greet.rpc", registry::Format::GoZero)
-            .unwrap();
+    let zero = Discovery::builder("greet.rpc")
+        .format(registry::Format::GoZero)
+        .start(&etcd)
+        .unwrap();
     let found = zero
         .wait_for_instances(1, Duration::from_secs(10))
         .await
         .unwrap();
     assert_eq!(found.instances["7587867001"].addr, "127.0.0.1:8080");
 
-    let kratos =
-        Discovery::start_with_format(&etcd, "microservices", "greeter", registry::Format::Kratos)
-            .unwrap();
+    let kratos = Discovery::builder("greeter")
+        .namespace("microservices")
+        .format(registry::Format::Kratos)
+        .start(&etcd)
+        .unwrap();
     let found = kratos
         .wait_for_instances(1, Duration::from_secs(10))
         .await
@@ -286,7 +289,7 @@ async fn go_zero_and_kratos_records_are_read_when_asked_for() {
     assert_eq!(instance.metadata["version"], "v2");
 
     // Off by default: our own format does not read them.
-    let ours = Discovery::start(&etcd, "services", "greet.rpc").unwrap();
+    let ours = Discovery::builder("greet.rpc").start(&etcd).unwrap();
     let synced = ours.wait_synced(Duration::from_secs(10)).await.unwrap();
     assert!(synced.instances.is_empty());
 }
@@ -299,7 +302,7 @@ async fn discovery_changes_stream_as_tower_discover_changes() {
     let (cluster, etcd) = cluster().await;
     let record = |addr: &str, id: &str| registry::Endpoint::new(addr, id).unwrap().encode();
     cluster.etcdctl_ok(&["put", "services/towered/a", &record("127.0.0.1:2001", "a")]);
-    let discovery = Discovery::start(&etcd, "services", "towered").unwrap();
+    let discovery = Discovery::builder("towered").start(&etcd).unwrap();
     // What a tower balancer takes.
     fn is_discover<D: tower::discover::Discover>(_: &D) {}
     is_discover(&discovery.changes());
@@ -356,7 +359,7 @@ async fn a_service_too_large_for_one_grpc_message_is_listed_in_pages() {
             .await
             .expect("writing the records");
     }
-    let discovery = Discovery::start(&etcd, "services", "large").unwrap();
+    let discovery = Discovery::builder("large").start(&etcd).unwrap();
     let listed = discovery
         .wait_for_instances(COUNT, Duration::from_secs(30))
         .await

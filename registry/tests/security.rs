@@ -101,7 +101,7 @@ async fn registers_and_is_discovered(config: &RegistryConfig, id: &str) {
         .wait_registered(Duration::from_secs(10))
         .await
         .unwrap_or_else(|e| panic!("not registered: {e}\n{}", warnings()));
-    let discovery = config.discovery(&etcd, "secure").expect("discovery");
+    let discovery = config.discovery("secure").start(&etcd).expect("discovery");
     let found = discovery
         .wait_for_instances(1, Duration::from_secs(10))
         .await
@@ -269,7 +269,7 @@ async fn etcd_with_auth_works_refuses_wrong_passwords_and_names_missing_permissi
         .wait_registered(Duration::from_secs(10))
         .await
         .expect("registered with auth");
-    let discovery = greeter.discovery(&etcd, "secure").expect("discovery");
+    let discovery = greeter.discovery("secure").start(&etcd).expect("discovery");
     discovery
         .wait_for_instances(1, Duration::from_secs(10))
         .await
@@ -343,7 +343,10 @@ async fn etcd_with_auth_works_refuses_wrong_passwords_and_names_missing_permissi
         reason.contains("may not") && reason.contains("grant-permission"),
         "{reason}"
     );
-    let discovery = outsider.discovery(&etcd, "secure").expect("discovery");
+    let discovery = outsider
+        .discovery("secure")
+        .start(&etcd)
+        .expect("discovery");
     let err = discovery
         .wait_synced(Duration::from_secs(5))
         .await

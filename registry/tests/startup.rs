@@ -31,7 +31,7 @@ async fn fresh_channels_under_a_burst_of_calls_fail_none() {
 
     let mut failed = Vec::new();
     for round in 0..CHANNELS {
-        let discovery = Discovery::start(&etcd, "services", "greeter").unwrap();
+        let discovery = Discovery::builder("greeter").start(&etcd).unwrap();
         let channel = BalancedChannel::new(
             discovery,
             BalanceOptions {

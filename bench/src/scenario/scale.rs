@@ -69,7 +69,9 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
             drop(last.take());
             let before = machine::sample(None)?;
             let started = Instant::now();
-            let discovery = Discovery::start(&fixture.etcd, NAMESPACE, SCALE_SERVICE)?;
+            let discovery = Discovery::builder(SCALE_SERVICE)
+                .namespace(NAMESPACE)
+                .start(&fixture.etcd)?;
             let mut rx = discovery.subscribe();
             tokio::time::timeout(
                 Duration::from_secs(30),

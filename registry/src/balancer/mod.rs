@@ -221,7 +221,7 @@ pub struct ServedBy {
 /// use registry::{BalanceOptions, BalancedChannel, Discovery, EtcdConfig};
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 /// let etcd = EtcdConfig::new(["127.0.0.1:2379"])?.connect().await?;
-/// let discovery = Discovery::start(&etcd, "services", "helloworld")?;
+/// let discovery = Discovery::builder("helloworld").start(&etcd)?;
 /// let channel = BalancedChannel::new(discovery, BalanceOptions::default());
 /// let mut client = GreeterClient::new(channel);
 /// let reply = client.say_hello(HelloRequest { name: "world".into() }).await?;

@@ -42,7 +42,7 @@ pub async fn ready_channel(
     ready: usize,
 ) -> registry::BalancedChannel {
     let channel = registry::BalancedChannel::new(
-        registry::Discovery::start(etcd, "services", "greeter").unwrap(),
+        registry::Discovery::builder("greeter").start(etcd).unwrap(),
         options,
     );
     channel

@@ -152,7 +152,9 @@ impl Load {
             ..base
         };
         let channel = BalancedChannel::new(
-            Discovery::start(&etcd, "services", "helloworld").expect("valid names"),
+            Discovery::builder("helloworld")
+                .start(&etcd)
+                .expect("valid names"),
             options,
         );
         // Like the `client` binary (`--min-instances 1`), start calling only once discovery has
