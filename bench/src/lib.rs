@@ -7,7 +7,8 @@
 //! `bench/results/report.md` with SVG charts next to it. `docs/BENCHMARKS.md` discusses a run.
 //!
 //! # Layout
-//! - [`scenario`]: the nine scenarios of the issue, plus `smoke` for CI.
+//! - [`scenario`]: the nine scenarios of the issue, `fleet` (10,000 real instances and
+//!   subsetting, issue #15), plus `smoke` for CI.
 //! - [`fixture`]: the etcd cluster and server processes a scenario runs against.
 //! - [`clients`]: ours, tonic's `balance_channel`, and the hand-rotated ideal, behind one `call`.
 //! - [`load`]: open-loop and closed-loop load generators.
@@ -61,6 +62,8 @@ pub enum Scenario {
     Churn,
     /// 9. Memory and CPU of servers and clients.
     Footprint,
+    /// 10. 10,000 real instances, with and without subsetting.
+    Fleet,
     /// Every scenario above, in order.
     All,
     /// A short check that the harness works (CI).
@@ -69,7 +72,7 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every real scenario, in the issue's order.
-    pub const EVERY: [Scenario; 9] = [
+    pub const EVERY: [Scenario; 10] = [
         Scenario::Calibration,
         Scenario::Propagation,
         Scenario::Crash,
@@ -79,6 +82,7 @@ impl Scenario {
         Scenario::Scale,
         Scenario::Churn,
         Scenario::Footprint,
+        Scenario::Fleet,
     ];
 
     /// Runs it.
@@ -97,6 +101,7 @@ impl Scenario {
             Scenario::Scale => scenario::scale::run(ctx).await,
             Scenario::Churn => scenario::churn::run(ctx).await,
             Scenario::Footprint => scenario::footprint::run(ctx).await,
+            Scenario::Fleet => scenario::fleet::run(ctx).await,
             Scenario::Smoke => scenario::smoke::run(ctx).await,
             Scenario::All => anyhow::bail!("`all` is expanded before running"),
         }

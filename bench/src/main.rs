@@ -59,6 +59,13 @@ enum Role {
         #[arg(long)]
         count: usize,
     },
+    /// Greeter and health on 0.0.0.0:<port> for the fleet scenario, driven over stdin.
+    #[command(hide = true)]
+    FleetSink {
+        /// The port.
+        #[arg(long)]
+        port: u16,
+    },
     /// Registers flapping instances and toggles them.
     #[command(hide = true)]
     Flap {
@@ -111,6 +118,7 @@ async fn main() -> ExitCode {
     let result = match cli.role {
         Some(Role::Serve { args }) => child::serve(args).await,
         Some(Role::Sink { port, count }) => child::sink(port, count).await,
+        Some(Role::FleetSink { port }) => bench::scenario::fleet::sink(port).await,
         Some(Role::Flap {
             etcd_endpoints,
             port,

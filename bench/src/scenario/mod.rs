@@ -3,6 +3,7 @@
 pub mod calibration;
 pub mod churn;
 pub mod faults;
+pub mod fleet;
 pub mod footprint;
 pub mod overhead;
 pub mod propagation;
