@@ -16,7 +16,6 @@
 //! Subscribers get [`Membership`] snapshots through a `tokio::sync::watch` channel; the task applies
 //! changes as they arrive, not when a request happens to need them.
 
-use crate::sync::Waited;
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use etcd_client::{EventType, GetOptions, KeyValue, WatchOptions};
@@ -25,6 +24,7 @@ use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::{CancellationToken, DropGuard, ReusableBoxFuture};
 use tracing::{debug, info, warn};
 
+use crate::sync::Waited;
 use crate::{
     backoff::Backoff,
     endpoint::Format,
@@ -687,7 +687,7 @@ async fn watch_from(
         let message = tokio::select! {
             _ = cancel.cancelled() => return WatchEnd::Cancelled,
             message = stream.message() => message,
-            _ = sleep_until_some(grace_ends) => {
+            _ = crate::sync::sleep_until_some(grace_ends) => {
                 if let Some(c) = carried.take() {
                     info!(prefix, count = c.ids.len(), "dropping instances the rebuilt etcd cluster never listed again");
                     publish(tx, prefix, position.revision, |instances| {
@@ -807,14 +807,6 @@ async fn watch_from(
                 }
             }
         });
-    }
-}
-
-/// Sleeps until `deadline`, or forever without one.
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -17,7 +17,6 @@
 //! A broken stream (the member carrying it died, a network blip) is not a lost lease: it is reopened,
 //! on whichever member the client reaches, with a short capped backoff, until that deadline.
 
-use crate::sync::{Unpoisoned, Waited};
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
@@ -33,6 +32,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::sync::{Unpoisoned, Waited};
 use crate::{
     backoff::Backoff,
     error::{Error, Result, chain},

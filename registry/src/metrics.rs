@@ -6,7 +6,6 @@
 //! counters. Labels: `service` (the service name), `instance` (an instance's address), `prefix`
 //! (the key prefix discovery watches), `key` (a registration's etcd key).
 
-use crate::sync::Unpoisoned;
 use std::{sync::RwLock, time::Duration};
 
 use tokio::time::Instant;
@@ -153,7 +152,7 @@ impl InstanceMetrics {
 
     /// Records one attempt; `now` is the caller's clock reading (one per call).
     pub(crate) fn call(&self, now: Instant, elapsed: Duration, failed: bool) {
-        let read = self.handles.locked();
+        let read = crate::sync::read(&self.handles);
         if now.saturating_duration_since(read.0) < HANDLES_REFRESHED_EVERY {
             record(&read.1, elapsed, failed);
             return;

@@ -17,13 +17,13 @@
 //! kratos #3883 and rpcx #420). Deregistration deletes the key at once (and revokes the lease when no
 //! one else uses it).
 
-use crate::sync::Waited;
 use std::time::Duration;
 
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::sync::Waited;
 use crate::{
     backoff::Backoff,
     endpoint::Endpoint,

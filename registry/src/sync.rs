@@ -4,41 +4,34 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-/// `lock()`, `read()` and `write()` that ignore poisoning (see the module docs).
+/// `lock()` that ignores poisoning (see the module docs).
 pub(crate) trait Unpoisoned<T> {
-    /// The guard of a [`Mutex`], or the read guard of a [`RwLock`].
-    type Read<'a>
-    where
-        Self: 'a;
-    /// Locks for reading (a `Mutex` has only one kind of lock).
-    fn locked(&self) -> Self::Read<'_>;
+    fn locked(&self) -> MutexGuard<'_, T>;
 }
 
 impl<T> Unpoisoned<T> for Mutex<T> {
-    type Read<'a>
-        = MutexGuard<'a, T>
-    where
-        T: 'a;
-
     fn locked(&self) -> MutexGuard<'_, T> {
         self.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-impl<T> Unpoisoned<T> for RwLock<T> {
-    type Read<'a>
-        = RwLockReadGuard<'a, T>
-    where
-        T: 'a;
-
-    fn locked(&self) -> RwLockReadGuard<'_, T> {
-        self.read().unwrap_or_else(PoisonError::into_inner)
-    }
+/// The read lock of a [`RwLock`], ignoring poisoning.
+pub(crate) fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The write lock of a [`RwLock`], ignoring poisoning.
 pub(crate) fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Sleeps until `deadline`, or forever without one (a `select!` arm that only fires when there
+/// is something to wait for).
+pub(crate) async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// How a bounded wait for a state ended.

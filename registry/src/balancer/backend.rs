@@ -6,7 +6,6 @@
 //! The connection itself is kept by the task in [`super::connection`]; this file is the state that
 //! task, the picker and the calls share.
 
-use crate::sync::Unpoisoned;
 use std::{
     sync::{
         Arc, Mutex, MutexGuard,
@@ -21,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::metrics;
+use crate::sync::Unpoisoned;
 
 /// One instance the balancer may pick: its identity, what it says about itself, and, while
 /// connected, its channel.

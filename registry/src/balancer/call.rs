@@ -3,7 +3,6 @@
 //!
 //! Every failure becomes a gRPC status here and nowhere else, naming the instance it went to.
 
-use crate::sync::Unpoisoned;
 use std::{
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -23,6 +22,7 @@ use super::{
         trailers_only_status,
     },
 };
+use crate::sync::Unpoisoned;
 use crate::{backoff::Backoff, error::chain, metrics};
 
 impl Shared {

@@ -45,7 +45,6 @@ pub(crate) mod retry;
 pub(crate) mod select;
 mod subset;
 
-use crate::sync::Unpoisoned;
 use std::{
     collections::BTreeMap,
     fmt,
@@ -71,6 +70,7 @@ pub use select::Selector;
 pub use subset::{SubsetStatus, Subsetting};
 
 use crate::discover::{Discovery, Instances, Membership};
+use crate::sync::Unpoisoned;
 use backend::Backend;
 use picker::Picker;
 use retry::RetryBudget;
@@ -450,7 +450,7 @@ impl Shared {
 
     fn picker(&self) -> Arc<Picker<Arc<Backend>>> {
         // Poisoning cannot leave the Arc half-written; keep serving.
-        self.picker.locked().clone()
+        crate::sync::read(&self.picker).clone()
     }
 }
 

@@ -12,7 +12,6 @@
 //! A `Picker` is built from the usable instances each time they change; picking is a read of that
 //! snapshot plus, depending on the policy, an atomic increment, a short lock or a random draw.
 
-use crate::sync::Unpoisoned;
 use std::{
     fmt,
     str::FromStr,
@@ -27,6 +26,7 @@ use tokio::time::Instant;
 
 use super::{Shared, backend::Backend};
 use crate::metrics;
+use crate::sync::Unpoisoned;
 
 /// How calls are spread over instances:
 ///

@@ -8,7 +8,6 @@
 //! rebuild; this task coalesces the requests, so when thousands of backends connect at start the
 //! picker is rebuilt a few times rather than once per backend, and never on a call's path.
 
-use crate::sync::Unpoisoned;
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::{
@@ -29,6 +28,7 @@ use super::{
     connection,
     subset::Subset,
 };
+use crate::sync::Unpoisoned;
 use crate::{
     discover::{Change, Instance, Instances, Membership},
     metrics,
@@ -39,8 +39,6 @@ struct Pool {
     shared: Arc<Shared>,
     options: BalanceOptions,
     stop: CancellationToken,
-    /// The snapshot last applied.
-    applied: Instances,
     /// The ids registered at each address: one backend per address, described by its first id.
     ids_at: BTreeMap<Arc<str>, BTreeSet<String>>,
     /// Dropping one stops that backend's connection task.
@@ -64,7 +62,6 @@ pub(super) async fn follow(
         shared,
         options,
         stop,
-        applied: Instances::default(),
         ids_at: BTreeMap::new(),
         stops: BTreeMap::new(),
         graced: BTreeSet::new(),
@@ -83,16 +80,8 @@ pub(super) async fn follow(
             _ = pool.stop.cancelled() => return,
             changed = membership.changed() => if changed.is_err() { return } else { true },
             _ = pool.shared.rebuild_wanted.notified() => false,
-            _ = sleep_until_some(next_end) => false,
+            _ = crate::sync::sleep_until_some(next_end) => false,
         };
-    }
-}
-
-/// Sleeps until `deadline`, or forever without one.
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -101,7 +90,8 @@ impl Pool {
     /// changed since the snapshot applied before.
     fn apply(&mut self, instances: Instances) {
         let mut touched: BTreeSet<Arc<str>> = BTreeSet::new();
-        let changes: Vec<Change> = self.applied.diff(&instances).collect();
+        let applied = self.shared.applied.locked().clone();
+        let changes: Vec<Change> = applied.diff(&instances).collect();
         for change in changes {
             match change {
                 Change::Added(new) => self.add_id(&new, &mut touched),
@@ -124,8 +114,7 @@ impl Pool {
         // Applied: from here a failed pick no longer waits for this snapshot. Recorded after the
         // new backends were counted as connecting, and before the rebuild, whose notification
         // wakes the calls waiting for it.
-        *self.shared.applied.locked() = instances.clone();
-        self.applied = instances;
+        *self.shared.applied.locked() = instances;
     }
 
     /// Records `instance` at its address; an address registered for the first time joins the

@@ -17,7 +17,6 @@
 //! attempt sends it (`Replay`) and replayed to the next attempt; bodies larger than
 //! [`RetryPolicy::max_replay_bytes`] are never retried once that much has been sent.
 
-use crate::sync::Unpoisoned;
 use std::{
     pin::Pin,
     sync::{
@@ -28,6 +27,7 @@ use std::{
     time::Duration,
 };
 
+use crate::sync::Unpoisoned;
 use bytes::Bytes;
 use http_body::Frame;
 use tokio::time::Instant;
