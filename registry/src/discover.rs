@@ -925,11 +925,11 @@ impl ChangeSummary {
     }
 }
 
-/// Records a problem, warning only when it differs from the one already recorded.
+/// Records a problem, warning only when it is a new one by the crate's one rule (see
+/// [`Problem`](crate::problem::Problem)); the membership, not a `Problem`, holds it, as it is part
+/// of what discovery publishes.
 fn report_problem(tx: &watch::Sender<Membership>, prefix: &str, error: &Error) {
-    // Compare the summary, not the whole chain: its tail names whichever member refused this
-    // time, and a rotating endpoint is not a new problem.
-    let summary = error.to_string();
+    let summary = crate::problem::summary(error);
     let problem = chain(error);
     tx.send_if_modified(|m| {
         if m.problem.as_deref().is_some_and(|p| p.starts_with(&summary)) {

@@ -241,13 +241,23 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// often just "transport error", with the useful part (connection refused, which endpoint) further
 /// down. For log lines and messages about any error, this crate's or another's.
 pub fn chain(err: &dyn std::error::Error) -> String {
+    chain_levels(err, usize::MAX)
+}
+
+/// [`chain`] cut after `levels` messages (a cause already said by an earlier one does not count).
+pub(crate) fn chain_levels(err: &dyn std::error::Error, levels: usize) -> String {
     let mut text = err.to_string();
+    let mut said = 1;
     let mut source = err.source();
     while let Some(cause) = source {
+        if said >= levels {
+            break;
+        }
         let cause_text = cause.to_string();
         if !text.contains(&cause_text) {
             text.push_str(": ");
             text.push_str(&cause_text);
+            said += 1;
         }
         source = cause.source();
     }

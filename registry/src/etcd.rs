@@ -290,12 +290,30 @@ impl Etcd {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
+        self.call_within(op, key, self.config.attempt_timeout, request)
+            .await
+    }
+
+    /// [`Etcd::call`] with each attempt bounded by `attempt` instead of the configured
+    /// `attempt_timeout`: for requests whose answer is known to be quick, so that an attempt
+    /// routed to a stuck member is abandoned sooner.
+    pub(crate) async fn call_within<T, F, Fut>(
+        &self,
+        op: &'static str,
+        key: &str,
+        attempt: Duration,
+        request: F,
+    ) -> Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
         let timeout = self.config.request_timeout;
         let deadline = Instant::now() + timeout;
         let mut backoff = Backoff::etcd_request();
         let mut last_error = None;
         loop {
-            let attempt_deadline = (Instant::now() + self.config.attempt_timeout).min(deadline);
+            let attempt_deadline = (Instant::now() + attempt).min(deadline);
             match tokio::time::timeout_at(attempt_deadline, request(self.client.clone())).await {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(source)) if is_expired_token(&source) => {

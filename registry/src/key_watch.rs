@@ -10,14 +10,14 @@
 use etcd_client::{EventType, WatchOptions};
 use tracing::{debug, warn};
 
-use crate::{backoff::Backoff, error::chain, etcd::Etcd};
+use crate::{backoff::Backoff, etcd::Etcd, problem::Problem};
 
 /// Returns once `key` is deleted after `revision`: the revision of the deletion (or of the read that
 /// found the key gone, after a compaction). Retries for ever, with backoff; the caller bounds it by
 /// dropping the future (a `select!` with its cancellation).
 pub(crate) async fn deleted(etcd: &Etcd, key: &str, mut revision: i64) -> i64 {
     let mut backoff = Backoff::etcd_task();
-    let mut last_problem: Option<String> = None;
+    let mut problem = Problem::default();
     loop {
         let start = revision + 1;
         let opened = etcd
@@ -27,14 +27,14 @@ pub(crate) async fn deleted(etcd: &Etcd, key: &str, mut revision: i64) -> i64 {
             })
             .await;
         match opened {
-            Err(e) => note(&mut last_problem, key, "opening the watch", &e),
+            Err(e) => note(&mut problem, key, "opening the watch", &e),
             Ok(mut stream) => loop {
                 let resp = match stream.message().await {
                     Ok(Some(resp)) => resp,
                     // Ended or broken: resume from `revision` below.
                     Ok(None) => break,
                     Err(e) => {
-                        note(&mut last_problem, key, "reading the watch", &e);
+                        note(&mut problem, key, "reading the watch", &e);
                         break;
                     }
                 };
@@ -51,17 +51,12 @@ pub(crate) async fn deleted(etcd: &Etcd, key: &str, mut revision: i64) -> i64 {
                             }
                             revision = revision.max(now);
                         }
-                        Err(e) => note(
-                            &mut last_problem,
-                            key,
-                            "reading the key after a compaction",
-                            &e,
-                        ),
+                        Err(e) => note(&mut problem, key, "reading the key after a compaction", &e),
                     }
                     break;
                 }
                 backoff.reset();
-                last_problem = None;
+                problem.clear();
                 for event in resp.events() {
                     let Some(kv) = event.kv() else { continue };
                     revision = revision.max(kv.mod_revision());
@@ -75,13 +70,18 @@ pub(crate) async fn deleted(etcd: &Etcd, key: &str, mut revision: i64) -> i64 {
     }
 }
 
-/// Logs a problem once at `warn` while it lasts, and its repeats at `debug`.
-fn note(last: &mut Option<String>, key: &str, what: &str, error: &dyn std::error::Error) {
-    let problem = format!("{what}: {}", chain(error));
-    if last.as_deref() == Some(problem.as_str()) {
-        debug!(key, %problem, "still cannot watch the key; retrying");
-    } else {
-        warn!(key, %problem, "cannot watch the key; retrying with backoff");
-        *last = Some(problem);
+/// Logs a problem once at `warn` while it lasts (see [`Problem`]), and its repeats at `debug`.
+fn note(problem: &mut Problem, key: &str, what: &str, error: &dyn std::error::Error) {
+    match problem.error(what, error) {
+        Some(new) => warn!(
+            key,
+            problem = new,
+            "cannot watch the key; retrying with backoff"
+        ),
+        None => debug!(
+            key,
+            problem = problem.current(),
+            "still cannot watch the key; retrying"
+        ),
     }
 }

@@ -15,11 +15,17 @@
 //!   keys may already have been deleted, so a new lease must be granted and the keys put again.
 //!
 //! A broken stream (the member carrying it died, a network blip) is not a lost lease: it is reopened,
-//! on whichever member the client reaches, with a short capped backoff, until that deadline.
+//! on whichever member the client reaches, with a short capped backoff, until that deadline. So is a
+//! silent one: a keep-alive unanswered for half a second means the
+//! member is stuck, typically a follower still forwarding to a leader that died or froze, and a
+//! reopened stream reaches the leader elected meanwhile.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
+    collections::{BTreeMap, VecDeque},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -32,13 +38,17 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::sync::{Unpoisoned, Waited};
+use crate::problem::Problem;
+use crate::sync::{Unpoisoned, Waited, sleep_until_some};
 use crate::{
     backoff::Backoff,
     error::{Error, Result, chain},
     etcd::Etcd,
     metrics,
 };
+
+/// The serial of the next [`SharedLease`] started.
+static NEXT_SERIAL: AtomicU64 = AtomicU64::new(0);
 
 /// The lease TTL used when none is configured.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
@@ -54,6 +64,9 @@ pub(crate) fn check_ttl(ttl: Duration) -> Result<()> {
     }
     Ok(())
 }
+
+/// How long a keep-alive may go unanswered before its stream counts as stuck and is reopened.
+const REPLY_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// How a keep-alive session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,9 +162,9 @@ struct Shared {
     /// Tells the task that a user found the lease gone before the keep-alive did (a put answered
     /// "lease not found"), so it re-grants at once.
     lost: mpsc::UnboundedSender<(i64, String)>,
-    /// One holder per lock name in this process: etcd's lock key is `<name>/<lease>`, so two holders
-    /// on the same lease would share one key and both believe they hold the lock.
-    local_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Tells this lease from every other of the process, for as long as the process runs (the
+    /// lock module keys its in-process table on it).
+    serial: u64,
     cancel: CancellationToken,
     /// Ends with the id of the lease it revoked, if any.
     task: Mutex<Option<JoinHandle<Result<Option<i64>>>>>,
@@ -210,7 +223,7 @@ impl SharedLease {
                 keys,
                 state,
                 lost,
-                local_locks: Mutex::new(HashMap::new()),
+                serial: NEXT_SERIAL.fetch_add(1, Ordering::Relaxed),
                 cancel,
                 task: Mutex::new(Some(task)),
             }),
@@ -360,23 +373,9 @@ impl SharedLease {
         let _ = self.inner.lost.send((id, reason));
     }
 
-    /// The in-process mutex serialising holders of lock `name` on this lease.
-    pub(crate) fn local_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.inner
-            .local_locks
-            .locked()
-            .entry(name.to_owned())
-            .or_default()
-            .clone()
-    }
-
-    /// Forgets lock `name`'s in-process mutex once nobody holds or waits for it.
-    pub(crate) fn prune_local_lock(&self, name: &str) {
-        let mut locks = self.inner.local_locks.locked();
-        // Every holder and waiter has a clone, taken under this lock: one reference is the map's.
-        if locks.get(name).is_some_and(|m| Arc::strong_count(m) == 1) {
-            locks.remove(name);
-        }
+    /// A number no other lease of this process has (ids are etcd's and change on every grant).
+    pub(crate) fn serial(&self) -> u64 {
+        self.inner.serial
     }
 }
 
@@ -409,7 +408,7 @@ async fn run(
     // A 1 s cap: after an outage the keys are back within about a second of etcd answering again.
     let mut backoff = Backoff::etcd_task();
     let mut current = None;
-    let mut last_problem: Option<String> = None;
+    let mut problem = Problem::default();
 
     loop {
         let attempt = tokio::select! {
@@ -419,13 +418,12 @@ async fn run(
         let id = match attempt {
             Ok(id) => id,
             Err(e) => {
-                let reason = e.to_string();
-                // One warning per distinct problem, not one per attempt.
-                if last_problem.as_deref() != Some(reason.as_str()) {
-                    warn!(lease = %label, error = %chain(&e), "granting a lease failed; retrying with backoff");
-                    last_problem = Some(reason.clone());
+                if let Some(problem) = problem.error("granting a lease", &e) {
+                    warn!(lease = %label, problem, "cannot grant a lease; retrying with backoff");
                 }
-                state.send_replace(LeaseState::Lost { reason });
+                state.send_replace(LeaseState::Lost {
+                    reason: e.to_string(),
+                });
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = tokio::time::sleep(backoff.next_delay()) => continue,
@@ -434,7 +432,7 @@ async fn run(
         };
         debug!(lease = %label, id = format_args!("{id:x}"), ttl_s = ttl_seconds(ttl), "lease granted");
         backoff.reset();
-        last_problem = None;
+        problem.clear();
         current = Some(id);
         state.send_replace(LeaseState::Live { id });
 
@@ -579,20 +577,26 @@ pub(crate) async fn keep_alive(
     cancel: &CancellationToken,
 ) -> LeaseEnd {
     let interval = (ttl / 3).max(Duration::from_millis(500));
+    // etcd answers a keep-alive in milliseconds; one unanswered for half a second (or half a
+    // request attempt, if shorter) is stuck, and the stream is reopened while the lease still has
+    // time: at the worst moment, just after a refresh, a stall shows only at the next send.
+    let reply_timeout = (etcd.config().attempt_timeout / 2).min(REPLY_TIMEOUT);
     // The latest instant at which the lease is surely still alive: a lease refreshed by a request
     // *sent* at time t lives until t + ttl, so deadlines are always counted from send times.
     let mut expires = Instant::now() + ttl;
     let mut backoff = Backoff::etcd_task();
-    let mut last_problem: Option<String> = None;
+    let mut problem = Problem::default();
 
     loop {
         let opened_at = Instant::now();
-        let open = etcd.call("lease keep-alive", key, |mut c| async move {
+        // Opening sends a keep-alive and waits for its reply: as quick as any reply, so an attempt
+        // on a stuck member is given up as soon as a reply on the stream would be.
+        let open = etcd.call_within("lease keep-alive", key, reply_timeout, |mut c| async move {
             c.lease_keep_alive(id).await
         });
         let opened = tokio::select! {
             _ = cancel.cancelled() => return LeaseEnd::Cancelled,
-            _ = sleep_until(expires) => return LeaseEnd::Lost(expired_reason(&last_problem)),
+            _ = sleep_until(expires) => return LeaseEnd::Lost(expired_reason(&problem)),
             opened = open => opened,
         };
         let (mut keeper, mut replies) = match opened {
@@ -601,8 +605,8 @@ pub(crate) async fn keep_alive(
                 return LeaseEnd::Lost(format!("etcd no longer knows lease {id:x}"));
             }
             Err(e) => {
-                let problem = format!("cannot reopen the keep-alive stream: {}", chain(&e));
-                note_problem(&mut last_problem, problem, id, key);
+                let new = problem.error("cannot reopen the keep-alive stream", &e);
+                warn_interrupted(new, id, key);
                 let retry_at = (Instant::now() + backoff.next_delay()).min(expires);
                 tokio::select! {
                     _ = cancel.cancelled() => return LeaseEnd::Cancelled,
@@ -613,7 +617,7 @@ pub(crate) async fn keep_alive(
         // Opening the stream sent one keep-alive and got a reply with TTL > 0.
         expires = opened_at + ttl;
         backoff.reset();
-        if last_problem.take().is_some() {
+        if problem.clear() {
             warn!(
                 key,
                 lease = format_args!("{id:x}"),
@@ -621,33 +625,46 @@ pub(crate) async fn keep_alive(
             );
         }
 
-        let mut last_sent = opened_at;
+        // When each keep-alive still awaiting its reply was sent, oldest first (etcd answers in
+        // order). There is rarely more than one: a reply later than `reply_timeout`, which is no
+        // longer than the interval, abandons the stream.
+        let mut unanswered: VecDeque<Instant> = VecDeque::new();
         let mut tick = tokio::time::interval_at(opened_at + interval, interval);
         let broken = loop {
             tokio::select! {
                 _ = cancel.cancelled() => return LeaseEnd::Cancelled,
-                _ = sleep_until(expires) => return LeaseEnd::Lost(expired_reason(&last_problem)),
+                _ = sleep_until(expires) => return LeaseEnd::Lost(expired_reason(&problem)),
+                // A stream can stay open and fall silent: a follower forwards each keep-alive to
+                // the leader and, when the leader has died behind a network that drops packets
+                // (a killed container) or froze, waits seconds for an answer while a new leader
+                // is elected. Reopened, the keep-alive reaches the new leader.
+                () = sleep_until_some(unanswered.front().map(|&sent| sent + reply_timeout)) => {
+                    break format!("no keep-alive reply within {reply_timeout:?}");
+                }
                 _ = tick.tick() => {
-                    last_sent = Instant::now();
+                    let now = Instant::now();
                     // The send is bounded by the same deadline as everything else: a send that
                     // never completes (a stream etcd stopped reading) must not hide the expiry.
                     let sent = tokio::select! {
                         _ = cancel.cancelled() => return LeaseEnd::Cancelled,
-                        _ = sleep_until(expires) => return LeaseEnd::Lost(expired_reason(&last_problem)),
+                        _ = sleep_until(expires) => return LeaseEnd::Lost(expired_reason(&problem)),
                         sent = keeper.keep_alive() => sent,
                     };
                     if let Err(e) = sent {
                         break format!("sending a keep-alive failed: {e}");
                     }
+                    unanswered.push_back(now);
                 }
                 reply = replies.message() => match reply {
                     Ok(Some(reply)) if reply.ttl() <= 0 => {
                         return LeaseEnd::Lost(format!("etcd reports lease {id:x} expired (TTL 0)"));
                     }
                     Ok(Some(reply)) => {
-                        metrics::keepalive_rtt(key, last_sent.elapsed());
+                        // Every reply answers one of our sends; one that does not extends nothing.
+                        let Some(sent) = unanswered.pop_front() else { continue };
+                        metrics::keepalive_rtt(key, sent.elapsed());
                         // `ttl()` is positive here; seconds fit a u64.
-                        expires = last_sent + Duration::from_secs(reply.ttl().unsigned_abs());
+                        expires = sent + Duration::from_secs(reply.ttl().unsigned_abs());
                         debug!(key, lease = format_args!("{id:x}"), ttl = reply.ttl(), "lease refreshed");
                     }
                     Ok(None) => break "etcd closed the keep-alive stream".to_owned(),
@@ -655,7 +672,7 @@ pub(crate) async fn keep_alive(
                 },
             }
         };
-        note_problem(&mut last_problem, broken, id, key);
+        warn_interrupted(problem.text(broken), id, key);
     }
 }
 
@@ -665,8 +682,8 @@ pub(crate) fn ttl_seconds(ttl: Duration) -> i64 {
     i64::try_from(secs).unwrap_or(i64::MAX)
 }
 
-fn expired_reason(last_problem: &Option<String>) -> String {
-    match last_problem {
+fn expired_reason(problem: &Problem) -> String {
+    match problem.current() {
         Some(problem) => {
             format!("no keep-alive reply before the lease's TTL ran out (last problem: {problem})")
         }
@@ -674,15 +691,16 @@ fn expired_reason(last_problem: &Option<String>) -> String {
     }
 }
 
-/// Logs a problem once when it first appears or changes, not on every retry. `problem` may carry
-/// details that vary from one attempt to the next (which member refused, deep in the error chain);
-/// only its first two `: `-separated parts (what failed, and etcd's summary) decide whether it is new.
-fn note_problem(last: &mut Option<String>, problem: String, id: i64, key: &str) {
-    let summary = |p: &str| p.split(": ").take(2).collect::<Vec<_>>().join(": ");
-    if last.as_deref().map(summary) != Some(summary(&problem)) {
-        warn!(key, lease = format_args!("{id:x}"), %problem, "lease keep-alive interrupted; retrying until the lease would expire");
+/// Warns about a new keep-alive problem (see [`Problem`]); repeats are not logged.
+fn warn_interrupted(new: Option<&str>, id: i64, key: &str) {
+    if let Some(problem) = new {
+        warn!(
+            key,
+            lease = format_args!("{id:x}"),
+            problem,
+            "lease keep-alive interrupted; retrying until the lease would expire"
+        );
     }
-    *last = Some(problem);
 }
 
 /// True when etcd says the lease does not exist (any more).

@@ -72,6 +72,7 @@ mod key_watch;
 mod lease;
 mod lock;
 pub mod metrics;
+mod problem;
 mod register;
 pub mod serve;
 mod sync;

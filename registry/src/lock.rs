@@ -16,7 +16,11 @@
 //!   [`LockGuard::lost`] resolves and [`LockGuard::is_held`] turns false; the lock is *not* taken
 //!   again behind the holder's back.
 
-use std::time::Duration;
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use etcd_client::{
     Compare, CompareOp, GetOptions, LockOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
@@ -35,7 +39,36 @@ use crate::{
     etcd::Etcd,
     key_watch,
     lease::{self, SharedLease},
+    sync::Unpoisoned,
 };
+
+/// An in-process mutex per lock name and lease ([`SharedLease::serial`]): etcd's lock key is
+/// `<name>/<lease>`, so two holders in this process on the same lease would share one key and both
+/// believe they hold the lock. Each holder or waiter keeps a clone of its mutex; an entry goes when
+/// the last of them lets go.
+static LOCAL_LOCKS: Mutex<BTreeMap<(u64, String), LocalMutex>> = Mutex::new(BTreeMap::new());
+
+/// What serialises this process's holders of one lock on one lease.
+type LocalMutex = Arc<tokio::sync::Mutex<()>>;
+
+/// The in-process mutex serialising holders of lock `name` on `lease`.
+fn local_lock(lease: &SharedLease, name: &str) -> LocalMutex {
+    LOCAL_LOCKS
+        .locked()
+        .entry((lease.serial(), name.to_owned()))
+        .or_default()
+        .clone()
+}
+
+/// Forgets lock `name`'s in-process mutex on `lease` once nobody holds or waits for it.
+fn prune_local_lock(lease: &SharedLease, name: &str) {
+    let mut locks = LOCAL_LOCKS.locked();
+    let entry = (lease.serial(), name.to_owned());
+    // Every holder and waiter has a clone, taken under this lock: one reference is the map's.
+    if locks.get(&entry).is_some_and(|m| Arc::strong_count(m) == 1) {
+        locks.remove(&entry);
+    }
+}
 
 /// Takes locks on etcd, each held under a [`SharedLease`] and released when that lease goes.
 ///
@@ -86,7 +119,7 @@ impl Lock {
             waited: timeout,
             waiting_for,
         };
-        let local = tokio::time::timeout_at(deadline, self.lease.local_lock(name).lock_owned())
+        let local = tokio::time::timeout_at(deadline, local_lock(&self.lease, name).lock_owned())
             .await
             .map_err(|_| timed_out("another holder in this process to release it"))?;
         let local = LocalHold::new(&self.lease, name, local);
@@ -157,7 +190,7 @@ impl Lock {
     /// the request timeout; [`Error::Etcd`] / [`Error::Timeout`] if etcd did not answer.
     pub async fn try_lock(&self, name: &str) -> Result<Option<LockGuard>> {
         check_name(name)?;
-        let Ok(local) = self.lease.local_lock(name).try_lock_owned() else {
+        let Ok(local) = local_lock(&self.lease, name).try_lock_owned() else {
             return Ok(None);
         };
         let local = LocalHold::new(&self.lease, name, local);
@@ -375,7 +408,7 @@ impl LocalHold {
 impl Drop for LocalHold {
     fn drop(&mut self) {
         drop(self.guard.take());
-        self.lease.prune_local_lock(&self.name);
+        prune_local_lock(&self.lease, &self.name);
     }
 }
 

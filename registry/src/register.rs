@@ -23,6 +23,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::problem::Problem;
 use crate::sync::Waited;
 use crate::{
     backoff::Backoff,
@@ -281,7 +282,7 @@ async fn run(
     let mut lease_state = lease.state();
     // A 1 s cap: after an outage the key is back within about a second of etcd answering again.
     let mut backoff = Backoff::etcd_task();
-    let mut last_problem: Option<String> = None;
+    let mut problem = Problem::default();
     let mut registrations = 0u64;
 
     'register: loop {
@@ -314,10 +315,8 @@ async fn run(
             Ok(revision) => revision,
             Err(e) => {
                 let reason = e.to_string();
-                // One warning per distinct problem, not one per attempt.
-                if last_problem.as_deref() != Some(reason.as_str()) {
-                    warn!(key, error = %crate::error::chain(&e), "registration failed; retrying with backoff");
-                    last_problem = Some(reason.clone());
+                if let Some(problem) = problem.error("putting the key", &e) {
+                    warn!(key, problem, "registration failed; retrying with backoff");
                 }
                 state.send_replace(RegistrationState::Lost {
                     reason: reason.clone(),
@@ -348,7 +347,7 @@ async fn run(
         }
         registrations += 1;
         backoff.reset();
-        last_problem = None;
+        problem.clear();
         state.send_replace(RegistrationState::Registered { lease_id: id });
 
         // 3. Keep the key there until the lease is replaced (or we are cancelled).

@@ -186,11 +186,27 @@ async fn c1_docker_kill_of_the_member_carrying_the_watch() {
     )
     .await;
     while killed.elapsed() < Duration::from_secs(6) {
-        assert_eq!(
-            leases(&cluster, &servers),
-            before,
-            "a server lost its lease"
-        );
+        let now = leases(&cluster, &servers);
+        if now != before {
+            let logs: Vec<String> = servers
+                .iter()
+                .zip(before.iter().zip(&now))
+                .filter(|(_, (was, is))| was != is)
+                .map(|(s, (was, is))| {
+                    format!(
+                        "--- {} (lease {was:?} -> {is:?}):\n{}",
+                        s.addr,
+                        s.log_text()
+                    )
+                })
+                .collect();
+            panic!(
+                "a server lost its lease {:?} after the kill of etcd{}: leases {before:?} -> {now:?}\n{}",
+                killed.elapsed(),
+                victim + 1,
+                logs.join("\n")
+            );
+        }
         sleep(Duration::from_millis(200)).await;
     }
     let restarted = Instant::now();

@@ -115,6 +115,55 @@ async fn f1_etcd_leader_killed_then_restarted() {
     assert_no_failures("f1", &calls);
 }
 
+/// The leader frozen (SIGSTOP) for longer than the TTL. Nothing breaks a connection: keep-alive
+/// streams on the leader fall silent, and those on followers too, each follower forwarding the
+/// keep-alive to the frozen leader and waiting seconds for it. A lease is kept only if its
+/// keep-alive gives up on the silent stream and reopens it while the survivors elect a new leader
+/// (which extends every lease): before that, every server lost its lease at its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f1b_etcd_leader_frozen_longer_than_the_ttl() {
+    let _turn = TURN.lock().await;
+    let logs = tempfile::tempdir().unwrap();
+    // A 6 s lease, the shortest that leaves room for the worst moment to freeze (just after a
+    // refresh): the stall shows at the next keep-alive (2 s), unanswered for 1 s, and the 3 s left
+    // cover the election (1-2 s) and a reopen that may first land on the frozen member (1 s).
+    let (mut cluster, servers, load) = setup(logs.path(), &["--ttl", "4s"]).await;
+    let leases: Vec<_> = servers
+        .iter()
+        .map(|s| lease_of(&cluster, &s.key()))
+        .collect();
+
+    let leader = cluster.leader().expect("a leader");
+    cluster.freeze(leader);
+    let frozen = Instant::now();
+    while frozen.elapsed() < Duration::from_secs(8) {
+        for (server, lease) in servers.iter().zip(&leases) {
+            let now = lease_of(&cluster, &server.key());
+            assert_eq!(
+                &now,
+                lease,
+                "{} lost its lease {:?} after the leader froze:\n{}",
+                server.key(),
+                frozen.elapsed(),
+                server.log_text()
+            );
+        }
+        sleep(Duration::from_millis(200)).await;
+    }
+    let reopened = servers
+        .iter()
+        .filter(|s| s.log_text().contains("keep-alive stream reopened"))
+        .count();
+    cluster.thaw(leader);
+    let calls = load.finish().await;
+    println!(
+        "FAULT f1b leader-frozen: calls={} failed={} leases-kept=3/3 keep-alives-reopened={reopened}/3",
+        calls.len(),
+        failures(&calls).len()
+    );
+    assert_no_failures("f1b", &calls);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f2_quorum_lost_longer_than_the_ttl_then_restored() {
     let _turn = TURN.lock().await;

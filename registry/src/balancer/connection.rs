@@ -41,7 +41,7 @@ use super::{
     backend::{Backend, Live},
     pool::FirstAttempt,
 };
-use crate::{backoff::Backoff, error::chain, metrics};
+use crate::{backoff::Backoff, error::chain, metrics, problem::Problem};
 
 /// Keeps `backend` connected until `stop` fires: connect, wait for the socket to close, mark the
 /// backend unusable, reconnect with capped backoff. `on_change` is called whenever the backend becomes
@@ -55,7 +55,7 @@ pub(crate) async fn maintain(
     stop: CancellationToken,
 ) {
     let mut backoff = Backoff::reconnect();
-    let mut last_problem: Option<String> = None;
+    let mut problem = Problem::default();
     let mut connected_before = false;
     let probe_timeout = endpoint
         .get_connect_timeout()
@@ -98,7 +98,7 @@ pub(crate) async fn maintain(
                 on_change();
                 first_attempt.done();
                 backoff.reset();
-                last_problem = None;
+                problem.clear();
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = closed.cancelled() => {}
@@ -109,10 +109,9 @@ pub(crate) async fn maintain(
                 metrics::ejected(&backend.service, &backend.addr, "connection");
                 warn!(addr = %backend.addr, id = %backend.instance_id, "connection lost; instance out of rotation until it reconnects");
             }
-            Err(problem) => {
-                if last_problem.as_deref() != Some(problem.as_str()) {
-                    warn!(addr = %backend.addr, id = %backend.instance_id, %problem, "cannot connect; retrying with backoff");
-                    last_problem = Some(problem);
+            Err(failed) => {
+                if let Some(problem) = problem.text(failed) {
+                    warn!(addr = %backend.addr, id = %backend.instance_id, problem, "cannot connect; retrying with backoff");
                 } else {
                     debug!(addr = %backend.addr, "still cannot connect");
                 }
