@@ -4,7 +4,9 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use registry::{Credentials, RegistryConfig, Secret, Tls, TlsFiles, key, parse_endpoint};
+use registry::{
+    Credentials, EtcdConfig, RegistryConfig, Secret, Tls, TlsFiles, key, parse_endpoint,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -221,14 +223,13 @@ impl EtcdArgs {
     /// registers nothing, passes the default).
     ///
     /// # Errors
-    /// [`Error::Registry`] as [`registry::RegistryConfigBuilder::build`] or for an
+    /// [`Error::Registry`] as [`registry::EtcdConfigBuilder::build`] and
+    /// [`registry::RegistryConfigBuilder::build`], or for an
     /// unreadable password file, [`Error::Invalid`] for a username without a password or the other
     /// way round.
     pub fn registry_config(&self, ttl: Duration) -> Result<RegistryConfig> {
-        let mut builder = RegistryConfig::builder()
+        let mut etcd = EtcdConfig::builder()
             .endpoints(&self.etcd_endpoints)
-            .namespace(&self.namespace)
-            .ttl(ttl)
             .tls(TlsFiles {
                 ca: self.etcd_ca.clone(),
                 cert: self.etcd_cert.clone(),
@@ -264,9 +265,12 @@ impl EtcdArgs {
             }
         };
         if let Some(credentials) = credentials {
-            builder = builder.auth(credentials);
+            etcd = etcd.auth(credentials);
         }
-        Ok(builder.build()?)
+        Ok(RegistryConfig::builder(etcd.build()?)
+            .namespace(&self.namespace)
+            .ttl(ttl)
+            .build()?)
     }
 }
 

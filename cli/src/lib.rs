@@ -35,7 +35,7 @@
 //! // `--help`, a bad flag or a bad file exit like clap; `--print-config` prints and returns None.
 //! if let Some(config) = cli::load_or_exit::<Config>("hello") {
 //!     let registry = config.etcd.registry_config(registry::DEFAULT_TTL)?;
-//!     println!("{:?}", registry.etcd.endpoints);
+//!     println!("{:?}", registry.etcd().endpoints());
 //! }
 //! # Ok::<(), cli::Error>(())
 //! ```

@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 /// endpoint that does not speak etcd's protocol.
 pub async fn check(etcd: &registry::Etcd, prefix: &str, within: Duration) -> Result<()> {
     let deadline = Instant::now() + within;
-    let endpoints = etcd.config().endpoints.join(",");
+    let endpoints = etcd.config().endpoints().join(",");
     let options = GetOptions::new()
         .with_prefix()
         .with_keys_only()
@@ -37,7 +37,7 @@ pub async fn check(etcd: &registry::Etcd, prefix: &str, within: Duration) -> Res
         match attempt {
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(e)) => {
-                if let Some(reason) = lasting(&e, etcd.config().auth.is_some()) {
+                if let Some(reason) = lasting(&e, etcd.config().auth().is_some()) {
                     return Err(Error::Unusable { endpoints, reason });
                 }
                 tracing::debug!(error = %e, "etcd not answering yet");

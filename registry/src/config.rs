@@ -1,22 +1,24 @@
-//! One validated configuration for everything the registry needs: where etcd is and how to reach it
-//! securely, and the namespace and lease TTL of registrations.
+//! The registry's configuration: the etcd connection (an [`EtcdConfig`], the one way to configure
+//! it), and the namespace and lease TTL of registrations; and the credentials the connection may
+//! carry.
 //!
 //! Library users build it in code with [`RegistryConfig::builder`]; the binaries build the same
-//! thing from layered settings (defaults < config file < environment < flags, see the `cli` crate). Either
-//! way [`RegistryConfigBuilder::build`] is the one place that checks it, so a bad value is reported
+//! thing from layered settings (defaults < config file < environment < flags, see the `cli` crate).
+//! Either way the two `build` calls are the one place that checks it, so a bad value is reported
 //! once, at startup, by name.
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use registry::{Credentials, RegistryConfig, TlsFiles};
+//! use registry::{Credentials, EtcdConfig, RegistryConfig, TlsFiles};
 //! # async fn demo() -> Result<(), registry::Error> {
-//! let config = RegistryConfig::builder()
+//! let etcd = EtcdConfig::builder()
 //!     .endpoints(["etcd-1:2379", "etcd-2:2379", "etcd-3:2379"])
 //!     .connect_timeout(Duration::from_secs(3))
-//!     .ttl(Duration::from_secs(10))
-//!     
 //!     .tls(TlsFiles { ca: Some("ca.pem".into()), ..TlsFiles::default() })
 //!     .auth(Credentials::new("greeter", "s3cret"))
+//!     .build()?;
+//! let config = RegistryConfig::builder(etcd)
+//!     .ttl(Duration::from_secs(10))
 //!     .build()?;
 //! let etcd = config.connect().await?;
 //! let registration = config.registration("helloworld", "node-1", "10.0.0.5:50051").start(&etcd)?;
@@ -29,11 +31,10 @@ use std::{fmt, path::Path, time::Duration};
 use crate::{
     discover::{Discovery, DiscoveryBuilder},
     error::{Error, Result},
-    etcd::{Etcd, EtcdConfig, with_scheme},
+    etcd::{Etcd, EtcdConfig},
     key,
     lease::{self, DEFAULT_TTL},
     register::{Registration, RegistrationBuilder},
-    tls::TlsFiles,
 };
 
 /// A string that must not be printed: `Debug` and `Display` show `<redacted>`. Read it with
@@ -120,24 +121,39 @@ impl Credentials {
     }
 }
 
-/// The registry's configuration: etcd connection (endpoints, timeouts, TLS, auth), the key
-/// namespace and the lease TTL. Build with [`RegistryConfig::builder`].
+/// The registry's configuration: the etcd connection, the key namespace and the lease TTL. Build
+/// with [`RegistryConfig::builder`].
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
-    /// How to reach etcd.
-    pub etcd: EtcdConfig,
-    /// The key namespace: instances live under `<namespace>/<service>/`.
-    pub namespace: String,
-    /// The lease TTL of registrations.
-    pub ttl: Duration,
+    etcd: EtcdConfig,
+    namespace: String,
+    ttl: Duration,
 }
 
 impl RegistryConfig {
-    /// A builder starting from the defaults: no endpoints (one is required), 3 s connect timeout,
-    /// 5 s request timeout, namespace [`key::DEFAULT_NAMESPACE`], TTL [`DEFAULT_TTL`], no TLS, no
-    /// auth.
-    pub fn builder() -> RegistryConfigBuilder {
-        RegistryConfigBuilder::default()
+    /// A builder for the registry on the etcd connection `etcd`, starting from namespace
+    /// [`key::DEFAULT_NAMESPACE`] and TTL [`DEFAULT_TTL`].
+    pub fn builder(etcd: EtcdConfig) -> RegistryConfigBuilder {
+        RegistryConfigBuilder {
+            etcd,
+            ttl: DEFAULT_TTL,
+            namespace: key::DEFAULT_NAMESPACE.to_owned(),
+        }
+    }
+
+    /// How to reach etcd.
+    pub fn etcd(&self) -> &EtcdConfig {
+        &self.etcd
+    }
+
+    /// The key namespace: instances live under `<namespace>/<service>/`.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The lease TTL of registrations.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
     }
 
     /// Connects to etcd (see [`EtcdConfig::connect`]).
@@ -167,57 +183,15 @@ impl RegistryConfig {
     }
 }
 
-/// Builds a [`RegistryConfig`]; every setter is optional except
-/// [`endpoints`](RegistryConfigBuilder::endpoints).
+/// Builds a [`RegistryConfig`]; every setter is optional.
 #[derive(Debug, Clone)]
 pub struct RegistryConfigBuilder {
-    endpoints: Vec<String>,
-    connect_timeout: Duration,
-    request_timeout: Duration,
+    etcd: EtcdConfig,
     ttl: Duration,
     namespace: String,
-    tls: TlsFiles,
-    auth: Option<Credentials>,
-}
-
-impl Default for RegistryConfigBuilder {
-    fn default() -> Self {
-        Self {
-            endpoints: Vec::new(),
-            connect_timeout: Duration::from_secs(3),
-            request_timeout: Duration::from_secs(5),
-            ttl: DEFAULT_TTL,
-            namespace: key::DEFAULT_NAMESPACE.to_owned(),
-            tls: TlsFiles::default(),
-            auth: None,
-        }
-    }
 }
 
 impl RegistryConfigBuilder {
-    /// etcd endpoints, each `host:port`, `http://host:port` or `https://host:port`; a bare
-    /// `host:port` uses TLS when [`tls`](Self::tls) is set.
-    pub fn endpoints<S: AsRef<str>>(mut self, endpoints: impl IntoIterator<Item = S>) -> Self {
-        self.endpoints = endpoints
-            .into_iter()
-            .map(|e| e.as_ref().trim().to_owned())
-            .filter(|e| !e.is_empty())
-            .collect();
-        self
-    }
-
-    /// Deadline for opening a connection to one etcd member.
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// Deadline for each etcd request, retries included.
-    pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.request_timeout = timeout;
-        self
-    }
-
     /// The lease TTL of registrations (at least [`crate::MIN_TTL`]).
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
@@ -230,62 +204,15 @@ impl RegistryConfigBuilder {
         self
     }
 
-    /// TLS to etcd; files are read by [`build`](Self::build). Empty files mean no TLS.
-    pub fn tls(mut self, files: TlsFiles) -> Self {
-        self.tls = files;
-        self
-    }
-
-    /// Username and password for a cluster with auth enabled.
-    pub fn auth(mut self, credentials: Credentials) -> Self {
-        self.auth = Some(credentials);
-        self
-    }
-
-    /// Checks everything and reads the TLS files.
+    /// Checks the TTL and the namespace (the etcd connection was checked when it was built).
     ///
     /// # Errors
-    /// [`Error::NoEndpoints`], [`Error::InvalidEndpoint`] naming the endpoint, [`Error::InvalidTtl`],
-    /// [`Error::InvalidName`] for the namespace, [`Error::InvalidConfig`] for zero timeouts, an
-    /// empty username or mixed schemes, [`Error::TlsFile`] / [`Error::InvalidTls`] for TLS files.
+    /// [`Error::InvalidTtl`], [`Error::InvalidName`] for the namespace.
     pub fn build(self) -> Result<RegistryConfig> {
-        let tls_on = !self.tls.is_empty();
-        let endpoints = self
-            .endpoints
-            .iter()
-            .map(|e| with_scheme(e, tls_on))
-            .collect::<Result<Vec<_>>>()?;
-        let mut etcd = EtcdConfig::new(&endpoints)?;
         lease::check_ttl(self.ttl)?;
         key::service_prefix(&self.namespace, "x")?;
-        for (setting, value) in [
-            ("etcd-connect-timeout", self.connect_timeout),
-            ("etcd-request-timeout", self.request_timeout),
-        ] {
-            if value.is_zero() {
-                return Err(Error::InvalidConfig {
-                    setting,
-                    reason: "must be more than zero".to_owned(),
-                });
-            }
-        }
-        if let Some(auth) = &self.auth {
-            if auth.username().is_empty() {
-                return Err(Error::InvalidConfig {
-                    setting: "etcd-username",
-                    reason: "is empty but a password is set".to_owned(),
-                });
-            }
-        }
-        etcd.connect_timeout = self.connect_timeout;
-        etcd.request_timeout = self.request_timeout;
-        etcd.attempt_timeout = etcd.attempt_timeout.min(self.request_timeout);
-        etcd.tls = tls_on.then(|| self.tls.load()).transpose()?;
-        etcd.auth = self.auth;
-        // A scheme that does not match the TLS setting is reported now, not at connect time.
-        etcd.check_schemes()?;
         Ok(RegistryConfig {
-            etcd,
+            etcd: self.etcd,
             namespace: self.namespace,
             ttl: self.ttl,
         })
@@ -296,44 +223,56 @@ impl RegistryConfigBuilder {
 mod tests {
     use super::*;
 
-    fn err(builder: RegistryConfigBuilder) -> String {
+    fn etcd_err(builder: crate::etcd::EtcdConfigBuilder) -> String {
         builder.build().unwrap_err().to_string()
     }
 
+    fn etcd() -> EtcdConfig {
+        EtcdConfig::new(["h:1"]).unwrap()
+    }
+
     #[test]
-    fn builder_validates_with_named_errors() {
-        let ok = RegistryConfig::builder()
-            .endpoints(["127.0.0.1:2379"])
+    fn builders_validate_with_named_errors() {
+        let ok = RegistryConfig::builder(EtcdConfig::new(["127.0.0.1:2379"]).unwrap())
             .build()
             .unwrap();
-        assert_eq!(ok.etcd.endpoints, ["http://127.0.0.1:2379"]);
-        assert_eq!(ok.ttl, DEFAULT_TTL);
+        assert_eq!(ok.etcd().endpoints(), ["http://127.0.0.1:2379"]);
+        assert_eq!(ok.ttl(), DEFAULT_TTL);
+        assert_eq!(ok.namespace(), key::DEFAULT_NAMESPACE);
 
-        assert!(err(RegistryConfig::builder()).contains("no etcd endpoints"));
-        assert!(err(RegistryConfig::builder().endpoints(["h:99999"])).contains("\"h:99999\""));
+        assert!(etcd_err(EtcdConfig::builder()).contains("no etcd endpoints"));
+        assert!(etcd_err(EtcdConfig::builder().endpoints(["h:99999"])).contains("\"h:99999\""));
+        let short = RegistryConfig::builder(etcd()).ttl(Duration::from_secs(1));
         assert!(
-            err(RegistryConfig::builder()
-                .endpoints(["h:1"])
-                .ttl(Duration::from_secs(1)))
-            .contains("at least 2 s")
+            short
+                .build()
+                .unwrap_err()
+                .to_string()
+                .contains("at least 2 s")
         );
+        let spaced = RegistryConfig::builder(etcd()).namespace("a b");
         assert!(
-            err(RegistryConfig::builder()
-                .endpoints(["h:1"])
-                .namespace("a b"))
-            .contains("namespace")
+            spaced
+                .build()
+                .unwrap_err()
+                .to_string()
+                .contains("namespace")
         );
-        assert!(err(RegistryConfig::builder().endpoints(["https://h:1"])).contains("etcd-ca"));
+        assert!(etcd_err(EtcdConfig::builder().endpoints(["https://h:1"])).contains("etcd-ca"));
         assert!(
-            err(RegistryConfig::builder()
-                .endpoints(["h:1"])
-                .connect_timeout(Duration::ZERO))
+            etcd_err(
+                EtcdConfig::builder()
+                    .endpoints(["h:1"])
+                    .connect_timeout(Duration::ZERO)
+            )
             .contains("etcd-connect-timeout")
         );
         assert!(
-            err(RegistryConfig::builder()
-                .endpoints(["h:1"])
-                .auth(Credentials::new("", "pw")))
+            etcd_err(
+                EtcdConfig::builder()
+                    .endpoints(["h:1"])
+                    .auth(Credentials::new("", "pw"))
+            )
             .contains("etcd-username")
         );
     }

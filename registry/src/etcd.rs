@@ -5,7 +5,7 @@
 //! - HTTP/2 keep-alive pings while streams are open, so a member that froze or vanished behind a
 //!   dead network is noticed within `keep_alive_interval + keep_alive_timeout` and its watch and
 //!   keep-alive streams fail instead of hanging (etcd-client #48, etcd #8691). Not more often than
-//!   etcd allows: see [`EtcdConfig::new`];
+//!   etcd allows: see [`EtcdConfigBuilder::build`];
 //! - `require_leader`, so a member cut off from the quorum fails watches and requests at once
 //!   instead of serving a stale view;
 //! - a deadline on every unary request ([`Etcd::call`]), so nothing waits forever.
@@ -26,61 +26,80 @@ use crate::{
     config::Credentials,
     endpoint::is_dialable,
     error::{Error, Result, chain},
-    tls::Tls,
+    tls::{Tls, TlsFiles},
 };
 
-/// Where and how to reach etcd.
+/// Where and how to reach etcd: the one configuration of the etcd connection, shared by everything
+/// that talks to etcd (registrations, discoveries, leases, locks). Build it with
+/// [`EtcdConfig::builder`], or [`EtcdConfig::new`] for the defaults; either way it is checked once,
+/// when built, and read-only afterwards.
 #[derive(Debug, Clone)]
 pub struct EtcdConfig {
-    /// Endpoints as `http://host:port` (normalised by [`EtcdConfig::new`]).
-    pub endpoints: Vec<String>,
-    /// Deadline for opening a connection to one member.
-    pub connect_timeout: Duration,
-    /// Deadline for each request (grant, put, get, revoke, opening a stream), retries included.
-    pub request_timeout: Duration,
+    /// `scheme://host:port`, normalised.
+    pub(crate) endpoints: Vec<String>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) request_timeout: Duration,
     /// Deadline for one attempt of a request; a slower attempt is abandoned and retried. etcd
     /// answers in milliseconds, but a request routed to a member that just died can hang.
-    pub attempt_timeout: Duration,
+    pub(crate) attempt_timeout: Duration,
     /// Interval between HTTP/2 keep-alive pings to etcd.
-    pub keep_alive_interval: Duration,
+    pub(crate) keep_alive_interval: Duration,
     /// How long a ping may go unanswered before the connection is dropped.
-    pub keep_alive_timeout: Duration,
-    /// TLS to etcd: the CA to trust and, for client-certificate auth, our certificate and key.
-    /// Requires `https://` endpoints.
-    pub tls: Option<Tls>,
-    /// Username and password, when the cluster has auth enabled.
-    pub auth: Option<Credentials>,
+    pub(crate) keep_alive_timeout: Duration,
+    pub(crate) tls: Option<Tls>,
+    pub(crate) auth: Option<Credentials>,
 }
 
 impl EtcdConfig {
-    /// A configuration with default timeouts for `endpoints`, each given as `host:port` or
-    /// `http://host:port`; blank entries are ignored.
+    /// The defaults for `endpoints`, each `host:port` or `http://host:port` (blank entries are
+    /// ignored): no TLS, no auth, the timeouts of [`EtcdConfig::builder`].
     ///
     /// # Errors
     /// [`Error::NoEndpoints`] or [`Error::InvalidEndpoint`], naming the offending entry.
     pub fn new<S: AsRef<str>>(endpoints: impl IntoIterator<Item = S>) -> Result<Self> {
-        let endpoints = endpoints
-            .into_iter()
-            .map(|e| e.as_ref().trim().to_owned())
-            .filter(|e| !e.is_empty())
-            .map(|e| parse_endpoint(&e))
-            .collect::<Result<Vec<_>>>()?;
-        if endpoints.is_empty() {
-            return Err(Error::NoEndpoints);
-        }
-        Ok(Self {
-            endpoints,
-            connect_timeout: Duration::from_secs(3),
-            request_timeout: Duration::from_secs(5),
-            attempt_timeout: Duration::from_secs(1),
-            // etcd (grpc-go) answers pings more often than every 5 s on a connection with streams,
-            // and any ping on a connection without streams, with GOAWAY "too_many_pings"
-            // (`--grpc-keepalive-min-time`). 6 s + 2 s still notices a frozen member within 8 s.
-            keep_alive_interval: Duration::from_secs(6),
-            keep_alive_timeout: Duration::from_secs(2),
-            tls: None,
-            auth: None,
-        })
+        Self::builder().endpoints(endpoints).build()
+    }
+
+    /// A builder starting from the defaults: no endpoints (one is required), a 3 s connect
+    /// timeout, a 5 s request timeout of 1 s attempts, pings every 6 s with a 2 s timeout, no TLS,
+    /// no auth.
+    pub fn builder() -> EtcdConfigBuilder {
+        EtcdConfigBuilder::default()
+    }
+
+    /// The endpoints, as `http://host:port` or `https://host:port`.
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// Deadline for opening a connection to one member.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// Deadline for each request (grant, put, get, revoke, opening a stream), retries included.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// Deadline for one attempt of a request.
+    pub fn attempt_timeout(&self) -> Duration {
+        self.attempt_timeout
+    }
+
+    /// The HTTP/2 keep-alive ping interval and timeout.
+    pub fn keep_alive(&self) -> (Duration, Duration) {
+        (self.keep_alive_interval, self.keep_alive_timeout)
+    }
+
+    /// TLS to etcd, if configured.
+    pub fn tls(&self) -> Option<&Tls> {
+        self.tls.as_ref()
+    }
+
+    /// The username and password, if configured.
+    pub fn auth(&self) -> Option<&Credentials> {
+        self.auth.as_ref()
     }
 
     /// Opens a client.
@@ -200,6 +219,142 @@ impl EtcdConfig {
                 ),
             }),
         }
+    }
+}
+
+/// Builds an [`EtcdConfig`]; every setter is optional except
+/// [`endpoints`](EtcdConfigBuilder::endpoints).
+#[derive(Debug, Clone)]
+pub struct EtcdConfigBuilder {
+    endpoints: Vec<String>,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    attempt_timeout: Duration,
+    keep_alive: (Duration, Duration),
+    tls: TlsFiles,
+    auth: Option<Credentials>,
+}
+
+impl Default for EtcdConfigBuilder {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(5),
+            attempt_timeout: Duration::from_secs(1),
+            // etcd (grpc-go) answers pings more often than every 5 s on a connection with streams,
+            // and any ping on a connection without streams, with GOAWAY "too_many_pings"
+            // (`--grpc-keepalive-min-time`). 6 s + 2 s still notices a frozen member within 8 s.
+            keep_alive: (Duration::from_secs(6), Duration::from_secs(2)),
+            tls: TlsFiles::default(),
+            auth: None,
+        }
+    }
+}
+
+impl EtcdConfigBuilder {
+    /// etcd endpoints, each `host:port`, `http://host:port` or `https://host:port`; a bare
+    /// `host:port` uses TLS when [`tls`](Self::tls) is set. Blank entries are ignored.
+    pub fn endpoints<S: AsRef<str>>(mut self, endpoints: impl IntoIterator<Item = S>) -> Self {
+        self.endpoints = endpoints
+            .into_iter()
+            .map(|e| e.as_ref().trim().to_owned())
+            .filter(|e| !e.is_empty())
+            .collect();
+        self
+    }
+
+    /// Deadline for opening a connection to one etcd member.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Deadline for each etcd request, retries included.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Deadline for one attempt of a request (at most the request timeout); a slower attempt, as
+    /// on a member that just died, is abandoned and retried. etcd answers in milliseconds.
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = timeout;
+        self
+    }
+
+    /// HTTP/2 keep-alive pings to etcd every `interval` while streams are open, the connection
+    /// dropped when one goes unanswered for `timeout`. Keep `interval` at or above the cluster's
+    /// `--grpc-keepalive-min-time` (5 s by default), or etcd closes the connection.
+    pub fn keep_alive(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.keep_alive = (interval, timeout);
+        self
+    }
+
+    /// TLS to etcd; the files are read by [`build`](Self::build). Empty files mean no TLS.
+    pub fn tls(mut self, files: TlsFiles) -> Self {
+        self.tls = files;
+        self
+    }
+
+    /// Username and password for a cluster with auth enabled.
+    pub fn auth(mut self, credentials: Credentials) -> Self {
+        self.auth = Some(credentials);
+        self
+    }
+
+    /// Checks everything and reads the TLS files.
+    ///
+    /// # Errors
+    /// [`Error::NoEndpoints`], [`Error::InvalidEndpoint`] naming the endpoint,
+    /// [`Error::InvalidConfig`] for zero timeouts, an empty username or endpoints whose scheme does
+    /// not match the TLS setting, [`Error::TlsFile`] / [`Error::InvalidTls`] for TLS files.
+    pub fn build(self) -> Result<EtcdConfig> {
+        let tls_on = !self.tls.is_empty();
+        let endpoints = self
+            .endpoints
+            .iter()
+            .map(|e| with_scheme(e, tls_on))
+            .collect::<Result<Vec<_>>>()?;
+        if endpoints.is_empty() {
+            return Err(Error::NoEndpoints);
+        }
+        let (keep_alive_interval, keep_alive_timeout) = self.keep_alive;
+        for (setting, value) in [
+            ("etcd-connect-timeout", self.connect_timeout),
+            ("etcd-request-timeout", self.request_timeout),
+            ("etcd-attempt-timeout", self.attempt_timeout),
+            ("etcd-keep-alive-interval", keep_alive_interval),
+            ("etcd-keep-alive-timeout", keep_alive_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(Error::InvalidConfig {
+                    setting,
+                    reason: "must be more than zero".to_owned(),
+                });
+            }
+        }
+        if let Some(auth) = &self.auth {
+            if auth.username().is_empty() {
+                return Err(Error::InvalidConfig {
+                    setting: "etcd-username",
+                    reason: "is empty but a password is set".to_owned(),
+                });
+            }
+        }
+        let config = EtcdConfig {
+            endpoints,
+            connect_timeout: self.connect_timeout,
+            request_timeout: self.request_timeout,
+            attempt_timeout: self.attempt_timeout.min(self.request_timeout),
+            keep_alive_interval,
+            keep_alive_timeout,
+            tls: tls_on.then(|| self.tls.load()).transpose()?,
+            auth: self.auth,
+        };
+        // A scheme that does not match the TLS setting is reported now, not at connect time.
+        config.check_schemes()?;
+        Ok(config)
     }
 }
 
@@ -467,7 +622,7 @@ mod tests {
     fn endpoints_are_normalised() {
         let cfg = EtcdConfig::new(["127.0.0.1:2379", " http://10.0.0.1:23791/ ", ""]).unwrap();
         assert_eq!(
-            cfg.endpoints,
+            cfg.endpoints(),
             ["http://127.0.0.1:2379", "http://10.0.0.1:23791"]
         );
         assert_eq!(with_scheme("h:1", true).unwrap(), "https://h:1");

@@ -86,7 +86,7 @@ pub use config::{Credentials, RegistryConfig, RegistryConfigBuilder, Secret};
 pub use discover::{Change, Changes, Discovery, DiscoveryBuilder, Instance, Instances, Membership};
 pub use endpoint::{Endpoint, Format};
 pub use error::{Error, Result};
-pub use etcd::{Etcd, EtcdConfig, parse_endpoint};
+pub use etcd::{Etcd, EtcdConfig, EtcdConfigBuilder, parse_endpoint};
 pub use lease::{DEFAULT_TTL, LeaseState, MIN_TTL, SharedLease};
 pub use lock::{Lock, LockGuard};
 pub use register::{Registration, RegistrationBuilder, RegistrationState};

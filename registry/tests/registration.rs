@@ -158,11 +158,12 @@ async fn bad_input_is_refused_before_anything_is_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deregistration_that_can_neither_delete_nor_revoke_reports_both() {
     let (mut cluster, _) = cluster().await;
-    let config = registry::RegistryConfig::builder()
+    let etcd = registry::EtcdConfig::builder()
         .endpoints(cluster.endpoints())
         .request_timeout(Duration::from_secs(1))
         .build()
         .unwrap();
+    let config = registry::RegistryConfig::builder(etcd).build().unwrap();
     let etcd = config.connect().await.unwrap();
     let registration = config
         .registration("greeter", "node-gone", "127.0.0.1:50051")

@@ -12,7 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use registry::{Credentials, Error, RegistrationState, RegistryConfig, TlsFiles, error::chain};
+use registry::{
+    Credentials, Error, EtcdConfig, RegistrationState, RegistryConfig, TlsFiles, error::chain,
+};
 use testkit::{Certs, EtcdCluster};
 
 const ROOT_PASSWORD: &str = "root-Pa55word-7f3c";
@@ -117,11 +119,12 @@ fn tls_config(cluster: &EtcdCluster, files: TlsFiles) -> registry::Result<Regist
         .iter()
         .map(|e| e.trim_start_matches("https://").to_owned())
         .collect();
-    RegistryConfig::builder()
+    let etcd = EtcdConfig::builder()
         .endpoints(endpoints)
         .request_timeout(Duration::from_secs(5))
         .tls(files)
-        .build()
+        .build()?;
+    RegistryConfig::builder(etcd).build()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -140,8 +143,8 @@ async fn etcd_over_tls_works_and_an_untrusted_certificate_fails_fast() {
     .expect("valid TLS settings");
     assert!(
         trusted
-            .etcd
-            .endpoints
+            .etcd()
+            .endpoints()
             .iter()
             .all(|e| e.starts_with("https://"))
     );
@@ -171,7 +174,7 @@ async fn etcd_over_tls_works_and_an_untrusted_certificate_fails_fast() {
     assert!(took < Duration::from_secs(3), "took {took:?}");
 
     // Plain http against a TLS cluster is refused before any request.
-    let mixed = RegistryConfig::builder()
+    let mixed = EtcdConfig::builder()
         .endpoints(
             cluster
                 .endpoints()
@@ -243,10 +246,13 @@ fn auth_cluster() -> EtcdCluster {
 }
 
 fn auth_config(cluster: &EtcdCluster, user: &str, password: &str) -> RegistryConfig {
-    RegistryConfig::builder()
+    let etcd = EtcdConfig::builder()
         .endpoints(cluster.endpoints())
-        .ttl(Duration::from_secs(3))
         .auth(Credentials::new(user, password))
+        .build()
+        .expect("valid settings");
+    RegistryConfig::builder(etcd)
+        .ttl(Duration::from_secs(3))
         .build()
         .expect("valid settings")
 }

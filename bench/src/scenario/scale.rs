@@ -239,7 +239,7 @@ pub type Seen = Arc<Mutex<BTreeMap<i64, Instant>>>;
 pub async fn record_raw_watch(etcd: &Etcd, prefix: &str) -> anyhow::Result<(AbortOnDrop, Seen)> {
     // A connection of its own: sharing the discovery's HTTP/2 connection would deliver both
     // streams' frames together and tie the reference to the measured path.
-    let mut client = etcd_client::Client::connect(&etcd.config().endpoints, None)
+    let mut client = etcd_client::Client::connect(etcd.config().endpoints(), None)
         .await
         .context("connecting the raw watch")?;
     let mut stream = client
