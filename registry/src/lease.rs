@@ -2,10 +2,10 @@
 //!
 //! [`SharedLease`] is the lease a process hangs its keys on: every [`Registration`](crate::Registration)
 //! and every [`Lock`](crate::Lock) that is given the same handle shares one lease id and one
-//! keep-alive stream, however many there are. When the lease is lost it grants a new one and puts
-//! every attached registration key back on it before announcing the new id; locks are *not* taken
-//! again (whoever held one is told it is lost). The lease is revoked when the last handle is released
-//! or dropped.
+//! keep-alive stream, however many there are. When the lease is lost it grants a new one and
+//! announces the new id; each registration then puts its own key on it (the registration's task is
+//! the only writer of its key), and locks are *not* taken again (whoever held one is told it is
+//! lost). The lease is revoked when the last handle is released or dropped.
 //!
 //! etcd-client's `LeaseKeeper::keep_alive()` sends a single request; there is no background loop.
 //! [`SharedLease`]'s task runs that loop (`keep_alive` here): send every `ttl / 3`, read every reply,
@@ -21,7 +21,7 @@
 //! reopened stream reaches the leader elected meanwhile.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::VecDeque,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -29,7 +29,6 @@ use std::{
     time::Duration,
 };
 
-use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tokio::{
     sync::{mpsc, watch},
     task::JoinHandle,
@@ -106,9 +105,9 @@ pub enum LeaseState {
 /// [`Lock::new`](crate::Lock::new). One task keeps it alive over one keep-alive stream, so ten
 /// registrations cost one stream and one request every `ttl / 3`, not ten.
 ///
-/// On loss (revoked, expired during an outage) the task grants a new lease, puts every attached
-/// registration key on it, and only then announces [`LeaseState::Live`] with the new id. Locks are
-/// not re-taken: a lock held under the old lease is reported lost to its holder.
+/// On loss (revoked, expired during an outage) the task grants a new lease and announces
+/// [`LeaseState::Live`] with the new id; every registration on the lease then puts its key on it.
+/// Locks are not re-taken: a lock held under the old lease is reported lost to its holder.
 ///
 /// Cloning is cheap; the task stops and the lease is revoked when the last clone (including those
 /// held by registrations and locks) is released with [`SharedLease::release`] or dropped.
@@ -155,9 +154,6 @@ struct Shared {
     ttl: Duration,
     /// Names the lease in logs and metrics: the registration key for a registration's own lease.
     label: String,
-    /// Registration keys to keep on the lease, shared with the task, which re-puts them all after a
-    /// new grant.
-    keys: Arc<Mutex<BTreeMap<String, Attached>>>,
     state: watch::Receiver<LeaseState>,
     /// Tells the task that a user found the lease gone before the keep-alive did (a put answered
     /// "lease not found"), so it re-grants at once.
@@ -168,14 +164,6 @@ struct Shared {
     cancel: CancellationToken,
     /// Ends with the id of the lease it revoked, if any.
     task: Mutex<Option<JoinHandle<Result<Option<i64>>>>>,
-}
-
-/// A registration key attached to the lease.
-#[derive(Debug)]
-struct Attached {
-    value: String,
-    /// The lease id and revision of the last successful put, if any.
-    put: Option<(i64, i64)>,
 }
 
 impl Drop for Shared {
@@ -202,7 +190,6 @@ impl SharedLease {
     /// [`SharedLease::start`] with the name the lease goes by in logs and metrics.
     pub(crate) fn start_labelled(etcd: &Etcd, ttl: Duration, label: String) -> Result<Self> {
         check_ttl(ttl)?;
-        let keys = Arc::new(Mutex::new(BTreeMap::new()));
         let (state_tx, state) = watch::channel(LeaseState::Granting);
         let (lost, lost_rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
@@ -210,7 +197,6 @@ impl SharedLease {
             etcd.clone(),
             ttl,
             label.clone(),
-            keys.clone(),
             state_tx,
             lost_rx,
             cancel.clone(),
@@ -220,7 +206,6 @@ impl SharedLease {
                 etcd: etcd.clone(),
                 ttl,
                 label,
-                keys,
                 state,
                 lost,
                 serial: NEXT_SERIAL.fetch_add(1, Ordering::Relaxed),
@@ -301,68 +286,10 @@ impl SharedLease {
         &self.inner.etcd
     }
 
-    /// Adds a registration key to the set re-put after every new grant. The caller puts it on the
-    /// current lease itself (see [`SharedLease::ensure_put`]).
-    pub(crate) fn attach(&self, key: &str, value: &str) {
-        self.inner.keys.locked().insert(
-            key.to_owned(),
-            Attached {
-                value: value.to_owned(),
-                put: None,
-            },
-        );
-    }
-
-    /// Replaces the value of attached `key`, for every later put (after a new grant, or when the
-    /// key is put back). Does nothing if `key` is not attached.
-    pub(crate) fn set_value(&self, key: &str, value: &str) {
-        if let Some(attached) = self.inner.keys.locked().get_mut(key) {
-            value.clone_into(&mut attached.value);
-        }
-    }
-
-    /// The current value of attached `key`.
-    pub(crate) fn value_of(&self, key: &str) -> Option<String> {
-        self.inner.keys.locked().get(key).map(|a| a.value.clone())
-    }
-
     /// A handle that does not keep the lease alive (nor stop [`SharedLease::release`] from
     /// revoking it).
     pub(crate) fn downgrade(&self) -> WeakLease {
         WeakLease(Arc::downgrade(&self.inner))
-    }
-
-    /// Makes sure attached `key` is in etcd on lease `id`, returning the revision of its put: the
-    /// task may already have put it there when it granted `id`; otherwise put it now.
-    pub(crate) async fn ensure_put(&self, key: &str, value: &str, id: i64) -> Result<i64> {
-        let done = self
-            .inner
-            .keys
-            .locked()
-            .get(key)
-            .and_then(|a| a.put)
-            .filter(|&(lease, _)| lease == id);
-        match done {
-            Some((_, revision)) => Ok(revision),
-            None => self.put(key, value, id).await,
-        }
-    }
-
-    /// Puts attached `key` on lease `id` (again), returning the put's revision.
-    pub(crate) async fn put(&self, key: &str, value: &str, id: i64) -> Result<i64> {
-        let revision = put(&self.inner.etcd, key, value, id).await?;
-        record_put(&self.inner.etcd, &self.inner.keys, key, id, revision).await;
-        Ok(revision)
-    }
-
-    /// Stops keeping `key` and deletes it from etcd, if it is still on the lease we last put it on
-    /// (so an instance that took the same key over meanwhile keeps it).
-    pub(crate) async fn detach(&self, key: &str) -> Result<()> {
-        let removed = self.inner.keys.locked().remove(key);
-        match removed.and_then(|a| a.put) {
-            Some((id, _)) => delete_if_on(&self.inner.etcd, key, id).await,
-            None => Ok(()),
-        }
     }
 
     /// Reports that lease `id` turned out to be gone (a put said "lease not found"); the task
@@ -394,13 +321,12 @@ pub(crate) async fn replaced(state: &mut watch::Receiver<LeaseState>, id: i64) -
     }
 }
 
-/// The shared lease's task: grant and put the attached keys, keep alive, start over on loss; revoke
-/// on cancellation, returning the revoked lease's id.
+/// The shared lease's task: grant, keep alive, start over on loss; revoke on cancellation, returning
+/// the revoked lease's id.
 async fn run(
     etcd: Etcd,
     ttl: Duration,
     label: String,
-    keys: Arc<Mutex<BTreeMap<String, Attached>>>,
     state: watch::Sender<LeaseState>,
     mut lost: mpsc::UnboundedReceiver<(i64, String)>,
     cancel: CancellationToken,
@@ -413,7 +339,7 @@ async fn run(
     loop {
         let attempt = tokio::select! {
             _ = cancel.cancelled() => break,
-            attempt = grant_and_put_all(&etcd, ttl, &label, &keys) => attempt,
+            attempt = grant(&etcd, ttl, &label) => attempt,
         };
         let id = match attempt {
             Ok(id) => id,
@@ -477,74 +403,6 @@ async fn reported_lost(lost: &mut mpsc::UnboundedReceiver<(i64, String)>, id: i6
             None => std::future::pending().await,
         }
     }
-}
-
-/// Grants a fresh lease and puts every attached key on it, returning the lease id. A lease whose
-/// puts then failed is left to expire: a key put on it moves to the next lease with the next put.
-async fn grant_and_put_all(
-    etcd: &Etcd,
-    ttl: Duration,
-    label: &str,
-    keys: &Mutex<BTreeMap<String, Attached>>,
-) -> Result<i64> {
-    let id = grant(etcd, ttl, label).await?;
-    let attached: Vec<(String, String)> = keys
-        .locked()
-        .iter()
-        .map(|(key, a)| (key.clone(), a.value.clone()))
-        .collect();
-    for (key, value) in attached {
-        let revision = put(etcd, &key, &value, id).await?;
-        record_put(etcd, keys, &key, id, revision).await;
-    }
-    Ok(id)
-}
-
-/// Records that attached `key` is on lease `id` since `revision`. If it was detached while the put
-/// was in flight, the put came after the detach's delete: delete it again.
-async fn record_put(
-    etcd: &Etcd,
-    keys: &Mutex<BTreeMap<String, Attached>>,
-    key: &str,
-    id: i64,
-    revision: i64,
-) {
-    let still_attached = match keys.locked().get_mut(key) {
-        Some(attached) => {
-            attached.put = Some((id, revision));
-            true
-        }
-        None => false,
-    };
-    if !still_attached {
-        if let Err(e) = delete_if_on(etcd, key, id).await {
-            warn!(key, error = %chain(&e), "could not delete a key detached during a put; it expires with its lease");
-        }
-    }
-}
-
-/// Puts `key` attached to lease `id`; returns the revision of the put.
-pub(crate) async fn put(etcd: &Etcd, key: &str, value: &str, id: i64) -> Result<i64> {
-    let resp = etcd
-        .call("put", key, |mut c| async move {
-            c.put(key, value, Some(PutOptions::new().with_lease(id)))
-                .await
-        })
-        .await?;
-    Ok(resp.header().map_or(0, |h| h.revision()))
-}
-
-/// Deletes `key` if it is attached to lease `id`.
-async fn delete_if_on(etcd: &Etcd, key: &str, id: i64) -> Result<()> {
-    let txn = Txn::new()
-        .when([Compare::lease(key, CompareOp::Equal, id)])
-        .and_then([TxnOp::delete(key, None)]);
-    etcd.call("delete", key, |mut c| {
-        let txn = txn.clone();
-        async move { c.txn(txn).await }
-    })
-    .await
-    .map(drop)
 }
 
 /// Grants a lease of `ttl` (whole seconds, rounded up) and returns its id.

@@ -3,11 +3,10 @@
 //!
 //! The lease is a [`SharedLease`]: the one given with [`RegistrationBuilder::lease`] (shared with the
 //! process's other registrations and locks), or one of its own. The lease's task grants and keeps it
-//! alive, and after a loss grants a new one and puts every attached key back on it. The registration's
-//! own task follows the lease:
-//! 1. *register*: wait for a live lease, put the key on it (unless the lease's task already did). On
-//!    failure (etcd down, no quorum), retry with capped, jittered backoff, forever; the state says
-//!    [`RegistrationState::Lost`] meanwhile.
+//! alive, and after a loss grants a new one. The registration's own task is the only writer of the
+//! key, and follows the lease:
+//! 1. *register*: wait for a live lease, put the key on it. On failure (etcd down, no quorum), retry
+//!    with capped, jittered backoff, forever; the state says [`RegistrationState::Lost`] meanwhile.
 //! 2. *guard* until the lease is replaced, then back to 1. Meanwhile `guard_key` watches the key itself
 //!    and puts it back on the same lease if something deletes it (an operator's `etcdctl del`); a
 //!    put-back that finds the lease gone tells the lease's task, which re-grants at once.
@@ -17,14 +16,18 @@
 //! kratos #3883 and rpcx #420). Deregistration deletes the key at once (and revokes the lease when no
 //! one else uses it).
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::problem::Problem;
-use crate::sync::Waited;
+use crate::sync::{Unpoisoned, Waited};
 use crate::{
     backoff::Backoff,
     endpoint::Endpoint,
@@ -125,10 +128,18 @@ impl RegistrationBuilder {
         let (state_tx, state) = watch::channel(RegistrationState::Registering);
         let cancel = CancellationToken::new();
         let weak_lease = lease.downgrade();
-        let task = tokio::spawn(run(lease, key.clone(), value, state_tx, cancel.clone()));
+        let record = Arc::new(Mutex::new(value));
+        let task = tokio::spawn(run(
+            lease,
+            key.clone(),
+            record.clone(),
+            state_tx,
+            cancel.clone(),
+        ));
         Ok(Registration {
             key,
             lease: weak_lease,
+            record,
             draining_value,
             state,
             cancel,
@@ -147,6 +158,8 @@ pub struct Registration {
     /// The task owns the lease; this handle must not count as a user, or deregistering would
     /// not revoke it.
     lease: WeakLease,
+    /// The record every put writes, shared with the task: the draining one once announced.
+    record: Arc<Mutex<String>>,
     /// The record with `draining: true` in its metadata.
     draining_value: String,
     state: watch::Receiver<RegistrationState>,
@@ -221,15 +234,15 @@ impl Registration {
             .lease
             .upgrade()
             .ok_or_else(|| gave_up("the registration has stopped".into()))?;
-        lease.set_value(&self.key, &self.draining_value);
+        self.draining_value.clone_into(&mut self.record.locked());
         let RegistrationState::Registered { lease_id } = *self.state.borrow() else {
             return Err(gave_up(format!(
                 "not registered: {:?}",
                 *self.state.borrow()
             )));
         };
-        let put = lease.put(&self.key, &self.draining_value, lease_id);
-        let revision = tokio::time::timeout(timeout, put)
+        let putting = put(lease.etcd(), &self.key, &self.draining_value, lease_id);
+        let revision = tokio::time::timeout(timeout, putting)
             .await
             .map_err(|_| gave_up("no answer from etcd".into()))??;
         info!(
@@ -274,12 +287,13 @@ impl Drop for Registration {
 async fn run(
     lease: SharedLease,
     key: String,
-    value: String,
+    record: Arc<Mutex<String>>,
     state: watch::Sender<RegistrationState>,
     cancel: CancellationToken,
 ) -> Result<()> {
-    lease.attach(&key, &value);
     let mut lease_state = lease.state();
+    // The lease of our last successful put: where the key is, for the delete on the way out.
+    let mut put_on: Option<i64> = None;
     // A 1 s cap: after an outage the key is back within about a second of etcd answering again.
     let mut backoff = Backoff::etcd_task();
     let mut problem = Problem::default();
@@ -303,16 +317,18 @@ async fn run(
                 changed = lease_state.changed() => if changed.is_err() { break 'register },
             }
         };
-        // 2. The key on that lease: the lease's task put it already if it granted the lease after
-        // we attached; otherwise put it now.
-        // The current record: the draining one once the departure was announced.
-        let current = lease.value_of(&key).unwrap_or_else(|| value.clone());
+        // 2. The key on that lease, with the current record (the draining one once the departure
+        // was announced).
+        let current = record.locked().clone();
         let attempt = tokio::select! {
             _ = cancel.cancelled() => break,
-            attempt = lease.ensure_put(&key, &current, id) => attempt,
+            attempt = put(lease.etcd(), &key, &current, id) => attempt,
         };
         let put_revision = match attempt {
-            Ok(revision) => revision,
+            Ok(revision) => {
+                put_on = Some(id);
+                revision
+            }
             Err(e) => {
                 let reason = e.to_string();
                 if let Some(problem) = problem.error("putting the key", &e) {
@@ -353,7 +369,7 @@ async fn run(
         // 3. Keep the key there until the lease is replaced (or we are cancelled).
         let end = tokio::select! {
             reason = lease::replaced(&mut lease_state, id) => LeaseEnd::Lost(reason),
-            end = guard_key(&lease, &key, &value, id, put_revision, &cancel) => end,
+            end = guard_key(&lease, &key, &record, id, put_revision, &cancel) => end,
         };
         match end {
             LeaseEnd::Cancelled => break,
@@ -371,7 +387,12 @@ async fn run(
         }
     }
 
-    let deleted = lease.detach(&key).await;
+    // Only if the key is still on the lease we last put it on: an instance that took the same key
+    // over meanwhile keeps it.
+    let deleted = match put_on {
+        Some(id) => delete_if_on(lease.etcd(), &key, id).await,
+        None => Ok(()),
+    };
     // Revokes the lease if this registration was its last user.
     let released = lease.release_last().await;
     match (&deleted, &released) {
@@ -405,7 +426,7 @@ async fn run(
 async fn guard_key(
     lease: &SharedLease,
     key: &str,
-    value: &str,
+    record: &Mutex<String>,
     id: i64,
     mut revision: i64,
     cancel: &CancellationToken,
@@ -423,7 +444,7 @@ async fn guard_key(
             revision = deleted,
             "our key was deleted (by an operator, or with its lease); putting it back on the lease"
         );
-        match restore(lease, key, value, id, cancel).await {
+        match restore(lease, key, record, id, cancel).await {
             Ok(now) => revision = now,
             Err(end) => return end,
         }
@@ -434,17 +455,17 @@ async fn guard_key(
 async fn restore(
     lease: &SharedLease,
     key: &str,
-    value: &str,
+    record: &Mutex<String>,
     id: i64,
     cancel: &CancellationToken,
 ) -> Result<i64, LeaseEnd> {
     let mut backoff = Backoff::key_put();
     loop {
         // The current record: the draining one once the departure was announced.
-        let current = lease.value_of(key).unwrap_or_else(|| value.to_owned());
+        let current = record.locked().clone();
         let attempt = tokio::select! {
             _ = cancel.cancelled() => return Err(LeaseEnd::Cancelled),
-            attempt = lease.put(key, &current, id) => attempt,
+            attempt = put(lease.etcd(), key, &current, id) => attempt,
         };
         match attempt {
             Ok(revision) => {
@@ -471,4 +492,28 @@ async fn restore(
             }
         }
     }
+}
+
+/// Puts `key` attached to lease `id`; returns the revision of the put.
+async fn put(etcd: &Etcd, key: &str, value: &str, id: i64) -> Result<i64> {
+    let resp = etcd
+        .call("put", key, |mut c| async move {
+            c.put(key, value, Some(PutOptions::new().with_lease(id)))
+                .await
+        })
+        .await?;
+    Ok(resp.header().map_or(0, |h| h.revision()))
+}
+
+/// Deletes `key` if it is attached to lease `id`.
+async fn delete_if_on(etcd: &Etcd, key: &str, id: i64) -> Result<()> {
+    let txn = Txn::new()
+        .when([Compare::lease(key, CompareOp::Equal, id)])
+        .and_then([TxnOp::delete(key, None)]);
+    etcd.call("delete", key, |mut c| {
+        let txn = txn.clone();
+        async move { c.txn(txn).await }
+    })
+    .await
+    .map(drop)
 }
