@@ -32,7 +32,7 @@ use cli::{
 use proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
 use registry::{
     BalanceOptions, BalancedChannel, Change, Discovery, Format, HASH_KEY, INSTANCE, Policy,
-    RetryPolicy, Selector, ServedBy,
+    RetryPolicy, Selector, ServedBy, Subsetting,
 };
 use serde::{Deserialize, Serialize};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -146,6 +146,17 @@ pub struct Config {
     #[arg(global = true, long = "prefer", value_name = "KEY=VALUE", value_parser = parse_pair)]
     #[serde(with = "pairs")]
     pub prefer: Vec<(String, String)>,
+
+    /// Once the service has more than --subset-above instances, connect to and health-check only
+    /// this many of them, chosen by rendezvous hashing on a random identity per run; 0 connects
+    /// to all, however many there are.
+    #[arg(global = true, long, default_value_t = Subsetting::default().size)]
+    pub subset_size: usize,
+
+    /// The instance count above which --subset-size applies; at or below it every instance is
+    /// connected.
+    #[arg(global = true, long, default_value_t = Subsetting::default().above)]
+    pub subset_above: usize,
 
     /// How instances are recorded in etcd: go-naming (ours, Go's naming package), go-zero or
     /// kratos (to call services registered by those frameworks).
@@ -460,6 +471,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         selector: selector.clone(),
         seed: config.seed,
         tls: tls.map(|tls| tls.client_config(None)),
+        subset: Subsetting {
+            size: config.subset_size,
+            above: config.subset_above,
+            ..Subsetting::default()
+        },
         ..BalanceOptions::default()
     };
     let channel = BalancedChannel::new(discovery.clone(), options);
@@ -868,6 +884,19 @@ mod tests {
                 .any(|l| l.starts_with('b') && l.ends_with(" 3")),
             "{table}"
         );
+    }
+
+    #[test]
+    fn subsetting_follows_its_flags() {
+        let parse = |args: &[&str]| Config::try_parse_from([&["client"], args].concat()).unwrap();
+        let defaults = parse(&[]);
+        assert_eq!(
+            (defaults.subset_size, defaults.subset_above),
+            (Subsetting::default().size, Subsetting::default().above)
+        );
+        let off = parse(&["--subset-size", "0", "--subset-above", "10"]);
+        assert_eq!((off.subset_size, off.subset_above), (0, 10));
+        assert!(Config::try_parse_from(["client", "--subset-size", "-1"]).is_err());
     }
 
     #[test]
