@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use crate::{
     backoff::Backoff,
-    config::Credentials,
+    credentials::Credentials,
     endpoint::is_dialable,
     error::{Error, Result, chain},
     tls::{Tls, TlsFiles},

@@ -63,6 +63,7 @@
 mod backoff;
 mod balancer;
 mod config;
+mod credentials;
 mod discover;
 pub mod endpoint;
 pub mod error;
@@ -82,7 +83,8 @@ pub use balancer::{
     BalanceOptions, BalancedChannel, HASH_KEY, INSTANCE, InstanceStatus, OutlierPolicy, Policy,
     RemovalGrace, RetryPolicy, Selector, ServedBy, SubsetStatus, Subsetting,
 };
-pub use config::{Credentials, RegistryConfig, RegistryConfigBuilder, Secret};
+pub use config::{RegistryConfig, RegistryConfigBuilder};
+pub use credentials::{Credentials, Secret};
 pub use discover::{Change, Changes, Discovery, DiscoveryBuilder, Instance, Instances, Membership};
 pub use endpoint::{Endpoint, Format};
 pub use error::{Error, Result};

@@ -17,7 +17,10 @@ use std::{
     future::Future,
     io,
     pin::Pin,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -37,10 +40,7 @@ use tonic_health::pb::{
 };
 use tracing::{debug, info, warn};
 
-use super::{
-    backend::{Backend, Live},
-    pool::FirstAttempt,
-};
+use super::backend::{Backend, Live};
 use crate::{backoff::Backoff, error::chain, metrics, problem::Problem};
 
 /// Keeps `backend` connected until `stop` fires: connect, wait for the socket to close, mark the
@@ -326,5 +326,31 @@ impl AsyncWrite for MonitoredStream {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+/// A backend's first connection attempt, counted in the channel's `connecting` while it lasts:
+/// calls wait for it (within their deadline) rather than fail. Counted down once, when the
+/// attempt's outcome is visible, or when the backend is dropped before it ends.
+#[derive(Debug)]
+pub(super) struct FirstAttempt(Option<Arc<AtomicUsize>>);
+
+impl FirstAttempt {
+    pub(super) fn new(connecting: &Arc<AtomicUsize>) -> Self {
+        connecting.fetch_add(1, Ordering::SeqCst);
+        Self(Some(connecting.clone()))
+    }
+
+    /// The first attempt's outcome is visible (published to the picker, or known to have failed).
+    pub(super) fn done(&mut self) {
+        if let Some(connecting) = self.0.take() {
+            connecting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for FirstAttempt {
+    fn drop(&mut self) {
+        self.done();
     }
 }

@@ -10,10 +10,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Arc,
     time::Duration,
 };
 
@@ -263,7 +260,7 @@ impl Pool {
             endpoint,
             self.options.health_check_interval,
             on_change,
-            FirstAttempt::new(&self.shared.connecting),
+            connection::FirstAttempt::new(&self.shared.connecting),
             backend_stop.clone(),
         ));
         backends.insert(addr.clone(), backend);
@@ -318,32 +315,6 @@ fn drop_after_grace(service: &str, backend: &Backend, why: NoGrace, now: Instant
         .map_or(Duration::ZERO, |g| now.saturating_duration_since(g.since));
     info!(service, addr = %backend.addr, id = %backend.instance_id, why = why.label(), ?kept, "removal grace over; instance removed");
     metrics::grace_ended(service, why.label());
-}
-
-/// A backend's first connection attempt, counted in the channel's `connecting` while it lasts:
-/// calls wait for it (within their deadline) rather than fail. Counted down once, when the
-/// attempt's outcome is visible, or when the backend is dropped before it ends.
-#[derive(Debug)]
-pub(super) struct FirstAttempt(Option<Arc<AtomicUsize>>);
-
-impl FirstAttempt {
-    fn new(connecting: &Arc<AtomicUsize>) -> Self {
-        connecting.fetch_add(1, Ordering::SeqCst);
-        Self(Some(connecting.clone()))
-    }
-
-    /// The first attempt's outcome is visible (published to the picker, or known to have failed).
-    pub(super) fn done(&mut self) {
-        if let Some(connecting) = self.0.take() {
-            connecting.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-}
-
-impl Drop for FirstAttempt {
-    fn drop(&mut self) {
-        self.done();
-    }
 }
 
 /// The tonic endpoint for one instance. Discovery only admits dialable addresses, so this fails only
