@@ -122,7 +122,8 @@ impl RegistryConfigBuilder {
     /// Checks the TTL and the namespace (the etcd connection was checked when it was built).
     ///
     /// # Errors
-    /// [`Error::InvalidTtl`], [`Error::InvalidName`] for the namespace.
+    /// [`Error::InvalidTtl`](crate::Error::InvalidTtl), [`Error::InvalidName`](crate::Error::InvalidName)
+    /// for the namespace.
     pub fn build(self) -> Result<RegistryConfig> {
         lease::check_ttl(self.ttl)?;
         key::service_prefix(&self.namespace, "x")?;

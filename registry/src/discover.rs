@@ -24,11 +24,12 @@ use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::{CancellationToken, DropGuard, ReusableBoxFuture};
 use tracing::{debug, info, warn};
 
+use crate::problem::Problem;
 use crate::sync::Waited;
 use crate::{
     backoff::Backoff,
     endpoint::Format,
-    error::{Error, Result, chain},
+    error::{Error, Result},
     etcd::Etcd,
     key, metrics,
 };
@@ -167,6 +168,8 @@ pub struct Membership {
     /// Full lists of the prefix made so far: the first, then one per watch that could not be
     /// resumed (compaction, cancellation, a rebuilt cluster).
     pub lists: u64,
+    /// Tells a new problem from a repeat; `problem` is what it last warned about.
+    tracked: Problem,
 }
 
 /// A difference between two instance sets.
@@ -925,16 +928,13 @@ impl ChangeSummary {
     }
 }
 
-/// Records a problem, warning only when it is a new one by the crate's one rule (see
-/// [`Problem`](crate::problem::Problem)); the membership, not a `Problem`, holds it, as it is part
-/// of what discovery publishes.
+/// Records a problem and publishes it, warning, only when it is a new one by the crate's one rule
+/// (see [`Problem`]).
 fn report_problem(tx: &watch::Sender<Membership>, prefix: &str, error: &Error) {
-    let summary = crate::problem::summary(error);
-    let problem = chain(error);
     tx.send_if_modified(|m| {
-        if m.problem.as_deref().is_some_and(|p| p.starts_with(&summary)) {
+        let Some(problem) = m.tracked.of(error).map(str::to_owned) else {
             return false;
-        }
+        };
         warn!(prefix, %problem, known = m.instances.len(), "discovery cannot reach etcd; keeping the last known instances and retrying");
         m.problem = Some(problem);
         true
@@ -943,6 +943,7 @@ fn report_problem(tx: &watch::Sender<Membership>, prefix: &str, error: &Error) {
 
 fn clear_problem(tx: &watch::Sender<Membership>, prefix: &str) {
     tx.send_if_modified(|m| {
+        m.tracked.clear();
         let had = m.problem.take().is_some();
         if had {
             info!(prefix, "discovery is in sync with etcd again");

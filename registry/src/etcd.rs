@@ -55,7 +55,8 @@ impl EtcdConfig {
     /// ignored): no TLS, no auth, the timeouts of [`EtcdConfig::builder`].
     ///
     /// # Errors
-    /// [`Error::NoEndpoints`] or [`Error::InvalidEndpoint`], naming the offending entry.
+    /// [`Error::NoEndpoints`] or [`Error::InvalidEndpoint`], naming the offending entry;
+    /// [`Error::InvalidConfig`] for an `https://` endpoint (TLS needs [`EtcdConfig::builder`]).
     pub fn new<S: AsRef<str>>(endpoints: impl IntoIterator<Item = S>) -> Result<Self> {
         Self::builder().endpoints(endpoints).build()
     }
@@ -449,14 +450,15 @@ impl Etcd {
             .await
     }
 
-    /// [`Etcd::call`] with each attempt bounded by `attempt` instead of the configured
-    /// `attempt_timeout`: for requests whose answer is known to be quick, so that an attempt
-    /// routed to a stuck member is abandoned sooner.
+    /// [`Etcd::call`] with a first attempt bounded by `first` instead of the configured
+    /// `attempt_timeout`, for requests whose answer is known to be quick: an attempt routed to a
+    /// stuck member is abandoned sooner. Each attempt that times out gives the next half as much
+    /// again, up to `attempt_timeout`, so an etcd that is slow but answers still gets through.
     pub(crate) async fn call_within<T, F, Fut>(
         &self,
         op: &'static str,
         key: &str,
-        attempt: Duration,
+        first: Duration,
         request: F,
     ) -> Result<T>
     where
@@ -467,6 +469,8 @@ impl Etcd {
         let deadline = Instant::now() + timeout;
         let mut backoff = Backoff::etcd_request();
         let mut last_error = None;
+        let longest = self.config.attempt_timeout.max(first);
+        let mut attempt = first;
         loop {
             let attempt_deadline = (Instant::now() + attempt).min(deadline);
             match tokio::time::timeout_at(attempt_deadline, request(self.client.clone())).await {
@@ -483,7 +487,7 @@ impl Etcd {
                     return Err(self.error(op, key, source));
                 }
                 Ok(Err(source)) => last_error = Some(source),
-                Err(_) => {}
+                Err(_) => attempt = attempt.mul_f64(1.5).min(longest),
             }
             let retry_at = Instant::now() + backoff.next_delay();
             if retry_at >= deadline {

@@ -71,7 +71,7 @@ pub(crate) async fn deleted(etcd: &Etcd, key: &str, mut revision: i64) -> i64 {
 }
 
 /// Logs a problem once at `warn` while it lasts (see [`Problem`]), and its repeats at `debug`.
-fn note(problem: &mut Problem, key: &str, what: &str, error: &dyn std::error::Error) {
+fn note(problem: &mut Problem, key: &str, what: &str, error: &(dyn std::error::Error + 'static)) {
     match problem.error(what, error) {
         Some(new) => warn!(
             key,

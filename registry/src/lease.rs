@@ -64,7 +64,8 @@ pub(crate) fn check_ttl(ttl: Duration) -> Result<()> {
     Ok(())
 }
 
-/// How long a keep-alive may go unanswered before its stream counts as stuck and is reopened.
+/// The least time a keep-alive may go unanswered before its stream counts as stuck and is reopened
+/// (more when etcd's replies have been slower, see `keep_alive`).
 const REPLY_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// How a keep-alive session ended.
@@ -81,7 +82,8 @@ pub(crate) enum LeaseEnd {
 pub enum LeaseState {
     /// The first grant is in progress.
     Granting,
-    /// The lease exists and is being kept alive; every attached registration key is on it.
+    /// The lease exists and is being kept alive; each registration on it puts its key on it (and
+    /// says so with [`RegistrationState::Registered`](crate::RegistrationState::Registered)).
     Live {
         /// The lease id (`etcdctl lease timetolive <id as hex>`).
         id: i64,
@@ -125,7 +127,7 @@ pub enum LeaseState {
 ///     .lease(&lease)
 ///     .start(&etcd)?;
 /// let locks = Lock::new(&lease);
-/// // Both keys and any lock taken through `locks` hang on lease `id`.
+/// // Both keys, once registered, and any lock taken through `locks` hang on lease `id`.
 /// let id = lease.wait_live(Duration::from_secs(5)).await?;
 /// # Ok(())
 /// # }
@@ -435,10 +437,16 @@ pub(crate) async fn keep_alive(
     cancel: &CancellationToken,
 ) -> LeaseEnd {
     let interval = (ttl / 3).max(Duration::from_millis(500));
-    // etcd answers a keep-alive in milliseconds; one unanswered for half a second (or half a
-    // request attempt, if shorter) is stuck, and the stream is reopened while the lease still has
-    // time: at the worst moment, just after a refresh, a stall shows only at the next send.
-    let reply_timeout = (etcd.config().attempt_timeout / 2).min(REPLY_TIMEOUT);
+    // etcd answers a keep-alive in milliseconds; one unanswered for `patience` is stuck, and the
+    // stream is reopened while the lease still has time: at the worst moment, just after a
+    // refresh, a stall shows only at the next send. Patience is four of the last reply's round
+    // trips, at least REPLY_TIMEOUT (or the attempt timeout, if shorter) and at most the attempt
+    // timeout and the interval, and half as much again after each stream given up: an etcd that
+    // is slow but answers is not taken for a stuck one for long.
+    let attempt_timeout = etcd.config().attempt_timeout;
+    let least = REPLY_TIMEOUT.min(attempt_timeout);
+    let most = attempt_timeout.min(interval).max(least);
+    let mut patience = least;
     // The latest instant at which the lease is surely still alive: a lease refreshed by a request
     // *sent* at time t lives until t + ttl, so deadlines are always counted from send times.
     let mut expires = Instant::now() + ttl;
@@ -448,8 +456,9 @@ pub(crate) async fn keep_alive(
     loop {
         let opened_at = Instant::now();
         // Opening sends a keep-alive and waits for its reply: as quick as any reply, so an attempt
-        // on a stuck member is given up as soon as a reply on the stream would be.
-        let open = etcd.call_within("lease keep-alive", key, reply_timeout, |mut c| async move {
+        // on a stuck member is given up quickly (`call_within` gives later attempts more time, for
+        // an etcd that is merely slow).
+        let open = etcd.call_within("lease keep-alive", key, least, |mut c| async move {
             c.lease_keep_alive(id).await
         });
         let opened = tokio::select! {
@@ -484,7 +493,7 @@ pub(crate) async fn keep_alive(
         }
 
         // When each keep-alive still awaiting its reply was sent, oldest first (etcd answers in
-        // order). There is rarely more than one: a reply later than `reply_timeout`, which is no
+        // order). There is rarely more than one: a reply later than `patience`, which is no
         // longer than the interval, abandons the stream.
         let mut unanswered: VecDeque<Instant> = VecDeque::new();
         let mut tick = tokio::time::interval_at(opened_at + interval, interval);
@@ -496,8 +505,12 @@ pub(crate) async fn keep_alive(
                 // the leader and, when the leader has died behind a network that drops packets
                 // (a killed container) or froze, waits seconds for an answer while a new leader
                 // is elected. Reopened, the keep-alive reaches the new leader.
-                () = sleep_until_some(unanswered.front().map(|&sent| sent + reply_timeout)) => {
-                    break format!("no keep-alive reply within {reply_timeout:?}");
+                () = sleep_until_some(unanswered.front().map(|&sent| sent + patience)) => {
+                    let waited = patience;
+                    // Slow rather than stuck, perhaps: the next stream waits longer, until a
+                    // reply says how long replies take.
+                    patience = patience.mul_f64(1.5).min(most);
+                    break format!("no keep-alive reply within {waited:?}");
                 }
                 _ = tick.tick() => {
                     let now = Instant::now();
@@ -520,7 +533,9 @@ pub(crate) async fn keep_alive(
                     Ok(Some(reply)) => {
                         // Every reply answers one of our sends; one that does not extends nothing.
                         let Some(sent) = unanswered.pop_front() else { continue };
-                        metrics::keepalive_rtt(key, sent.elapsed());
+                        let rtt = sent.elapsed();
+                        metrics::keepalive_rtt(key, rtt);
+                        patience = (rtt * 4).clamp(least, most);
                         // `ttl()` is positive here; seconds fit a u64.
                         expires = sent + Duration::from_secs(reply.ttl().unsigned_abs());
                         debug!(key, lease = format_args!("{id:x}"), ttl = reply.ttl(), "lease refreshed");

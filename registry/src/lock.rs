@@ -119,9 +119,12 @@ impl Lock {
             waited: timeout,
             waiting_for,
         };
-        let local = tokio::time::timeout_at(deadline, local_lock(&self.lease, name).lock_owned())
-            .await
-            .map_err(|_| timed_out("another holder in this process to release it"))?;
+        let waited = tokio::time::timeout_at(deadline, local_lock(&self.lease, name).lock_owned());
+        let Ok(local) = waited.await else {
+            // The holder may have let go just now, seeing our clone: the table entry is ours to drop.
+            prune_local_lock(&self.lease, name);
+            return Err(timed_out("another holder in this process to release it"));
+        };
         let local = LocalHold::new(&self.lease, name, local);
         let mut backoff = Backoff::etcd_task();
         loop {
@@ -191,6 +194,8 @@ impl Lock {
     pub async fn try_lock(&self, name: &str) -> Result<Option<LockGuard>> {
         check_name(name)?;
         let Ok(local) = local_lock(&self.lease, name).try_lock_owned() else {
+            // As for a timed-out wait: the holder may have let go since, seeing our clone.
+            prune_local_lock(&self.lease, name);
             return Ok(None);
         };
         let local = LocalHold::new(&self.lease, name, local);

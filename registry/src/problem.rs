@@ -2,10 +2,11 @@
 //! repeats go to `debug`, and the loop may say once that it recovered. Every loop in the crate uses
 //! this one rule.
 //!
-//! Two failures are the same problem when they agree on what failed and on its first cause
-//! ("etcd put of ... failed: transport error", "...: status: PermissionDenied"). Further down, the
-//! chain names whichever member refused this time or the socket error of this attempt, which varies
-//! from one retry to the next and is not news.
+//! Two failures are the same problem when they agree on what failed and on the kind of its first
+//! cause: for an etcd request, the gRPC status code or that the transport failed ("etcd put of ...
+//! failed: status PermissionDenied", "...: transport error"); for other errors, the first cause's
+//! message. The rest (the status message, which member refused this time, the socket error of this
+//! attempt) varies from one retry to the next and is not news.
 
 use crate::error::chain;
 
@@ -13,7 +14,7 @@ use crate::error::chain;
 const SUMMARY_LEVELS: usize = 2;
 
 /// The problem a retry loop is in, if any.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Problem {
     /// What decides whether the next failure is the same problem.
     summary: Option<String>,
@@ -25,11 +26,20 @@ impl Problem {
     /// Records that `what` failed with `error`. Returns the problem in full when it is new (the
     /// first, or one with another summary), for the caller to warn about; `None` for a repeat,
     /// which goes to `debug` if anywhere.
-    pub(crate) fn error(&mut self, what: &str, error: &dyn std::error::Error) -> Option<&str> {
+    pub(crate) fn error(
+        &mut self,
+        what: &str,
+        error: &(dyn std::error::Error + 'static),
+    ) -> Option<&str> {
         self.record(
             format!("{what}: {}", summary(error)),
             format!("{what}: {}", chain(error)),
         )
+    }
+
+    /// [`Problem::error`] for an error that says itself what failed.
+    pub(crate) fn of(&mut self, error: &(dyn std::error::Error + 'static)) -> Option<&str> {
+        self.record(summary(error), chain(error))
     }
 
     /// Records a problem that is only text (nothing failed with an error: a reply never came).
@@ -56,9 +66,20 @@ impl Problem {
     }
 }
 
-/// The part of `error`'s chain that tells one problem from another; always a prefix of
-/// [`chain`]`(error)`.
-pub(crate) fn summary(error: &dyn std::error::Error) -> String {
+/// What tells one problem from another (see the module docs).
+fn summary(error: &(dyn std::error::Error + 'static)) -> String {
+    // etcd-client's errors have no sources: the whole story, member address included, is in one
+    // message, so only its kind counts.
+    if let Some(crate::Error::Etcd { source, .. }) = error.downcast_ref::<crate::Error>() {
+        let kind = match source {
+            etcd_client::Error::GRpcStatus(status) => format!("status {:?}", status.code()),
+            other => {
+                let text = other.to_string();
+                text.split(':').next().unwrap_or_default().to_owned()
+            }
+        };
+        return format!("{error}: {kind}");
+    }
     crate::error::chain_levels(error, SUMMARY_LEVELS)
 }
 
@@ -105,9 +126,31 @@ mod tests {
     }
 
     #[test]
-    fn the_summary_is_a_prefix_of_the_chain() {
+    fn the_summary_is_what_failed_and_the_first_cause() {
         let e = error(&["a", "b", "c"]);
         assert_eq!(summary(&e), "a: b");
         assert_eq!(chain(&e), "a: b: c");
+    }
+
+    fn etcd(status: tonic::Status) -> crate::Error {
+        crate::Error::Etcd {
+            op: "get",
+            key: "services/x/".into(),
+            endpoints: "http://127.0.0.1:2379".into(),
+            source: etcd_client::Error::GRpcStatus(status),
+        }
+    }
+
+    #[test]
+    fn an_etcd_error_counts_by_its_status_code_not_its_message() {
+        let mut problem = Problem::default();
+        let refused = |member: &str| etcd(tonic::Status::unavailable(format!("{member} refused")));
+        assert!(problem.of(&refused("10.0.0.1:2379")).is_some());
+        assert_eq!(problem.of(&refused("10.0.0.2:2379")), None);
+        assert!(problem.current().unwrap().contains("10.0.0.2:2379"));
+        let denied = etcd(tonic::Status::permission_denied(
+            "etcdserver: permission denied",
+        ));
+        assert!(problem.of(&denied).is_some());
     }
 }

@@ -292,7 +292,8 @@ async fn run(
     cancel: CancellationToken,
 ) -> Result<()> {
     let mut lease_state = lease.state();
-    // The lease of our last successful put: where the key is, for the delete on the way out.
+    // The lease of our last put (sent, if not answered): where the key is, for the delete on the
+    // way out.
     let mut put_on: Option<i64> = None;
     // A 1 s cap: after an outage the key is back within about a second of etcd answering again.
     let mut backoff = Backoff::etcd_task();
@@ -320,15 +321,15 @@ async fn run(
         // 2. The key on that lease, with the current record (the draining one once the departure
         // was announced).
         let current = record.locked().clone();
-        let attempt = tokio::select! {
-            _ = cancel.cancelled() => break,
-            attempt = put(lease.etcd(), &key, &current, id) => attempt,
-        };
+        // Awaited even when cancelled (it is bounded by the request timeout): a put already sent
+        // may still land, and the delete on the way out must come after it, on its lease.
+        put_on = Some(id);
+        let attempt = put(lease.etcd(), &key, &current, id).await;
+        if cancel.is_cancelled() {
+            break;
+        }
         let put_revision = match attempt {
-            Ok(revision) => {
-                put_on = Some(id);
-                revision
-            }
+            Ok(revision) => revision,
             Err(e) => {
                 let reason = e.to_string();
                 if let Some(problem) = problem.error("putting the key", &e) {
@@ -463,10 +464,11 @@ async fn restore(
     loop {
         // The current record: the draining one once the departure was announced.
         let current = record.locked().clone();
-        let attempt = tokio::select! {
-            _ = cancel.cancelled() => return Err(LeaseEnd::Cancelled),
-            attempt = put(lease.etcd(), key, &current, id) => attempt,
-        };
+        // Awaited even when cancelled, as in `run`: the delete on the way out comes after it.
+        let attempt = put(lease.etcd(), key, &current, id).await;
+        if cancel.is_cancelled() {
+            return Err(LeaseEnd::Cancelled);
+        }
         match attempt {
             Ok(revision) => {
                 info!(
