@@ -452,8 +452,9 @@ impl Etcd {
 
     /// [`Etcd::call`] with a first attempt bounded by `first` instead of the configured
     /// `attempt_timeout`, for requests whose answer is known to be quick: an attempt routed to a
-    /// stuck member is abandoned sooner. Each attempt that times out gives the next half as much
-    /// again, up to `attempt_timeout`, so an etcd that is slow but answers still gets through.
+    /// stuck member is abandoned sooner. After two attempts that timed out, each further one gets
+    /// half as much time again, up to `attempt_timeout`, so an etcd that is slow but answers still
+    /// gets through (two first, as the first two may both have gone to the stuck member).
     pub(crate) async fn call_within<T, F, Fut>(
         &self,
         op: &'static str,
@@ -471,6 +472,7 @@ impl Etcd {
         let mut last_error = None;
         let longest = self.config.attempt_timeout.max(first);
         let mut attempt = first;
+        let mut timed_out = 0;
         loop {
             let attempt_deadline = (Instant::now() + attempt).min(deadline);
             match tokio::time::timeout_at(attempt_deadline, request(self.client.clone())).await {
@@ -487,7 +489,12 @@ impl Etcd {
                     return Err(self.error(op, key, source));
                 }
                 Ok(Err(source)) => last_error = Some(source),
-                Err(_) => attempt = attempt.mul_f64(1.5).min(longest),
+                Err(_) => {
+                    timed_out += 1;
+                    if timed_out >= 2 {
+                        attempt = attempt.mul_f64(1.5).min(longest);
+                    }
+                }
             }
             let retry_at = Instant::now() + backoff.next_delay();
             if retry_at >= deadline {

@@ -124,10 +124,11 @@ async fn f1_etcd_leader_killed_then_restarted() {
 async fn f1b_etcd_leader_frozen_longer_than_the_ttl() {
     let _turn = TURN.lock().await;
     let logs = tempfile::tempdir().unwrap();
-    // A 6 s lease, the shortest that leaves room for the worst moment to freeze (just after a
-    // refresh): the stall shows at the next keep-alive (2 s), unanswered for 1 s, and the 3 s left
-    // cover the election (1-2 s) and a reopen that may first land on the frozen member (1 s).
-    let (mut cluster, servers, load) = setup(logs.path(), &["--ttl", "4s"]).await;
+    // A 5 s lease leaves room for the worst moment to freeze, just after a refresh: the stall shows
+    // at the next keep-alive (1.7 s), unanswered for 0.5 s, and the 2.8 s left cover the election
+    // (1-2 s) and reopens that may first land on the frozen member (0.5 s each). With 4 s this
+    // held in 14 runs here and failed once in CI (etcd 3.5.1, a freeze just after a refresh).
+    let (mut cluster, servers, load) = setup(logs.path(), &["--ttl", "5s"]).await;
     let leases: Vec<_> = servers
         .iter()
         .map(|s| lease_of(&cluster, &s.key()))
@@ -136,7 +137,7 @@ async fn f1b_etcd_leader_frozen_longer_than_the_ttl() {
     let leader = cluster.leader().expect("a leader");
     cluster.freeze(leader);
     let frozen = Instant::now();
-    while frozen.elapsed() < Duration::from_secs(8) {
+    while frozen.elapsed() < Duration::from_secs(10) {
         for (server, lease) in servers.iter().zip(&leases) {
             let now = lease_of(&cluster, &server.key());
             assert_eq!(
@@ -790,6 +791,9 @@ struct Departure {
     cause: &'static str,
     /// Calls sent after it left the rotation that it served (must be 0).
     served_after_out: usize,
+    /// Calls sent after discovery saw the draining record that it served (`usize::MAX`: never
+    /// seen).
+    served_after_draining: usize,
     /// Calls it served that were sent after its key was gone from discovery.
     served_after_delete: usize,
 }
@@ -871,6 +875,7 @@ async fn depart(load: &Load, server: &mut ServerProcess) -> Departure {
         out: out - signalled,
         cause,
         served_after_out: served_since(out),
+        served_after_draining: draining.map_or(usize::MAX, served_since),
         served_after_delete: deleted.map_or(0, served_since),
     }
 }
@@ -944,8 +949,14 @@ async fn f12_graceful_shutdown_announced_before_the_revoke() {
     ] {
         assert_eq!(d.served_after_out, 0, "{name}: {d:?}");
     }
-    assert_eq!(announced.cause, "draining record", "{announced:?}");
     assert!(announced.draining_seen.is_some(), "{announced:?}");
+    // The 1 ms poll can miss the few milliseconds between the draining record and the DELETE on
+    // a loaded machine (it saw "removed" once in CI); then no call may have reached the instance
+    // after the client saw the draining record.
+    assert!(
+        announced.cause == "draining record" || announced.served_after_draining == 0,
+        "{announced:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
