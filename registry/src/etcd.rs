@@ -488,8 +488,17 @@ impl Etcd {
                 Ok(Err(source)) if !is_transient(&source) => {
                     return Err(self.error(op, key, source));
                 }
-                Ok(Err(source)) => last_error = Some(source),
+                Ok(Err(source)) => {
+                    tracing::debug!(op, key, error = %chain(&source), "etcd request attempt failed; retrying");
+                    last_error = Some(source);
+                }
                 Err(_) => {
+                    tracing::debug!(
+                        op,
+                        key,
+                        ?attempt,
+                        "etcd request attempt got no answer in time; retrying"
+                    );
                     timed_out += 1;
                     if timed_out >= 2 {
                         attempt = attempt.mul_f64(1.5).min(longest);

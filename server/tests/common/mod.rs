@@ -82,7 +82,11 @@ fn spawn_server(port: u16, endpoints: &str, extra: &[String], log: &Path) -> Chi
         Command::new(env!("CARGO_BIN_EXE_server"))
             .args(["--port", &port.to_string(), "--etcd-endpoints", endpoints])
             .args(extra)
-            .env("RUST_LOG", "info")
+            // SERVER_RUST_LOG, e.g. "info,registry::etcd=debug", shows every etcd attempt.
+            .env(
+                "RUST_LOG",
+                std::env::var("SERVER_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(file.try_clone().expect("cloning the log handle"))
             .stderr(file),
     )
