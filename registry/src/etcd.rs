@@ -112,11 +112,10 @@ impl EtcdConfig {
     /// certificate fails here, at startup, rather than in every later request.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for endpoints whose scheme does not match the TLS setting,
     /// [`Error::Unauthenticated`] for refused credentials, [`Error::Etcd`] for a failed TLS check
     /// or a client that cannot be built, [`Error::Timeout`] if authentication got no answer.
     pub async fn connect(&self) -> Result<Etcd> {
-        self.check_schemes()?;
+        // The schemes were checked when the configuration was built; it cannot change since.
         let mut options = ConnectOptions::new()
             .with_connect_timeout(self.connect_timeout)
             .with_keep_alive(self.keep_alive_interval, self.keep_alive_timeout)
@@ -197,7 +196,7 @@ impl EtcdConfig {
 
     /// `https://` endpoints need TLS settings, and TLS settings need `https://` endpoints: a
     /// mismatch would otherwise surface as an obscure handshake or protocol error per request.
-    pub(crate) fn check_schemes(&self) -> Result<()> {
+    fn check_schemes(&self) -> Result<()> {
         let tls = self.tls.is_some();
         match self
             .endpoints
@@ -521,43 +520,68 @@ impl Etcd {
         }
     }
 
-    /// One request over TLS, to turn an untrusted certificate into an error at startup. Transient
-    /// failures are not errors here (etcd may simply not be up yet, and later requests retry),
-    /// except one: a cluster that wants a client certificate we do not have accepts the handshake
-    /// and then closes every connection, which looks transient but never passes.
+    /// A few requests over TLS, to turn a TLS setup that can never work into an error at startup.
+    /// Transient failures are not errors here (etcd may simply not be up yet, and later requests
+    /// retry), except one: a cluster that does not accept our client certificate, or wants one we
+    /// do not have, completes the handshake and then drops every connection, which looks
+    /// transient but never passes. Three such drops in a row, with no answer in between, say so.
     async fn check_handshake(&self) -> Result<()> {
-        let checked = self
-            .call(
-                "TLS check",
-                "status",
-                |mut c| async move { c.status().await },
+        const DROPS_IN_A_ROW: u32 = 3;
+        let config = &self.config;
+        let has_identity = config.tls.as_ref().is_some_and(Tls::has_identity);
+        let deadline = Instant::now() + config.request_timeout;
+        let mut backoff = Backoff::etcd_request();
+        let mut drops = 0;
+        loop {
+            let attempt =
+                tokio::time::timeout(config.attempt_timeout, self.client.clone().status()).await;
+            match attempt {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(source)) => {
+                    tracing::debug!(error = %chain(&source), "TLS check: etcd status request failed");
+                    if dropped_after_handshake(&source) {
+                        drops += 1;
+                        if drops >= DROPS_IN_A_ROW {
+                            return Err(self.refused_after_handshake(has_identity));
+                        }
+                    } else if is_tls_failure(&source) {
+                        return Err(self.error("TLS handshake", "status", source));
+                    } else if !is_transient(&source) {
+                        // etcd itself answered: the handshake works.
+                        return Ok(());
+                    } else {
+                        drops = 0;
+                    }
+                }
+                // No answer in time: etcd may be slow or still starting.
+                Err(_) => drops = 0,
+            }
+            let retry_at = Instant::now() + backoff.next_delay();
+            if retry_at >= deadline {
+                return Ok(());
+            }
+            tokio::time::sleep_until(retry_at).await;
+        }
+    }
+
+    fn refused_after_handshake(&self, has_identity: bool) -> Error {
+        let endpoints = self.endpoints();
+        let reason = if has_identity {
+            format!(
+                "etcd at {endpoints} closed every connection right after the TLS handshake: it \
+                 probably does not accept the client certificate in etcd-cert (is it signed by a \
+                 CA that etcd's --trusted-ca-file trusts?)"
             )
-            .await;
-        let Err(Error::Etcd { source, .. }) = checked else {
-            return Ok(());
+        } else {
+            format!(
+                "etcd at {endpoints} closed every connection right after the TLS handshake: it \
+                 probably requires a client certificate; set etcd-cert and etcd-key"
+            )
         };
-        let has_identity = self.config.tls.as_ref().is_some_and(Tls::has_identity);
-        // How a member with `--client-cert-auth` turns away a client without a certificate
-        // differs by etcd version: 3.4.23 closes the connection after the handshake, 3.5.1
-        // answers with a fatal `BadCertificate` alert (TLS 1.3 would say `CertificateRequired`).
-        let text = chain(&source);
-        let refused_for_no_cert = ["connection closed", "BadCertificate", "CertificateRequired"]
-            .iter()
-            .any(|sign| text.contains(sign));
-        if !has_identity && refused_for_no_cert {
-            return Err(Error::InvalidConfig {
-                setting: "etcd-cert",
-                reason: format!(
-                    "etcd at {} refused every connection at or right after the TLS handshake: \
-                     it probably requires a client certificate; set etcd-cert and etcd-key",
-                    self.endpoints()
-                ),
-            });
+        Error::InvalidConfig {
+            setting: "etcd-cert",
+            reason,
         }
-        if is_tls_failure(&source) {
-            return Err(self.error("TLS handshake", "status", source));
-        }
-        Ok(())
     }
 
     fn error(&self, op: &'static str, key: &str, source: etcd_client::Error) -> Error {
@@ -600,12 +624,38 @@ fn is_transient(error: &etcd_client::Error) -> bool {
     }
     match error {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        // A request the transport cancelled unsent (its connection died first) is safe to
+        // retry; etcd itself never answers Cancelled to a request we did not cancel.
+        etcd_client::Error::GRpcStatus(status) if status.code() == Code::Cancelled => {
+            std::error::Error::source(status).is_some()
+        }
         etcd_client::Error::GRpcStatus(status) => matches!(
             status.code(),
             Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::ResourceExhausted
         ),
         _ => false,
     }
+}
+
+/// A connection that etcd dropped at or right after the TLS handshake. How a member turns away a
+/// client certificate it does not accept (or a missing one) differs by etcd version and timing:
+/// 3.4.23 closes the connection, 3.5.1 sends a fatal `BadCertificate` alert (TLS 1.3 may say
+/// `CertificateRequired`), and a request racing the drop sees a broken pipe or is cancelled
+/// unsent because the connection was not ready. A member that is down refuses the TCP connection
+/// instead, which none of these match.
+fn dropped_after_handshake(error: &etcd_client::Error) -> bool {
+    let text = chain(error);
+    [
+        "connection closed",
+        "BadCertificate",
+        "CertificateRequired",
+        "UnknownCA",
+        "broken pipe",
+        "connection reset",
+        "connection was not ready",
+    ]
+    .iter()
+    .any(|sign| text.contains(sign))
 }
 
 /// A TLS handshake that failed on a certificate: retrying will not help.

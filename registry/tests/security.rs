@@ -221,10 +221,14 @@ async fn etcd_with_client_certificates_requires_ours() {
     )
     .expect("valid TLS settings");
     let started = Instant::now();
-    let err = without_cert
-        .connect()
-        .await
-        .expect_err("no client certificate must fail");
+    let Err(err) = without_cert.connect().await else {
+        let logs = captured_logs();
+        let logs = logs.lock().unwrap_or_else(|p| p.into_inner());
+        panic!(
+            "no client certificate must fail, but connect succeeded; logs:\n{}",
+            String::from_utf8_lossy(&logs)
+        );
+    };
     assert!(err.to_string().contains("etcd-cert"), "{err}");
     println!(
         "missing client certificate: failed after {:?}: {}",
@@ -232,7 +236,34 @@ async fn etcd_with_client_certificates_requires_ours() {
         chain(&err)
     );
     assert!(started.elapsed() < Duration::from_secs(6));
-    assert_no_secrets_logged(&[&key_body(&certs.client_key), &key_body(&certs.server_key)]);
+
+    // A client certificate from a CA that etcd does not trust is turned away the same way.
+    let foreign_cert = tls_config(
+        &cluster,
+        TlsFiles {
+            ca: Some(certs.ca.clone()),
+            cert: Some(certs.rogue_cert.clone()),
+            key: Some(certs.rogue_key.clone()),
+        },
+    )
+    .expect("valid TLS settings");
+    let started = Instant::now();
+    let Err(err) = foreign_cert.connect().await else {
+        panic!("a client certificate from an untrusted CA must fail");
+    };
+    assert!(err.to_string().contains("etcd-cert"), "{err}");
+    assert!(err.to_string().contains("does not accept"), "{err}");
+    println!(
+        "untrusted client certificate: failed after {:?}: {}",
+        started.elapsed(),
+        chain(&err)
+    );
+    assert!(started.elapsed() < Duration::from_secs(6));
+    assert_no_secrets_logged(&[
+        &key_body(&certs.client_key),
+        &key_body(&certs.server_key),
+        &key_body(&certs.rogue_key),
+    ]);
 }
 
 /// A cluster with auth on: `root`, `greeter` (readwrite on `services/`) and `outsider`
