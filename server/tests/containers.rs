@@ -22,8 +22,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Load, ServerProcess, assert_no_failures, dead_addr, failures, key_exists, lease_of,
-    wait_registered,
+    Load, ServerProcess, assert_leases_kept, assert_no_failures, dead_addr, failures, key_exists,
+    leases, wait_registered,
 };
 use testkit::{Cluster, ComposeCluster, wait_until};
 use tokio::time::{Instant, sleep};
@@ -127,14 +127,6 @@ async fn probe_seen(
     }
 }
 
-/// Every server's key and lease as the answering members report them.
-fn leases(cluster: &ComposeCluster, servers: &[ServerProcess]) -> Vec<Option<String>> {
-    servers
-        .iter()
-        .map(|s| lease_of(cluster, &s.key()))
-        .collect()
-}
-
 /// Asserts that no call failed and that every server is still registered, then prints the
 /// `FAULT` line: `name`, the calls, and `measured`.
 fn report(
@@ -185,30 +177,16 @@ async fn c1_docker_kill_of_the_member_carrying_the_watch() {
         Duration::from_secs(20),
     )
     .await;
-    while killed.elapsed() < Duration::from_secs(6) {
-        let now = leases(&cluster, &servers);
-        if now != before {
-            let logs: Vec<String> = servers
-                .iter()
-                .zip(before.iter().zip(&now))
-                .filter(|(_, (was, is))| was != is)
-                .map(|(s, (was, is))| {
-                    format!(
-                        "--- {} (lease {was:?} -> {is:?}):\n{}",
-                        s.addr,
-                        s.log_text()
-                    )
-                })
-                .collect();
-            panic!(
-                "a server lost its lease {:?} after the kill of etcd{}: leases {before:?} -> {now:?}\n{}",
-                killed.elapsed(),
-                victim + 1,
-                logs.join("\n")
-            );
-        }
-        sleep(Duration::from_millis(200)).await;
-    }
+    let fault = format!("the kill of etcd{}", victim + 1);
+    assert_leases_kept(
+        &cluster,
+        &servers,
+        &before,
+        killed,
+        Duration::from_secs(6),
+        &fault,
+    )
+    .await;
     let restarted = Instant::now();
     cluster.restart(victim);
     let rejoined = restarted.elapsed();

@@ -11,8 +11,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Load, ServerProcess, assert_no_failures, dead_addr, failures, key_exists, lease_of, percentile,
-    wait_registered,
+    Load, ServerProcess, assert_leases_kept, assert_no_failures, dead_addr, failures, key_exists,
+    lease_of, leases, percentile, wait_registered,
 };
 use testkit::{EtcdCluster, wait_until};
 use tokio::time::{Instant, sleep};
@@ -75,25 +75,21 @@ async fn f1_etcd_leader_killed_then_restarted() {
     let logs = tempfile::tempdir().unwrap();
     // A 4 s lease: waiting 6 s after the kill proves the keep-alives moved to the survivors.
     let (mut cluster, servers, load) = setup(logs.path(), &["--ttl", "4s"]).await;
-    let leases: Vec<_> = servers
-        .iter()
-        .map(|s| lease_of(&cluster, &s.key()))
-        .collect();
+    let before = leases(&cluster, &servers);
 
     let leader = cluster.leader().expect("a leader");
     cluster.kill(leader);
     let killed = Instant::now();
-    while killed.elapsed() < Duration::from_secs(6) {
-        for (server, lease) in servers.iter().zip(&leases) {
-            assert_eq!(
-                &lease_of(&cluster, &server.key()),
-                lease,
-                "{} lost its lease",
-                server.key()
-            );
-        }
-        sleep(Duration::from_millis(200)).await;
-    }
+    let period = Duration::from_secs(6);
+    assert_leases_kept(
+        &cluster,
+        &servers,
+        &before,
+        killed,
+        period,
+        "the leader's kill",
+    )
+    .await;
 
     // Discovery's watch resumed on a survivor and misses nothing: a server registering now shows.
     let fourth = ServerProcess::start(&cluster, logs.path(), &["--ttl", "4s"]);
@@ -130,29 +126,22 @@ async fn f1b_etcd_leader_frozen_longer_than_the_ttl() {
     // and the reopen. Shorter leases held in most runs but not all: with 4 s and 5 s, one server
     // in a few had every etcd request unanswered for about 4.5 s after the freeze.
     let (mut cluster, servers, load) = setup(logs.path(), &[]).await;
-    let leases: Vec<_> = servers
-        .iter()
-        .map(|s| lease_of(&cluster, &s.key()))
-        .collect();
+    let before = leases(&cluster, &servers);
 
     let leader = cluster.leader().expect("a leader");
     cluster.freeze(leader);
     let frozen = Instant::now();
     // Longer than the TTL: only keep-alives that moved to the survivors keep the leases.
-    while frozen.elapsed() < Duration::from_secs(12) {
-        for (server, lease) in servers.iter().zip(&leases) {
-            let now = lease_of(&cluster, &server.key());
-            assert_eq!(
-                &now,
-                lease,
-                "{} lost its lease {:?} after the leader froze:\n{}",
-                server.key(),
-                frozen.elapsed(),
-                server.log_text()
-            );
-        }
-        sleep(Duration::from_millis(200)).await;
-    }
+    let period = Duration::from_secs(12);
+    assert_leases_kept(
+        &cluster,
+        &servers,
+        &before,
+        frozen,
+        period,
+        "the leader froze",
+    )
+    .await;
     let reopened = servers
         .iter()
         .filter(|s| s.log_text().contains("keep-alive stream reopened"))
@@ -172,10 +161,7 @@ async fn f2_quorum_lost_longer_than_the_ttl_then_restored() {
     let _turn = TURN.lock().await;
     let logs = tempfile::tempdir().unwrap();
     let (mut cluster, servers, load) = setup(logs.path(), &["--ttl", "3s"]).await;
-    let before: Vec<_> = servers
-        .iter()
-        .map(|s| lease_of(&cluster, &s.key()))
-        .collect();
+    let before = leases(&cluster, &servers);
     let all = ids(&servers.iter().collect::<Vec<_>>());
 
     cluster.kill(0);

@@ -104,6 +104,50 @@ pub fn lease_of(cluster: &impl Cluster, key: &str) -> Option<String> {
     Some(format!("{lease:x}"))
 }
 
+/// Every server's lease, as the answering members report it.
+pub fn leases(cluster: &impl Cluster, servers: &[ServerProcess]) -> Vec<Option<String>> {
+    servers
+        .iter()
+        .map(|s| lease_of(cluster, &s.key()))
+        .collect()
+}
+
+/// Checks every 200 ms, until `period` after `since` (the fault, described by `fault`), that every
+/// server is still on its lease in `before`; panics at the first change with the changed servers'
+/// logs.
+pub async fn assert_leases_kept(
+    cluster: &impl Cluster,
+    servers: &[ServerProcess],
+    before: &[Option<String>],
+    since: Instant,
+    period: Duration,
+    fault: &str,
+) {
+    while since.elapsed() < period {
+        let now = leases(cluster, servers);
+        if now != before {
+            let logs: Vec<String> = servers
+                .iter()
+                .zip(before.iter().zip(&now))
+                .filter(|(_, (was, is))| was != is)
+                .map(|(s, (was, is))| {
+                    format!(
+                        "--- {} (lease {was:?} -> {is:?}):\n{}",
+                        s.key(),
+                        s.log_text()
+                    )
+                })
+                .collect();
+            panic!(
+                "a server lost its lease {:?} after {fault}: leases {before:?} -> {now:?}\n{}",
+                since.elapsed(),
+                logs.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 pub fn key_exists(cluster: &impl Cluster, key: &str) -> bool {
     !cluster
         .etcdctl_ok(&["get", key, "--keys-only"])
