@@ -20,7 +20,12 @@
 //! # Example
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
-//! let ctx = bench::scenario::Ctx { quick: true, trials: None, out: "bench/results".into() };
+//! let ctx = bench::scenario::Ctx {
+//!     quick: true,
+//!     trials: None,
+//!     out: "bench/results".into(),
+//!     scale_sizes: Vec::new(),
+//! };
 //! let section = bench::scenario::calibration::run(&ctx).await?;
 //! println!("{}", section.body);
 //! # Ok(())

@@ -78,6 +78,19 @@ pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// A count with thousands separated: `100,000`.
+pub fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// A number with precision suited to its size: `0.123`, `12.3`, `1234`.
 pub fn num(x: f64) -> String {
     let a = x.abs();
@@ -103,6 +116,18 @@ pub fn cells(summary: Option<Summary>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thousands_are_separated() {
+        let shown: Vec<String> = [0, 999, 1_000, 10_000, 100_000, 1_234_567]
+            .into_iter()
+            .map(thousands)
+            .collect();
+        assert_eq!(
+            shown,
+            ["0", "999", "1,000", "10,000", "100,000", "1,234,567"]
+        );
+    }
 
     #[test]
     fn nearest_rank_percentiles() {

@@ -27,6 +27,8 @@ pub struct Ctx {
     pub trials: Option<usize>,
     /// Where charts go.
     pub out: PathBuf,
+    /// Instance counts for the scale scenario; empty for its default.
+    pub scale_sizes: Vec<usize>,
 }
 
 impl Ctx {

@@ -26,10 +26,11 @@ use crate::{
     fixture::Fixture,
     machine,
     report::Section,
-    stats::{Summary, cells, ms, num},
+    stats::{Summary, cells, ms, num, thousands},
 };
 
-/// Instance counts measured.
+/// Instance counts measured unless `--scale-sizes` names others (100,000 adds about 10 s of writing
+/// and a second per sync trial).
 const SIZES: [usize; 2] = [1_000, 10_000];
 
 /// The service the records belong to: not the fixture's, so its observer stays out of the way.
@@ -41,10 +42,22 @@ const LEASES: usize = 4;
 /// Runs the scenario.
 ///
 /// # Errors
-/// When etcd refuses the records or a discovery never syncs.
+/// When `--scale-sizes` names 0, etcd refuses the records or a discovery never syncs.
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
+    let mut sizes = if ctx.scale_sizes.is_empty() {
+        SIZES.to_vec()
+    } else {
+        ctx.scale_sizes.clone()
+    };
+    // Records are topped up from one size to the next, so the sizes go up.
+    sizes.sort_unstable();
+    sizes.dedup();
+    if sizes.first() == Some(&0) {
+        bail!("--scale-sizes: 0 is not an instance count");
+    }
     let fixture = Fixture::start(0, &[]).await?;
-    let mut s = Section::new("7. Scale: 1,000 and 10,000 instances");
+    let title = sizes.iter().map(|&n| thousands(n)).collect::<Vec<_>>();
+    let mut s = Section::new(format!("7. Scale: {} instances", title.join(", ")));
     let sync_trials = ctx.trials(5, 2);
     let change_trials = ctx.trials(20, 5);
     s.line(format!(
@@ -57,7 +70,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     ));
     s.line("| instances | write all (s) | initial sync median ms | p99 ms | watch event → applied median ms | p99 ms | put sent → applied median ms | p99 ms | RSS growth MiB |\n|---|---|---|---|---|---|---|---|---|");
     let mut verdicts = Vec::new();
-    for &n in &SIZES {
+    for &n in &sizes {
         let written = Instant::now();
         populate(&fixture.etcd, n).await?;
         let written = written.elapsed();
@@ -99,18 +112,23 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
             cells(Summary::of(&applied)),
             num(rss_growth)
         ));
-        if n == 10_000 {
+        // Issue #13's targets: one change within 1 ms p99 at 10,000 and at 100,000, and an
+        // initial sync of 100,000 (so of anything up to it) under 2 s.
+        if n >= 10_000 {
             let p99 = sync.map_or(f64::NAN, |x| x.p99);
             verdicts.push((
-                "10,000 instances synced < 2 s".to_owned(),
+                format!("{} instances synced < 2 s", thousands(n)),
                 format!("p99 {} ms", num(p99)),
                 sync.map(|_| p99 < 2000.0),
             ));
             let p99 = seen_s.map_or(f64::NAN, |x| x.p99);
             verdicts.push((
-                "10,000: one change applied < 10 ms after the watch event".to_owned(),
+                format!(
+                    "{}: one change applied < 1 ms after the watch event",
+                    thousands(n)
+                ),
                 format!("p99 {} ms", num(p99)),
-                seen_s.map(|_| p99 < 10.0),
+                seen_s.map(|_| p99 < 1.0),
             ));
         }
         // Leave the records for the next size to top up; the last size's go with the cluster.
