@@ -113,7 +113,9 @@ impl EtcdConfig {
     ///
     /// # Errors
     /// [`Error::Unauthenticated`] for refused credentials, [`Error::Etcd`] for a failed TLS check
-    /// or a client that cannot be built, [`Error::Timeout`] if authentication got no answer.
+    /// or a client that cannot be built, [`Error::InvalidConfig`] (setting `etcd-cert`) when etcd
+    /// drops every connection right after the TLS handshake (it wants a client certificate we do
+    /// not have, or does not accept ours), [`Error::Timeout`] if authentication got no answer.
     pub async fn connect(&self) -> Result<Etcd> {
         // The schemes were checked when the configuration was built; it cannot change since.
         let mut options = ConnectOptions::new()
