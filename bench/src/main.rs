@@ -139,9 +139,15 @@ async fn main() -> ExitCode {
             seconds,
         }) => child::client(etcd_endpoints, &kind, addrs, rate, seconds).await,
         None => {
+            let ctx = Ctx {
+                quick: cli.quick,
+                trials: cli.trials,
+                out: cli.out,
+                scale_sizes: cli.scale_sizes,
+            };
             // Dropping the run on Ctrl-C drops every cluster and process guard: nothing is left.
             tokio::select! {
-                result = run(cli.scenarios, Ctx { quick: cli.quick, trials: cli.trials, out: cli.out, scale_sizes: cli.scale_sizes }) => result,
+                result = run(cli.scenarios, ctx) => result,
                 _ = tokio::signal::ctrl_c() => {
                     eprintln!("bench: interrupted; stopping every process it started");
                     return ExitCode::from(130);

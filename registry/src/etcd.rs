@@ -646,32 +646,39 @@ fn is_transient(error: &etcd_client::Error) -> bool {
 /// unsent because the connection was not ready. A member that is down refuses the TCP connection
 /// instead, which none of these match.
 fn dropped_after_handshake(error: &etcd_client::Error) -> bool {
-    let text = chain(error);
-    [
-        "connection closed",
-        "BadCertificate",
-        "CertificateRequired",
-        "UnknownCA",
-        "broken pipe",
-        "connection reset",
-        "connection was not ready",
-    ]
-    .iter()
-    .any(|sign| text.contains(sign))
+    mentions_any(
+        error,
+        &[
+            "connection closed",
+            "BadCertificate",
+            "CertificateRequired",
+            "UnknownCA",
+            "broken pipe",
+            "connection reset",
+            "connection was not ready",
+        ],
+    )
 }
 
 /// A TLS handshake that failed on a certificate: retrying will not help.
 fn is_tls_failure(error: &etcd_client::Error) -> bool {
+    mentions_any(
+        error,
+        &[
+            "certificate",
+            "UnknownIssuer",
+            "NotValidForName",
+            "CertNotValidForName",
+            "handshake",
+        ],
+    )
+}
+
+/// True if the error or one of its causes says any of `signs` (the transport's errors have no
+/// kinds to match on for these, only their text).
+fn mentions_any(error: &etcd_client::Error, signs: &[&str]) -> bool {
     let text = chain(error);
-    [
-        "certificate",
-        "UnknownIssuer",
-        "NotValidForName",
-        "CertNotValidForName",
-        "handshake",
-    ]
-    .iter()
-    .any(|needle| text.contains(needle))
+    signs.iter().any(|sign| text.contains(sign))
 }
 
 /// etcd's answer to an expired or unknown auth token (see etcd-client's `caller.rs`: the lock and

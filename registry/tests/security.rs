@@ -192,6 +192,33 @@ async fn etcd_over_tls_works_and_an_untrusted_certificate_fails_fast() {
     assert_no_secrets_logged(&[&key_body(&certs.server_key)]);
 }
 
+/// Connects with `files` to a cluster that must turn them away at or right after the handshake:
+/// within 6 s, with an error that names `etcd-cert` and says `reason`. A connect that succeeds
+/// fails the test with this process's logs, where the connection's own error shows.
+async fn refused_at_connect(cluster: &EtcdCluster, files: TlsFiles, case: &str, reason: &str) {
+    let config = tls_config(cluster, files).expect("valid TLS settings");
+    let started = Instant::now();
+    let Err(err) = config.connect().await else {
+        let logs = captured_logs();
+        let logs = logs.lock().unwrap_or_else(|p| p.into_inner());
+        panic!(
+            "{case}: connect must fail, but it succeeded; logs:\n{}",
+            String::from_utf8_lossy(&logs)
+        );
+    };
+    println!(
+        "{case}: failed after {:?}: {}",
+        started.elapsed(),
+        chain(&err)
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("etcd-cert") && text.contains(reason),
+        "{case}: {err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(6), "{case}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn etcd_with_client_certificates_requires_ours() {
     captured_logs();
@@ -212,53 +239,25 @@ async fn etcd_with_client_certificates_requires_ours() {
     .expect("valid TLS settings");
     registers_and_is_discovered(&with_cert, "mtls-1").await;
 
-    let without_cert = tls_config(
-        &cluster,
-        TlsFiles {
-            ca: Some(certs.ca.clone()),
-            ..TlsFiles::default()
-        },
-    )
-    .expect("valid TLS settings");
-    let started = Instant::now();
-    let Err(err) = without_cert.connect().await else {
-        let logs = captured_logs();
-        let logs = logs.lock().unwrap_or_else(|p| p.into_inner());
-        panic!(
-            "no client certificate must fail, but connect succeeded; logs:\n{}",
-            String::from_utf8_lossy(&logs)
-        );
+    let missing = TlsFiles {
+        ca: Some(certs.ca.clone()),
+        ..TlsFiles::default()
     };
-    assert!(err.to_string().contains("etcd-cert"), "{err}");
-    println!(
-        "missing client certificate: failed after {:?}: {}",
-        started.elapsed(),
-        chain(&err)
-    );
-    assert!(started.elapsed() < Duration::from_secs(6));
+    refused_at_connect(&cluster, missing, "missing client certificate", "requires").await;
 
     // A client certificate from a CA that etcd does not trust is turned away the same way.
-    let foreign_cert = tls_config(
-        &cluster,
-        TlsFiles {
-            ca: Some(certs.ca.clone()),
-            cert: Some(certs.rogue_cert.clone()),
-            key: Some(certs.rogue_key.clone()),
-        },
-    )
-    .expect("valid TLS settings");
-    let started = Instant::now();
-    let Err(err) = foreign_cert.connect().await else {
-        panic!("a client certificate from an untrusted CA must fail");
+    let foreign = TlsFiles {
+        ca: Some(certs.ca.clone()),
+        cert: Some(certs.rogue_cert.clone()),
+        key: Some(certs.rogue_key.clone()),
     };
-    assert!(err.to_string().contains("etcd-cert"), "{err}");
-    assert!(err.to_string().contains("does not accept"), "{err}");
-    println!(
-        "untrusted client certificate: failed after {:?}: {}",
-        started.elapsed(),
-        chain(&err)
-    );
-    assert!(started.elapsed() < Duration::from_secs(6));
+    refused_at_connect(
+        &cluster,
+        foreign,
+        "untrusted client certificate",
+        "does not accept",
+    )
+    .await;
     assert_no_secrets_logged(&[
         &key_body(&certs.client_key),
         &key_body(&certs.server_key),

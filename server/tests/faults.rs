@@ -80,13 +80,12 @@ async fn f1_etcd_leader_killed_then_restarted() {
     let leader = cluster.leader().expect("a leader");
     cluster.kill(leader);
     let killed = Instant::now();
-    let period = Duration::from_secs(6);
     assert_leases_kept(
         &cluster,
         &servers,
         &before,
         killed,
-        period,
+        Duration::from_secs(6),
         "the leader's kill",
     )
     .await;
@@ -132,13 +131,12 @@ async fn f1b_etcd_leader_frozen_longer_than_the_ttl() {
     cluster.freeze(leader);
     let frozen = Instant::now();
     // Longer than the TTL: only keep-alives that moved to the survivors keep the leases.
-    let period = Duration::from_secs(12);
     assert_leases_kept(
         &cluster,
         &servers,
         &before,
         frozen,
-        period,
+        Duration::from_secs(12),
         "the leader froze",
     )
     .await;

@@ -113,8 +113,8 @@ pub fn leases(cluster: &impl Cluster, servers: &[ServerProcess]) -> Vec<Option<S
 }
 
 /// Checks every 200 ms, until `period` after `since` (the fault, described by `fault`), that every
-/// server is still on its lease in `before`; panics at the first change with the changed servers'
-/// logs.
+/// server is still on its lease in `before`, and at least once however late it is called; panics
+/// at the first change with the changed servers' logs.
 pub async fn assert_leases_kept(
     cluster: &impl Cluster,
     servers: &[ServerProcess],
@@ -123,7 +123,7 @@ pub async fn assert_leases_kept(
     period: Duration,
     fault: &str,
 ) {
-    while since.elapsed() < period {
+    loop {
         let now = leases(cluster, servers);
         if now != before {
             let logs: Vec<String> = servers
@@ -143,6 +143,9 @@ pub async fn assert_leases_kept(
                 since.elapsed(),
                 logs.join("\n")
             );
+        }
+        if since.elapsed() >= period {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
