@@ -6,7 +6,9 @@
 //!   for the instances that flap in the churn scenario, all on loopback;
 //! - `flap`: registers those instances and toggles them (put / delete) at a steady rate;
 //! - `client`: one client of a given kind, idle or under an open-loop load, that prints its own
-//!   memory and CPU use (the footprint scenario).
+//!   memory and CPU use (the footprint scenario);
+//! - `calls`: one client making a given number of sequential calls, run under valgrind by the
+//!   callgrind scenario.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -14,7 +16,7 @@ use anyhow::Context;
 use clap::Parser;
 use etcd_client::{PutOptions, Txn, TxnOp};
 use proto::helloworld::greeter_server::GreeterServer;
-use registry::{Endpoint, EtcdConfig, Policy, key};
+use registry::{Endpoint, EtcdConfig, key};
 use tokio::{net::TcpListener, task::JoinSet, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -194,12 +196,7 @@ pub async fn client(
     rate: u32,
     seconds: f64,
 ) -> anyhow::Result<()> {
-    let kind = match kind {
-        "tonic" => Kind::Tonic,
-        "ideal" => Kind::Ideal,
-        "round_robin-no-retry" => Kind::OursNoRetry,
-        policy => Kind::Ours(policy.parse::<Policy>().map_err(anyhow::Error::msg)?),
-    };
+    let kind = Kind::from_arg(kind)?;
     let etcd = EtcdConfig::new(&endpoints)?.connect().await?;
     let client = clients::start(kind, &etcd, &addrs).await?;
     client.warm_up(&addrs, Duration::from_secs(10)).await?;
@@ -227,5 +224,33 @@ pub async fn client(
         "{}",
         serde_json::to_string(&footprint).context("encoding the footprint")?
     );
+    Ok(())
+}
+
+/// Makes `count` sequential calls with one client of `kind` (warmed up on `addrs`) and prints how
+/// many failed: the work the `callgrind` scenario counts instructions of. Everything before the
+/// calls (start, warm-up) is the same for any `count`, so two runs with different counts give the
+/// cost of a call by difference.
+///
+/// # Errors
+/// When the client cannot start or warm up, or a call fails.
+pub async fn calls(
+    endpoints: Vec<String>,
+    kind: &str,
+    addrs: Vec<String>,
+    count: usize,
+) -> anyhow::Result<()> {
+    let kind = Kind::from_arg(kind)?;
+    let etcd = EtcdConfig::new(&endpoints)?.connect().await?;
+    let client = clients::start(kind, &etcd, &addrs).await?;
+    client.warm_up(&addrs, Duration::from_secs(60)).await?;
+    let mut failed = 0;
+    for _ in 0..count {
+        failed += usize::from(client.call().await.is_err());
+    }
+    if failed > 0 {
+        anyhow::bail!("{kind}: {failed} of {count} calls failed");
+    }
+    println!("{count} calls, 0 failed");
     Ok(())
 }

@@ -67,6 +67,32 @@ impl Kind {
     }
 }
 
+impl Kind {
+    /// The name the hidden `client` and `calls` roles take (`--kind`): a policy's name for ours,
+    /// `round_robin-no-retry`, `tonic` or `ideal`.
+    pub fn arg(self) -> String {
+        match self {
+            Kind::Ours(policy) => policy.name().to_owned(),
+            Kind::OursNoRetry => "round_robin-no-retry".to_owned(),
+            Kind::Tonic => "tonic".to_owned(),
+            Kind::Ideal => "ideal".to_owned(),
+        }
+    }
+
+    /// The kind named by [`Kind::arg`].
+    ///
+    /// # Errors
+    /// For a name that is none of those.
+    pub fn from_arg(name: &str) -> anyhow::Result<Kind> {
+        Ok(match name {
+            "tonic" => Kind::Tonic,
+            "ideal" => Kind::Ideal,
+            "round_robin-no-retry" => Kind::OursNoRetry,
+            policy => Kind::Ours(policy.parse::<Policy>().map_err(anyhow::Error::msg)?),
+        })
+    }
+}
+
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.label())

@@ -73,6 +73,8 @@ pub enum Scenario {
     All,
     /// A short check that the harness works (CI).
     Smoke,
+    /// Instructions per call at concurrency 1, under valgrind (not part of `all`).
+    Callgrind,
 }
 
 impl Scenario {
@@ -108,6 +110,7 @@ impl Scenario {
             Scenario::Footprint => scenario::footprint::run(ctx).await,
             Scenario::Fleet => scenario::fleet::run(ctx).await,
             Scenario::Smoke => scenario::smoke::run(ctx).await,
+            Scenario::Callgrind => scenario::callgrind::run(ctx).await,
             Scenario::All => anyhow::bail!("`all` is expanded before running"),
         }
     }

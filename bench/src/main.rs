@@ -109,6 +109,22 @@ enum Role {
         #[arg(long)]
         seconds: f64,
     },
+    /// One client making a number of sequential calls (what `callgrind` profiles).
+    #[command(hide = true)]
+    Calls {
+        /// etcd endpoints.
+        #[arg(long, value_delimiter = ',')]
+        etcd_endpoints: Vec<String>,
+        /// A policy name for ours, `round_robin-no-retry`, `tonic` or `ideal`.
+        #[arg(long)]
+        kind: String,
+        /// The servers to warm up on (and the ideal client's channels).
+        #[arg(long, value_delimiter = ',')]
+        addrs: Vec<String>,
+        /// How many calls.
+        #[arg(long)]
+        count: usize,
+    },
 }
 
 #[tokio::main]
@@ -138,6 +154,12 @@ async fn main() -> ExitCode {
             rate,
             seconds,
         }) => child::client(etcd_endpoints, &kind, addrs, rate, seconds).await,
+        Some(Role::Calls {
+            etcd_endpoints,
+            kind,
+            addrs,
+            count,
+        }) => child::calls(etcd_endpoints, &kind, addrs, count).await,
         None => {
             let ctx = Ctx {
                 quick: cli.quick,

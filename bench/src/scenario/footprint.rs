@@ -26,16 +26,6 @@ use crate::{
 /// Calls a second in the "under load" windows.
 const RATE: u32 = 500;
 
-/// The `client` subcommand's name for `kind`.
-pub fn kind_arg(kind: Kind) -> String {
-    match kind {
-        Kind::Ours(policy) => policy.name().to_owned(),
-        Kind::OursNoRetry => "round_robin-no-retry".to_owned(),
-        Kind::Tonic => "tonic".to_owned(),
-        Kind::Ideal => "ideal".to_owned(),
-    }
-}
-
 /// Runs a `client` child of `kind` for `window` at `rate` (0: idle) and returns what it measured,
 /// with the servers' CPU (sum, % of one core) and RSS (sum, KiB) over the same time.
 ///
@@ -54,12 +44,7 @@ pub fn measure_client(
                 "--etcd-endpoints",
                 &fixture.cluster.endpoints().join(","),
             ])
-            .args([
-                "--kind",
-                &kind_arg(kind),
-                "--addrs",
-                &fixture.addrs().join(","),
-            ])
+            .args(["--kind", &kind.arg(), "--addrs", &fixture.addrs().join(",")])
             .args([
                 "--rate",
                 &rate.to_string(),

@@ -1,6 +1,7 @@
 //! The scenarios of the issue, one module each, sharing a [`Ctx`] and a few helpers.
 
 pub mod calibration;
+pub mod callgrind;
 pub mod churn;
 pub mod faults;
 pub mod fleet;

@@ -1,0 +1,124 @@
+//! The call path by instruction count: what one call costs each client, counted by
+//! `valgrind --tool=callgrind`, which a noisy shared machine cannot blur the way it blurs the
+//! wall-clock ratios of the overhead scenario.
+//!
+//! Each client runs in a `calls` child under callgrind, twice: with a few calls and with many more.
+//! Start-up, warm-up and exit are the same in both runs, so the difference divided by the
+//! difference in calls is the cost of one call, over every thread of the client (its connection
+//! tasks included). The servers and etcd run outside valgrind.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context, bail};
+use registry::Policy;
+
+use super::Ctx;
+use crate::{
+    clients::Kind,
+    fixture::{Fixture, bench_exe},
+    report::{Section, Verdict},
+    stats::thousands,
+};
+
+/// The clients counted: the ideal, tonic, and ours with each policy and without retries.
+fn kinds() -> Vec<Kind> {
+    let mut kinds = vec![Kind::Ideal, Kind::Tonic];
+    kinds.extend(Policy::ALL.into_iter().map(Kind::Ours));
+    kinds.push(Kind::OursNoRetry);
+    kinds
+}
+
+/// Runs the scenario.
+///
+/// # Errors
+/// When valgrind is missing, or the fixture or a client child fails.
+pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
+    let valgrind = Command::new("valgrind").arg("--version").output();
+    if !valgrind.is_ok_and(|o| o.status.success()) {
+        bail!("the callgrind scenario needs valgrind: install it (apt-get install valgrind)");
+    }
+    let (few, many) = if ctx.quick {
+        (200, 1_200)
+    } else {
+        (1_000, 6_000)
+    };
+    let fixture = Fixture::start(3, &[]).await?;
+    let out = tempfile::tempdir().context("a directory for callgrind's output")?;
+    let mut s = Section::new("Call path: instructions per call (callgrind)");
+    s.line(format!(
+        "Each client in its own process under `valgrind --tool=callgrind`, making {few} and then \
+         {many} sequential calls (concurrency 1) to the same three servers, which run outside \
+         valgrind; a call's cost is the difference in instructions over all of the client's \
+         threads, divided by {}.\n",
+        many - few
+    ));
+    s.line("| client | instructions per call | ideal ÷ client |");
+    s.line("|---|---|---|");
+    let mut ideal = None;
+    let mut costs = Vec::new();
+    for kind in kinds() {
+        let counted = |calls: usize| count(&fixture, kind, calls, out.path());
+        let (low, high) = (counted(few)?, counted(many)?);
+        let per_call = high.saturating_sub(low) as f64 / (many - few) as f64;
+        let ideal = *ideal.get_or_insert(per_call);
+        let ratio = ideal / per_call;
+        s.line(format!(
+            "| {kind} | {} | {ratio:.3} |",
+            thousands(per_call.round() as usize)
+        ));
+        costs.push((kind, ratio));
+    }
+    let ratio = |kind| costs.iter().find(|(k, _)| *k == kind).map(|(_, r)| *r);
+    if let (Some(ours), Some(tonic)) = (ratio(Kind::Ours(Policy::RoundRobin)), ratio(Kind::Tonic)) {
+        let scenario = "callgrind".to_owned();
+        s.verdicts.push(Verdict {
+            scenario: scenario.clone(),
+            target: "round_robin ≥ 0.97 × the ideal, in instructions per call".to_owned(),
+            measured: format!("{ours:.3}"),
+            met: Some(ours >= 0.97),
+        });
+        s.verdicts.push(Verdict {
+            scenario,
+            target: "round_robin ≥ 1.0 × tonic's balance_channel, in instructions per call"
+                .to_owned(),
+            measured: format!("{:.3}", ours / tonic),
+            met: Some(ours >= tonic),
+        });
+    }
+    Ok(s)
+}
+
+/// Instructions callgrind counted for a `calls` child of `kind` making `calls` calls.
+fn count(fixture: &Fixture, kind: Kind, calls: usize, dir: &Path) -> anyhow::Result<u64> {
+    let file = dir.join(format!("{}-{calls}.out", kind.arg()));
+    let output = Command::new("valgrind")
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", file.display()))
+        .arg(bench_exe()?)
+        .args([
+            "calls",
+            "--etcd-endpoints",
+            &fixture.cluster.endpoints().join(","),
+        ])
+        .args(["--kind", &kind.arg(), "--addrs", &fixture.addrs().join(",")])
+        .args(["--count", &calls.to_string()])
+        .env("RUST_LOG", "warn")
+        .output()
+        .context("running valgrind")?;
+    if !output.status.success() {
+        bail!(
+            "the {kind} client under callgrind failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("reading callgrind's output {}", file.display()))?;
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix("summary: ")
+                .or(line.strip_prefix("totals: "))
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .with_context(|| format!("no instruction total in {}", file.display()))
+}
