@@ -447,6 +447,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .context("etcd settings")?;
     let tls = config.tls.load().context("TLS settings")?;
     let tls_on = tls.is_some();
+    let balancer_tls = tls
+        .as_ref()
+        .map(|tls| tls.balancer_config(None))
+        .transpose()
+        .context("TLS settings")?;
     config.metrics.install()?;
     let endpoints = config.etcd.etcd_endpoints.join(",");
     let etcd = registry_config.connect().await.map_err(name_settings)?;
@@ -470,7 +475,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         policy: config.policy,
         selector: selector.clone(),
         seed: config.seed,
-        tls: tls.map(|tls| tls.client_config(None)),
+        tls: balancer_tls,
         subset: Subsetting {
             size: config.subset_size,
             above: config.subset_above,

@@ -93,4 +93,4 @@ pub use lease::{DEFAULT_TTL, LeaseState, MIN_TTL, SharedLease};
 pub use lock::{Lock, LockGuard};
 pub use register::{Registration, RegistrationBuilder, RegistrationState};
 pub use serve::Lifecycle;
-pub use tls::{Tls, TlsFiles};
+pub use tls::{ClientTls, Tls, TlsFiles};

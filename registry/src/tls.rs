@@ -5,8 +5,16 @@
 //! without its certificate is reported at startup, naming the file, instead of as a handshake failure
 //! minutes later. The key's contents never appear in `Debug` output, logs or errors: only its path.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
+use rustls::{
+    RootCertStore,
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
+};
+use tokio_rustls::{TlsConnector, rustls};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 use crate::error::{Error, Result};
@@ -40,13 +48,12 @@ impl TlsFiles {
             .ca
             .as_deref()
             .map(|path| read_pem(path, "CA certificate", "CERTIFICATE"))
-            .transpose()?
-            .map(Certificate::from_pem);
+            .transpose()?;
         let identity = match (&self.cert, &self.key) {
-            (Some(cert), Some(key)) => Some(Identity::from_pem(
-                read_pem(cert, "certificate", "CERTIFICATE")?,
-                read_pem(key, "private key", "PRIVATE KEY")?,
-            )),
+            (Some(cert), Some(key)) => Some(Pem {
+                cert: read_pem(cert, "certificate", "CERTIFICATE")?,
+                key: read_pem(key, "private key", "PRIVATE KEY")?,
+            }),
             (None, None) => None,
             (Some(_), None) => {
                 return Err(Error::InvalidTls {
@@ -61,8 +68,8 @@ impl TlsFiles {
         };
         Ok(Tls {
             files: self.clone(),
-            ca,
-            identity,
+            ca: ca.map(Arc::from),
+            identity: identity.map(Arc::new),
         })
     }
 }
@@ -71,8 +78,15 @@ impl TlsFiles {
 #[derive(Clone)]
 pub struct Tls {
     files: TlsFiles,
-    ca: Option<Certificate>,
-    identity: Option<Identity>,
+    /// The CA certificates, PEM.
+    ca: Option<Arc<[u8]>>,
+    identity: Option<Arc<Pem>>,
+}
+
+/// A certificate chain and its private key, PEM.
+struct Pem {
+    cert: Vec<u8>,
+    key: Vec<u8>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -100,15 +114,80 @@ impl Tls {
     pub fn client_config(&self, domain: Option<&str>) -> ClientTlsConfig {
         let mut config = ClientTlsConfig::new();
         if let Some(ca) = &self.ca {
-            config = config.ca_certificate(ca.clone());
+            config = config.ca_certificate(Certificate::from_pem(ca));
         }
-        if let Some(identity) = &self.identity {
-            config = config.identity(identity.clone());
+        if let Some(identity) = self.identity() {
+            config = config.identity(identity);
         }
         if let Some(domain) = domain {
             config = config.domain_name(domain);
         }
         config
+    }
+
+    /// Client-side settings for the [`crate::BalancedChannel`]'s connections to instances, with
+    /// the same trust as [`Tls::client_config`]: `ca` only, and `cert` + `key` if set. `domain`
+    /// overrides the name each instance's certificate is checked against (default: the host
+    /// being dialled, an IP address for `10.0.0.5:50051`). The channel makes its own HTTP/2
+    /// connections, so this is a rustls configuration rather than tonic's.
+    ///
+    /// # Errors
+    /// [`Error::InvalidTls`] without a CA certificate (an instance could not be trusted), and
+    /// [`Error::TlsFile`] naming a file whose certificate or key rustls does not accept, or a
+    /// `domain` that is not a host name.
+    pub fn balancer_config(&self, domain: Option<&str>) -> Result<ClientTls> {
+        let ca = self.ca.as_deref().ok_or(Error::InvalidTls {
+            reason: "TLS to the instances needs a CA certificate to trust them",
+        })?;
+        let file = |what: &'static str, path: &Option<PathBuf>, problem: String| Error::TlsFile {
+            what,
+            path: path.clone().unwrap_or_default(),
+            problem,
+        };
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(ca) {
+            let added = cert.map_err(|e| e.to_string()).and_then(|cert| {
+                roots.add(cert).map_err(|e| e.to_string())
+            });
+            added.map_err(|problem| file("CA certificate", &self.files.ca, problem))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| file("CA certificate", &self.files.ca, e.to_string()))?
+            .with_root_certificates(roots);
+        let mut config = match &self.identity {
+            None => builder.with_no_client_auth(),
+            Some(identity) => {
+                let chain = CertificateDer::pem_slice_iter(&identity.cert)
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|e| file("certificate", &self.files.cert, e.to_string()))?;
+                let key = PrivateKeyDer::from_pem_slice(&identity.key)
+                    .map_err(|e| file("private key", &self.files.key, e.to_string()))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| file("private key", &self.files.key, e.to_string()))?
+            }
+        };
+        // gRPC is HTTP/2 only, and servers may insist on ALPN saying so (grpc-go does).
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let domain = domain
+            .map(|name| {
+                ServerName::try_from(name.to_owned()).map_err(|_| Error::InvalidTls {
+                    reason: "the TLS domain name is not a valid host name",
+                })
+            })
+            .transpose()?;
+        Ok(ClientTls {
+            connector: TlsConnector::from(Arc::new(config)),
+            domain,
+        })
+    }
+
+    /// The certificate and key as tonic's type.
+    fn identity(&self) -> Option<Identity> {
+        let pem = self.identity.as_deref()?;
+        Some(Identity::from_pem(&pem.cert, &pem.key))
     }
 
     /// Server-side settings: present `cert` + `key`; when `ca` is set, require every client to
@@ -117,14 +196,53 @@ impl Tls {
     /// # Errors
     /// [`Error::InvalidTls`] if no certificate and key are configured.
     pub fn server_config(&self) -> Result<ServerTlsConfig> {
-        let identity = self.identity.clone().ok_or(Error::InvalidTls {
+        let identity = self.identity().ok_or(Error::InvalidTls {
             reason: "a TLS server needs a certificate and its private key",
         })?;
         let mut config = ServerTlsConfig::new().identity(identity);
         if let Some(ca) = &self.ca {
-            config = config.client_ca_root(ca.clone());
+            config = config.client_ca_root(Certificate::from_pem(ca));
         }
         Ok(config)
+    }
+}
+
+/// TLS for the balanced channel's connections: see [`Tls::balancer_config`]. Cheap to clone.
+#[derive(Clone)]
+pub struct ClientTls {
+    connector: TlsConnector,
+    /// The name certificates are checked against, when not the host dialled.
+    domain: Option<ServerName<'static>>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("domain", &self.domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// Runs the TLS handshake on `stream` to the instance at `host`.
+    pub(crate) async fn connect<S>(
+        &self,
+        host: &str,
+        stream: S,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<S>>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let name = match &self.domain {
+            Some(name) => name.clone(),
+            None => ServerName::try_from(host.to_owned()).map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{host} is not a name a TLS certificate can be checked against"),
+                )
+            })?,
+        };
+        self.connector.connect(name, stream).await
     }
 }
 

@@ -17,13 +17,13 @@ use std::{
 use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
+use super::transport::Connection;
 use crate::metrics;
 use crate::sync::Unpoisoned;
 
 /// One instance the balancer may pick: its identity, what it says about itself, and, while
-/// connected, its channel.
+/// connected, its connection.
 #[derive(Debug)]
 pub(crate) struct Backend {
     /// The service, for metrics.
@@ -138,10 +138,10 @@ fn since_epoch(instant: Instant) -> u64 {
     u64::try_from(instant.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// A connected channel and the token its socket fires when it closes.
+/// A connection and the token its socket fires when it closes.
 #[derive(Debug)]
 pub(super) struct Live {
-    pub(super) channel: Channel,
+    pub(super) connection: Connection,
     pub(super) closed: CancellationToken,
 }
 
@@ -311,9 +311,9 @@ impl Backend {
         self.outlier_dirty.store(false, Ordering::Release);
     }
 
-    /// The channel to call through, if the instance is connected.
-    pub(crate) fn channel(&self) -> Option<Channel> {
-        self.live().as_ref().map(|live| live.channel.clone())
+    /// The connection to call on, if the instance is connected.
+    pub(crate) fn connection(&self) -> Option<Connection> {
+        self.live().as_ref().map(|live| live.connection.clone())
     }
 
     pub(crate) fn is_ready(&self) -> bool {

@@ -9,18 +9,15 @@ use std::{
 };
 
 use tokio::time::Instant;
-use tonic::{Status, body::Body, transport::Channel};
-use tower::ServiceExt;
+use tonic::{Status, body::Body};
 use tracing::{debug, warn};
 
 use super::{
     BoxError, HASH_KEY, INSTANCE, ServedBy, Shared,
     backend::Backend,
     picker::Policy,
-    retry::{
-        Replay, grpc_timeout, is_failing, is_unavailable, never_sent, timed_out,
-        trailers_only_status,
-    },
+    retry::{Replay, grpc_timeout, is_failing, is_unavailable, never_sent, trailers_only_status},
+    transport::Connection,
 };
 use crate::sync::Unpoisoned;
 use crate::{backoff::Backoff, error::chain, metrics};
@@ -36,7 +33,7 @@ impl Shared {
         avoid: &[Arc<str>],
         key: Option<&[u8]>,
         deadline: Instant,
-    ) -> Result<(Arc<Backend>, Channel), Status> {
+    ) -> Result<(Arc<Backend>, Connection), Status> {
         loop {
             // The fast path is the pick alone. Only a failed pick asks whether the channel is
             // still starting, and that answer counts only if no new picker was published since
@@ -86,7 +83,7 @@ impl Shared {
                 != self.rebuild_published.load(Ordering::SeqCst)
     }
 
-    /// The policy's choice and its channel. Prefers, in order: an instance not in `avoid` (those a
+    /// The policy's choice and its connection. Prefers, in order: an instance not in `avoid` (those a
     /// retried call already failed on) and not ejected; any instance not ejected; and, when every
     /// one is ejected, any instance at all (ejecting them all would turn a partial failure into an
     /// outage).
@@ -94,7 +91,7 @@ impl Shared {
         &self,
         avoid: &[Arc<str>],
         key: Option<&[u8]>,
-    ) -> Result<(Arc<Backend>, Channel), Status> {
+    ) -> Result<(Arc<Backend>, Connection), Status> {
         let picker = self.picker();
         let now = Instant::now();
         let fresh = |b: &Arc<Backend>| b.is_ready() && !b.is_ejected(now);
@@ -104,7 +101,7 @@ impl Shared {
             .or_else(|| picker.pick(&self.next, key, |b| b.is_ready()));
         // The connection can drop between the check and here; the next rebuild removes it.
         choice
-            .and_then(|backend| Some((backend.clone(), backend.channel()?)))
+            .and_then(|backend| Some((backend.clone(), backend.connection()?)))
             .ok_or_else(|| self.unavailable())
     }
 
@@ -113,13 +110,13 @@ impl Shared {
     async fn send(
         &self,
         backend: &Arc<Backend>,
-        channel: Channel,
+        connection: Connection,
         request: http::Request<Body>,
         deadline: Instant,
     ) -> Sent {
         let in_flight = backend.start_call();
         let started = Instant::now();
-        let outcome = tokio::time::timeout_at(deadline, channel.oneshot(request)).await;
+        let outcome = tokio::time::timeout_at(deadline, connection.send(request)).await;
         drop(in_flight);
         let (sent, attempt) = match outcome {
             Ok(Ok(response)) => {
@@ -136,7 +133,6 @@ impl Shared {
             // failed, but that says nothing about the instance (a frozen one is found by the
             // keep-alive ping instead).
             Err(_) => (Sent::OutOfTime, Attempt::OutOfTime),
-            Ok(Err(error)) if timed_out(&error) => (Sent::OutOfTime, Attempt::OutOfTime),
             Ok(Err(error)) => (Sent::Failed(error), Attempt::Failed),
         };
         self.record(backend, attempt, started.elapsed());
@@ -202,10 +198,10 @@ impl Shared {
         let key = key.as_deref();
         if !self.retry.enabled() {
             let mut request = request;
-            let (backend, channel) = self.pick_or_wait(&[], key, deadline).await?;
+            let (backend, connection) = self.pick_or_wait(&[], key, deadline).await?;
             // After the pick: time spent waiting for an instance is no longer the server's.
             set_grpc_timeout(request.headers_mut(), deadline);
-            return match self.send(&backend, channel, request, deadline).await {
+            return match self.send(&backend, connection, request, deadline).await {
                 Sent::Answered(response, _) => Ok(served_by(response, &backend)),
                 Sent::OutOfTime => Err(deadline_exceeded(&backend, timeout).into()),
                 Sent::Failed(error) => Err(transport_failure(&backend, &error).into()),
@@ -224,13 +220,13 @@ impl Shared {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (backend, channel) = self.pick_or_wait(&tried, key, deadline).await?;
+            let (backend, connection) = self.pick_or_wait(&tried, key, deadline).await?;
             set_grpc_timeout(&mut parts.headers, deadline);
             let mut request = http::Request::from_parts(parts.clone(), body.attempt());
             if let Some(extensions) = extensions.take() {
                 *request.extensions_mut() = extensions;
             }
-            let (safe, failure) = match self.send(&backend, channel, request, deadline).await {
+            let (safe, failure) = match self.send(&backend, connection, request, deadline).await {
                 Sent::OutOfTime => return Err(deadline_exceeded(&backend, timeout).into()),
                 Sent::Answered(response, Some(status)) if idempotent && is_unavailable(status) => {
                     (true, Ok(served_by(response, &backend)))
@@ -261,7 +257,7 @@ enum Sent {
     /// The instance answered, with this trailers-only `grpc-status` if the answer is one.
     Answered(http::Response<Body>, Option<u32>),
     /// The transport failed.
-    Failed(tonic::transport::Error),
+    Failed(hyper::Error),
     /// The call's deadline passed first.
     OutOfTime,
 }
@@ -321,7 +317,7 @@ fn served_by(mut response: http::Response<Body>, backend: &Backend) -> http::Res
 /// The one place transport failures become gRPC statuses, naming the instance. Any failure at the
 /// transport level means the connection is unusable, so the instance leaves the rotation now
 /// rather than when its socket reports it.
-fn transport_failure(backend: &Backend, error: &tonic::transport::Error) -> Status {
+fn transport_failure(backend: &Backend, error: &hyper::Error) -> Status {
     backend.report_broken();
     blame(
         Status::unavailable(format!(

@@ -1,54 +1,42 @@
 //! The connection task of one backend: connect, prove the connection is answered, follow the
 //! instance's health while it lives, notice the moment its socket closes, reconnect with backoff.
 //!
-//! tonic's lazily connected `Channel` reports itself ready even after its connection failed, so a
-//! balancer built on it keeps picking a crashed instance until discovery removes it (tonic #2839,
-//! #643, #1147): with a 10 s lease, that is up to 10 s of failed calls. Here instead the socket itself
-//! reports: the connector wraps each TCP stream in a [`MonitoredStream`] that fires a token when the
-//! stream hits end-of-file or an error, or is dropped (hyper drops it when HTTP/2 keep-alive pings go
-//! unanswered or after a GOAWAY). On loopback a SIGKILLed server's socket is closed by the kernel, so
-//! the instance is taken out of rotation before any call is sent to it.
+//! A balancer that waited for calls to fail would keep picking a crashed instance until discovery
+//! removes it: with a 10 s lease, up to 10 s of failed calls. Here the socket itself reports
+//! (`transport`): on loopback a SIGKILLed server's socket is closed by the kernel, so the instance
+//! is taken out of rotation before any call is sent to it.
 //!
 //! A new connection enters the rotation only once the server has answered a health check (the kernel
 //! accepts TCP connections for a frozen process, so "connected" alone proves nothing), and while it
 //! lives the instance's `grpc.health.v1` status is polled: NOT_SERVING takes it out of rotation.
 
 use std::{
-    future::Future,
-    io,
-    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
     time::Duration,
 };
 
-use hyper_util::rt::TokioIo;
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
-};
 use tokio_util::sync::CancellationToken;
-use tonic::{
-    Code,
-    transport::{Channel, Endpoint, Uri},
-};
+use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 use tracing::{debug, info, warn};
 
-use super::backend::{Backend, Live};
-use crate::{backoff::Backoff, error::chain, metrics, problem::Problem};
+use super::{
+    backend::{Backend, Live},
+    transport::{Connection, Target},
+};
+use crate::{backoff::Backoff, metrics, problem::Problem};
 
 /// Keeps `backend` connected until `stop` fires: connect, wait for the socket to close, mark the
 /// backend unusable, reconnect with capped backoff. `on_change` is called whenever the backend becomes
 /// usable or unusable.
 pub(crate) async fn maintain(
     backend: Arc<Backend>,
-    endpoint: Endpoint,
+    target: Target,
     health_interval: Duration,
     on_change: impl Fn(),
     mut first_attempt: FirstAttempt,
@@ -57,21 +45,13 @@ pub(crate) async fn maintain(
     let mut backoff = Backoff::reconnect();
     let mut problem = Problem::default();
     let mut connected_before = false;
-    let probe_timeout = endpoint
-        .get_connect_timeout()
-        .unwrap_or(Duration::from_secs(1));
+    let probe_timeout = target.dial().probe_timeout();
     loop {
         let closed = CancellationToken::new();
-        let connector = MonitoredConnector {
-            closed: closed.clone(),
-        };
         let connected = async {
-            let channel = endpoint
-                .connect_with_connector(connector)
-                .await
-                .map_err(|e| chain(&e))?;
-            let serving = probe(&channel, probe_timeout).await?;
-            Ok::<_, String>((channel, serving))
+            let connection = target.connect(closed.clone()).await?;
+            let serving = probe(&connection, probe_timeout).await?;
+            Ok::<_, String>((connection, serving))
         };
         let connected = tokio::select! {
             _ = stop.cancelled() => break,
@@ -81,7 +61,7 @@ pub(crate) async fn maintain(
         // rebuild requested, or the failure known), never before: a call that sees "nothing
         // connecting" must also see the connection, or fail for a reason.
         match connected {
-            Ok((channel, serving)) => {
+            Ok((connection, serving)) => {
                 info!(addr = %backend.addr, id = %backend.instance_id, serving, "connected; instance in rotation");
                 if connected_before {
                     metrics::readmitted(&backend.service, &backend.addr);
@@ -92,7 +72,7 @@ pub(crate) async fn maintain(
                 backend.connections.fetch_add(1, Ordering::AcqRel);
                 backend.reset_outlier();
                 backend.set(Some(Live {
-                    channel: channel.clone(),
+                    connection: connection.clone(),
                     closed: closed.clone(),
                 }));
                 on_change();
@@ -102,7 +82,7 @@ pub(crate) async fn maintain(
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = closed.cancelled() => {}
-                    _ = watch_health(&backend, channel, health_interval, probe_timeout, &on_change) => {}
+                    _ = watch_health(&backend, connection, health_interval, probe_timeout, &on_change) => {}
                 }
                 backend.set(None);
                 on_change();
@@ -135,8 +115,8 @@ pub(crate) async fn maintain(
 /// handshake for a frozen (SIGSTOPped) process, and the HTTP/2 handshake does not wait for the
 /// server. One `grpc.health.v1.Health/Check` does: any gRPC answer (even UNIMPLEMENTED, from a
 /// server without a health service, which then counts as serving) means it processes requests.
-async fn probe(channel: &Channel, timeout: Duration) -> Result<bool, String> {
-    let mut health = HealthClient::new(channel.clone());
+async fn probe(connection: &Connection, timeout: Duration) -> Result<bool, String> {
+    let mut health = HealthClient::new(connection.clone());
     match check(&mut health, timeout).await {
         Health::Serving(serving) => Ok(serving),
         Health::NoService => Ok(true),
@@ -157,7 +137,7 @@ enum Health {
 
 /// Asks for the overall health (service ""), bounded by `timeout`: the one health request, made
 /// by the first probe and by every poll after it.
-async fn check(health: &mut HealthClient<Channel>, timeout: Duration) -> Health {
+async fn check(health: &mut HealthClient<Connection>, timeout: Duration) -> Health {
     let request = HealthCheckRequest {
         service: String::new(),
     };
@@ -183,12 +163,12 @@ async fn check(health: &mut HealthClient<Channel>, timeout: Duration) -> Health 
 /// (UNIMPLEMENTED) simply stays serving and is not asked again.
 async fn watch_health(
     backend: &Backend,
-    channel: Channel,
+    connection: Connection,
     interval: Duration,
     timeout: Duration,
     on_change: &impl Fn(),
 ) {
-    let mut health = HealthClient::new(channel);
+    let mut health = HealthClient::new(connection);
     loop {
         tokio::time::sleep(interval).await;
         let serving = match check(&mut health, timeout).await {
@@ -217,115 +197,6 @@ async fn watch_health(
             }
             on_change();
         }
-    }
-}
-
-/// A tower connector for tonic that dials TCP and wraps the stream in a [`MonitoredStream`].
-#[derive(Debug, Clone)]
-struct MonitoredConnector {
-    closed: CancellationToken,
-}
-
-impl tower::Service<Uri> for MonitoredConnector {
-    type Response = TokioIo<MonitoredStream>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let closed = self.closed.clone();
-        Box::pin(async move {
-            let authority = uri.authority().ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("{uri} has no host:port"),
-                )
-            })?;
-            let stream = TcpStream::connect(authority.as_str()).await?;
-            // gRPC messages are small and latency-bound: never wait to coalesce them.
-            stream.set_nodelay(true)?;
-            Ok(TokioIo::new(MonitoredStream {
-                inner: stream,
-                closed,
-            }))
-        })
-    }
-}
-
-/// A TCP stream that fires `closed` on end-of-file, on any I/O error, and when dropped.
-#[derive(Debug)]
-struct MonitoredStream {
-    inner: TcpStream,
-    closed: CancellationToken,
-}
-
-impl MonitoredStream {
-    fn watch<T>(&self, result: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
-        if let Poll::Ready(Err(_)) = &result {
-            self.closed.cancel();
-        }
-        result
-    }
-}
-
-impl Drop for MonitoredStream {
-    fn drop(&mut self) {
-        self.closed.cancel();
-    }
-}
-
-impl AsyncRead for MonitoredStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let (before, had_room) = (buf.filled().len(), buf.remaining() > 0);
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = result {
-            if had_room && buf.filled().len() == before {
-                // Zero bytes into a non-empty buffer: the peer closed the connection.
-                self.closed.cancel();
-            }
-        }
-        self.watch(result)
-    }
-}
-
-impl AsyncWrite for MonitoredStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.watch(result)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let result = Pin::new(&mut self.inner).poll_flush(cx);
-        self.watch(result)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.closed.cancel();
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.watch(result)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }
 

@@ -31,6 +31,8 @@
 //!   the removal grace;
 //! - `backend`: one instance's state (identity, metadata, health, calls in flight, ejection, grace);
 //! - `connection`: the task keeping one backend's HTTP/2 connection up and its health followed;
+//! - `transport`: one HTTP/2 connection (TCP, TLS, hyper's handshake, the socket watched) and the
+//!   handle calls are sent on;
 //! - `picker`: the policies over the usable backends, rebuilt when they change;
 //! - `call`: one call, with its deadline, waiting while the channel starts, and its retries;
 //! - `retry`: what may be retried, the budget, request replay;
@@ -44,6 +46,7 @@ mod pool;
 pub(crate) mod retry;
 pub(crate) mod select;
 mod subset;
+mod transport;
 
 use std::{
     collections::BTreeMap,
@@ -107,8 +110,8 @@ pub struct BalanceOptions {
     pub outlier: OutlierPolicy,
     /// How often each connected instance is asked for its `grpc.health.v1` status.
     pub health_check_interval: Duration,
-    /// TLS to the instances (e.g. from [`crate::tls::Tls::client_config`]); `None` is plaintext.
-    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// TLS to the instances (from [`crate::Tls::balancer_config`]); `None` is plaintext.
+    pub tls: Option<crate::tls::ClientTls>,
     /// How long an instance whose key disappeared from etcd stays callable while it is
     /// connected and its last health check answered SERVING; `Duration::ZERO` turns the grace
     /// off (removals then apply at once). It ends early on a re-registration of the same

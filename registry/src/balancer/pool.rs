@@ -16,7 +16,6 @@ use std::{
 
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tonic::transport::Endpoint;
 use tracing::{debug, info};
 
 use super::{
@@ -24,6 +23,7 @@ use super::{
     backend::{Backend, NoGrace},
     connection,
     subset::Subset,
+    transport::{Dial, Target},
 };
 use crate::sync::Unpoisoned;
 use crate::{
@@ -35,6 +35,8 @@ use crate::{
 struct Pool {
     shared: Arc<Shared>,
     options: BalanceOptions,
+    /// How every backend's connections are made.
+    dial: Arc<Dial>,
     stop: CancellationToken,
     /// The ids registered at each address: one backend per address, described by its first id.
     ids_at: BTreeMap<Arc<str>, BTreeSet<String>>,
@@ -56,6 +58,7 @@ pub(super) async fn follow(
 ) {
     let mut pool = Pool {
         subset: Subset::new(&options.subset),
+        dial: Arc::new(Dial::new(&options)),
         shared,
         options,
         stop,
@@ -237,8 +240,12 @@ impl Pool {
         addr: &Arc<str>,
         instance: &Instance,
     ) {
-        let Some(endpoint) = endpoint(addr, &self.options) else {
-            return;
+        let target = match Target::new(addr, &self.dial) {
+            Ok(target) => target,
+            Err(error) => {
+                tracing::warn!(addr = %addr, error, "skipping an instance whose address cannot be dialled");
+                return;
+            }
         };
         let backend = Arc::new(Backend::new(
             self.shared.service.clone(),
@@ -257,7 +264,7 @@ impl Pool {
         };
         tokio::spawn(connection::maintain(
             backend.clone(),
-            endpoint,
+            target,
             self.options.health_check_interval,
             on_change,
             connection::FirstAttempt::new(&self.shared.connecting),
@@ -315,32 +322,4 @@ fn drop_after_grace(service: &str, backend: &Backend, why: NoGrace, now: Instant
         .map_or(Duration::ZERO, |g| now.saturating_duration_since(g.since));
     info!(service, addr = %backend.addr, id = %backend.instance_id, why = why.label(), ?kept, "removal grace over; instance removed");
     metrics::grace_ended(service, why.label());
-}
-
-/// The tonic endpoint for one instance. Discovery only admits dialable addresses, so this fails only
-/// if the two disagree; the instance is then skipped with a warning.
-fn endpoint(addr: &str, options: &BalanceOptions) -> Option<Endpoint> {
-    let scheme = if options.tls.is_some() {
-        "https"
-    } else {
-        "http"
-    };
-    let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}")).and_then(|endpoint| {
-        // No `.timeout()`: deadlines are enforced per call, across retries, in `Shared::call`.
-        let endpoint = endpoint
-            .connect_timeout(options.connect_timeout)
-            .http2_keep_alive_interval(options.keep_alive_interval)
-            .keep_alive_timeout(options.keep_alive_timeout);
-        match &options.tls {
-            Some(tls) => endpoint.tls_config(tls.clone()),
-            None => Ok(endpoint),
-        }
-    });
-    match endpoint {
-        Ok(endpoint) => Some(endpoint),
-        Err(error) => {
-            tracing::warn!(addr, %error, "skipping an instance whose address is not a valid URI or TLS setting");
-            None
-        }
-    }
 }

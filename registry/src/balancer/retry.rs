@@ -168,9 +168,7 @@ impl RetryBudget {
 pub(crate) fn never_sent(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = Some(error);
     while let Some(e) = source {
-        if e.is::<tonic::ConnectError>() {
-            return true;
-        }
+        // Canceled: hyper dropped the request before writing it (the connection was closing).
         if let Some(e) = e.downcast_ref::<hyper::Error>() {
             if e.is_canceled() {
                 return true;
@@ -180,19 +178,6 @@ pub(crate) fn never_sent(error: &(dyn std::error::Error + 'static)) -> bool {
             if e.reason() == Some(h2::Reason::REFUSED_STREAM) {
                 return true;
             }
-        }
-        source = e.source();
-    }
-    false
-}
-
-/// True when `error` is the call's own deadline passing inside tonic's channel (which enforces the
-/// `grpc-timeout` header itself): the caller ran out of time, the instance did nothing wrong.
-pub(crate) fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(e) = source {
-        if e.is::<tonic::TimeoutExpired>() {
-            return true;
         }
         source = e.source();
     }

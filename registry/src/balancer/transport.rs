@@ -1,0 +1,291 @@
+//! The HTTP/2 connection to one instance, and the handle calls are sent on: dial TCP, run TLS if
+//! configured, hand the stream to hyper's HTTP/2 client, and watch the socket.
+//!
+//! The channel makes these connections itself, with hyper's connection API, rather than through
+//! tonic's `Channel`: every `Channel` puts a buffer task between the caller and the connection
+//! (a queue and a task wake-up per call, the balancer's heaviest cost; see docs/BENCHMARKS.md),
+//! and adds reconnect and timeout layers this balancer does itself. A call here goes from the
+//! caller's task straight to the connection's task, with what tonic's stack would have added to
+//! the request done inline: the URI's scheme and authority, and a `user-agent`.
+//!
+//! The socket itself reports a lost connection: each stream is wrapped in a [`MonitoredStream`]
+//! that fires a token when it hits end-of-file or an error, or is dropped (hyper drops it when
+//! HTTP/2 keep-alive pings go unanswered or after a GOAWAY). tonic's lazily connected `Channel`
+//! would report itself ready even after its connection failed (tonic #2839, #643, #1147).
+
+use std::{
+    future::Future,
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use http::uri::{Authority, Scheme, Uri};
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+use tracing::debug;
+
+use super::BalanceOptions;
+use crate::{error::chain, tls::ClientTls};
+
+/// How every connection of one channel is made: shared by its backends.
+#[derive(Debug)]
+pub(super) struct Dial {
+    tls: Option<ClientTls>,
+    scheme: Scheme,
+    /// Bounds the TCP connect, the TLS handshake and the HTTP/2 handshake together.
+    connect_timeout: Duration,
+    keep_alive_interval: Duration,
+    keep_alive_timeout: Duration,
+}
+
+impl Dial {
+    pub(super) fn new(options: &BalanceOptions) -> Self {
+        Self {
+            scheme: if options.tls.is_some() {
+                Scheme::HTTPS
+            } else {
+                Scheme::HTTP
+            },
+            tls: options.tls.clone(),
+            connect_timeout: options.connect_timeout,
+            keep_alive_interval: options.keep_alive_interval,
+            keep_alive_timeout: options.keep_alive_timeout,
+        }
+    }
+
+    /// How long a new connection has to prove it is answered (its first health check).
+    pub(super) fn probe_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+}
+
+/// Where one backend's connections go.
+#[derive(Debug, Clone)]
+pub(super) struct Target {
+    dial: Arc<Dial>,
+    /// `host:port`, as dialled and as sent in `:authority`.
+    authority: Authority,
+}
+
+impl Target {
+    /// The target for `addr` (`host:port`). Discovery only admits dialable addresses, so this
+    /// fails only if the two disagree.
+    pub(super) fn new(addr: &str, dial: &Arc<Dial>) -> Result<Self, String> {
+        let authority: Authority = addr
+            .parse()
+            .map_err(|e| format!("{addr:?} is not a host:port ({e})"))?;
+        if authority.port_u16().is_none() {
+            return Err(format!("{addr:?} has no port"));
+        }
+        Ok(Self {
+            dial: dial.clone(),
+            authority,
+        })
+    }
+
+    pub(super) fn dial(&self) -> &Dial {
+        &self.dial
+    }
+
+    /// Opens a connection: TCP, TLS when configured, the HTTP/2 handshake. `closed` fires when
+    /// the connection ends, for whatever reason.
+    pub(super) async fn connect(&self, closed: CancellationToken) -> Result<Connection, String> {
+        let dial = &self.dial;
+        let connected = async {
+            let tcp = TcpStream::connect(self.authority.as_str())
+                .await
+                .map_err(|e| format!("TCP connect failed: {e}"))?;
+            // gRPC messages are small and latency-bound: never wait to coalesce them.
+            tcp.set_nodelay(true)
+                .map_err(|e| format!("cannot set TCP_NODELAY: {e}"))?;
+            let stream = MonitoredStream {
+                inner: tcp,
+                closed: closed.clone(),
+            };
+            let io: Box<dyn Io> = match &dial.tls {
+                None => Box::new(stream),
+                Some(tls) => Box::new(
+                    tls.connect(host(&self.authority), stream)
+                        .await
+                        .map_err(|e| format!("TLS handshake failed: {e}"))?,
+                ),
+            };
+            http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                // Pings only while calls are in flight: grpc-go and grpc-core servers punish
+                // pings on idle connections with GOAWAY "too_many_pings".
+                .keep_alive_interval(dial.keep_alive_interval)
+                .keep_alive_timeout(dial.keep_alive_timeout)
+                .keep_alive_while_idle(false)
+                .handshake(TokioIo::new(io))
+                .await
+                .map_err(|e| format!("HTTP/2 handshake failed: {}", chain(&e)))
+        };
+        let (send, connection) = tokio::time::timeout(dial.connect_timeout, connected)
+            .await
+            .map_err(|_| format!("no connection within {:?}", dial.connect_timeout))??;
+        let addr = self.authority.clone();
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                debug!(%addr, error = %chain(&error), "connection ended");
+            }
+            closed.cancel();
+        });
+        Ok(Connection {
+            send,
+            scheme: dial.scheme.clone(),
+            authority: self.authority.clone(),
+        })
+    }
+}
+
+/// The host of `authority`, without the brackets of an IPv6 address: what a certificate names.
+fn host(authority: &Authority) -> &str {
+    let host = authority.host();
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
+/// A stream hyper can run HTTP/2 over: TCP, or TLS over TCP.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// The handle calls are sent on; cheap to clone. Each clone sends on the same connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Connection {
+    send: http2::SendRequest<Body>,
+    scheme: Scheme,
+    authority: Authority,
+}
+
+/// What tonic's stack would send as `user-agent`; gRPC asks clients to identify themselves.
+const USER_AGENT: http::HeaderValue =
+    http::HeaderValue::from_static(concat!("registry/", env!("CARGO_PKG_VERSION"), " tonic"));
+
+impl Connection {
+    /// Sends `request` on the connection. tonic's generated clients give only the path; the
+    /// scheme and authority HTTP/2 requires are added here.
+    pub(crate) fn send(
+        &self,
+        request: http::Request<Body>,
+    ) -> impl Future<Output = Result<http::Response<Body>, hyper::Error>> + Send + 'static {
+        let (mut parts, body) = request.into_parts();
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.scheme = Some(self.scheme.clone());
+        uri.authority = Some(self.authority.clone());
+        uri.path_and_query
+            .get_or_insert(http::uri::PathAndQuery::from_static("/"));
+        // Cannot fail: scheme, authority and path are all set.
+        parts.uri = Uri::from_parts(uri).unwrap_or_default();
+        parts
+            .headers
+            .entry(http::header::USER_AGENT)
+            .or_insert(USER_AGENT);
+        let response = self
+            .send
+            .clone()
+            .send_request(http::Request::from_parts(parts, body));
+        async move { Ok(response.await?.map(Body::new)) }
+    }
+}
+
+/// For the health client (tonic's generated clients take a tower service).
+impl tower::Service<http::Request<Body>> for Connection {
+    type Response = http::Response<Body>;
+    type Error = hyper::Error;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<http::Response<Body>, hyper::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
+        self.send.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        Box::pin(self.send(request))
+    }
+}
+
+/// A TCP stream that fires `closed` on end-of-file, on any I/O error, and when dropped.
+#[derive(Debug)]
+struct MonitoredStream {
+    inner: TcpStream,
+    closed: CancellationToken,
+}
+
+impl MonitoredStream {
+    fn watch<T>(&self, result: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if let Poll::Ready(Err(_)) = &result {
+            self.closed.cancel();
+        }
+        result
+    }
+}
+
+impl Drop for MonitoredStream {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
+}
+
+impl AsyncRead for MonitoredStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let (before, had_room) = (buf.filled().len(), buf.remaining() > 0);
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result {
+            if had_room && buf.filled().len() == before {
+                // Zero bytes into a non-empty buffer: the peer closed the connection.
+                self.closed.cancel();
+            }
+        }
+        self.watch(result)
+    }
+}
+
+impl AsyncWrite for MonitoredStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(result)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(result)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.closed.cancel();
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(result)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
