@@ -227,10 +227,10 @@ pub async fn client(
     Ok(())
 }
 
-/// Makes `count` sequential calls with one client of `kind` (warmed up on `addrs`) and prints how
-/// many failed: the work the `callgrind` scenario counts instructions of. Everything before the
-/// calls (start, warm-up) is the same for any `count`, so two runs with different counts give the
-/// cost of a call by difference.
+/// Makes `count` calls with one client of `kind` (warmed up on `addrs`), `concurrency` at a time
+/// (closed loop), and prints how many failed: the work the `callgrind` scenario counts
+/// instructions of. Everything before the calls (start, warm-up) is the same for any `count`, so
+/// two runs with different counts give the cost of a call by difference.
 ///
 /// # Errors
 /// When the client cannot start or warm up, or a call fails.
@@ -239,18 +239,33 @@ pub async fn calls(
     kind: &str,
     addrs: Vec<String>,
     count: usize,
+    concurrency: usize,
 ) -> anyhow::Result<()> {
     let kind = Kind::from_arg(kind)?;
+    anyhow::ensure!(concurrency > 0, "--concurrency must be at least 1");
     let etcd = EtcdConfig::new(&endpoints)?.connect().await?;
     let client = clients::start(kind, &etcd, &addrs).await?;
     client.warm_up(&addrs, Duration::from_secs(60)).await?;
+    let mut workers = JoinSet::new();
+    for worker in 0..concurrency {
+        let client = client.clone();
+        // The calls split as evenly as they go: the first `count % concurrency` make one more.
+        let calls = count / concurrency + usize::from(worker < count % concurrency);
+        workers.spawn(async move {
+            let mut failed = 0;
+            for _ in 0..calls {
+                failed += usize::from(client.call().await.is_err());
+            }
+            failed
+        });
+    }
     let mut failed = 0;
-    for _ in 0..count {
-        failed += usize::from(client.call().await.is_err());
+    while let Some(worker) = workers.join_next().await {
+        failed += worker.context("a calling task panicked")?;
     }
     if failed > 0 {
         anyhow::bail!("{kind}: {failed} of {count} calls failed");
     }
-    println!("{count} calls, 0 failed");
+    println!("{count} calls, {concurrency} at a time, 0 failed");
     Ok(())
 }

@@ -124,6 +124,9 @@ enum Role {
         /// How many calls.
         #[arg(long)]
         count: usize,
+        /// How many at a time.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
     },
 }
 
@@ -159,7 +162,8 @@ async fn main() -> ExitCode {
             kind,
             addrs,
             count,
-        }) => child::calls(etcd_endpoints, &kind, addrs, count).await,
+            concurrency,
+        }) => child::calls(etcd_endpoints, &kind, addrs, count, concurrency).await,
         None => {
             let ctx = Ctx {
                 quick: cli.quick,
