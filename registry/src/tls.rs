@@ -146,9 +146,9 @@ impl Tls {
         };
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(ca) {
-            let added = cert.map_err(|e| e.to_string()).and_then(|cert| {
-                roots.add(cert).map_err(|e| e.to_string())
-            });
+            let added = cert
+                .map_err(|e| e.to_string())
+                .and_then(|cert| roots.add(cert).map_err(|e| e.to_string()));
             added.map_err(|problem| file("CA certificate", &self.files.ca, problem))?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -324,5 +324,30 @@ mod tests {
             ..TlsFiles::default()
         };
         assert!(matches!(half.load(), Err(Error::InvalidTls { .. })));
+    }
+
+    #[test]
+    fn the_balancer_config_needs_a_ca_and_names_a_file_rustls_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        // A PEM block whose contents are no certificate: loading accepts it (it only looks for
+        // the block), building the rustls configuration does not.
+        let ca = write(
+            dir.path(),
+            "ca.pem",
+            "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n",
+        );
+        let no_ca = TlsFiles::default().load().unwrap();
+        assert!(matches!(
+            no_ca.balancer_config(None),
+            Err(Error::InvalidTls { .. })
+        ));
+        let bogus = TlsFiles {
+            ca: Some(ca),
+            ..TlsFiles::default()
+        }
+        .load()
+        .unwrap();
+        let err = bogus.balancer_config(None).unwrap_err().to_string();
+        assert!(err.contains("ca.pem"), "{err}");
     }
 }

@@ -16,8 +16,11 @@ use super::{
     BoxError, HASH_KEY, INSTANCE, ServedBy, Shared,
     backend::Backend,
     picker::Policy,
-    retry::{Replay, grpc_timeout, is_failing, is_unavailable, never_sent, trailers_only_status},
-    transport::Connection,
+    retry::{
+        CallBody, Replay, grpc_timeout, is_failing, is_unavailable, never_sent,
+        trailers_only_status,
+    },
+    transport::{self, Connection},
 };
 use crate::sync::Unpoisoned;
 use crate::{backoff::Backoff, error::chain, metrics};
@@ -27,20 +30,22 @@ impl Shared {
     /// not completed its first list or has instances not applied yet, an instance is still making
     /// its first connection, or the picker is behind a change) waits for it, until `deadline`.
     /// This is gRPC's behaviour for a channel that is still connecting; once everything known has
-    /// been tried, a call fails at once.
+    /// been tried, a call fails at once. `now` is the caller's clock reading; the pick returns the
+    /// one it was made at (later, if it waited), so a call reads the clock as rarely as it can.
     async fn pick_or_wait(
         &self,
         avoid: &[Arc<str>],
         key: Option<&[u8]>,
         deadline: Instant,
-    ) -> Result<(Arc<Backend>, Connection), Status> {
+        mut now: Instant,
+    ) -> Result<(Arc<Backend>, Connection, Instant), Status> {
         loop {
             // The fast path is the pick alone. Only a failed pick asks whether the channel is
             // still starting, and that answer counts only if no new picker was published since
             // the pick: otherwise the pick looked at a picker already replaced, so look again.
             let published = self.rebuild_published.load(Ordering::SeqCst);
-            let status = match self.pick(avoid, key) {
-                Ok(picked) => return Ok(picked),
+            let status = match self.pick(avoid, key, now) {
+                Ok((backend, connection)) => return Ok((backend, connection, now)),
                 Err(status) => status,
             };
             // Registered before the checks: a rebuild after them wakes this call, and one
@@ -61,6 +66,7 @@ impl Shared {
                     self.service
                 )));
             }
+            now = Instant::now();
         }
     }
 
@@ -91,9 +97,9 @@ impl Shared {
         &self,
         avoid: &[Arc<str>],
         key: Option<&[u8]>,
+        now: Instant,
     ) -> Result<(Arc<Backend>, Connection), Status> {
         let picker = self.picker();
-        let now = Instant::now();
         let fresh = |b: &Arc<Backend>| b.is_ready() && !b.is_ejected(now);
         let choice = picker
             .pick(&self.next, key, |b| fresh(b) && !avoid.contains(&b.addr))
@@ -106,16 +112,16 @@ impl Shared {
     }
 
     /// Sends one attempt to `backend`, bounded by `deadline`, counting it in flight while it runs
-    /// and recording its outcome.
+    /// and recording its outcome and how long it took from `started`.
     async fn send(
         &self,
         backend: &Arc<Backend>,
         connection: Connection,
-        request: http::Request<Body>,
+        request: http::Request<CallBody>,
         deadline: Instant,
+        started: Instant,
     ) -> Sent {
         let in_flight = backend.start_call();
-        let started = Instant::now();
         let outcome = tokio::time::timeout_at(deadline, connection.send(request)).await;
         drop(in_flight);
         let (sent, attempt) = match outcome {
@@ -135,14 +141,15 @@ impl Shared {
             Err(_) => (Sent::OutOfTime, Attempt::OutOfTime),
             Ok(Err(error)) => (Sent::Failed(error), Attempt::Failed),
         };
-        self.record(backend, attempt, started.elapsed());
+        self.record(backend, attempt, started);
         sent
     }
 
     /// Counts an attempt's outcome: in the metrics, and (unless the call ran out of its own time)
     /// towards the instance's outlier detection.
-    fn record(&self, backend: &Backend, attempt: Attempt, elapsed: Duration) {
+    fn record(&self, backend: &Backend, attempt: Attempt, started: Instant) {
         let now = Instant::now();
+        let elapsed = now.saturating_duration_since(started);
         backend
             .metrics
             .call(now, elapsed, attempt != Attempt::Succeeded);
@@ -198,10 +205,14 @@ impl Shared {
         let key = key.as_deref();
         if !self.retry.enabled() {
             let mut request = request;
-            let (backend, connection) = self.pick_or_wait(&[], key, deadline).await?;
+            let (backend, connection, now) = self.pick_or_wait(&[], key, deadline, started).await?;
             // After the pick: time spent waiting for an instance is no longer the server's.
-            set_grpc_timeout(request.headers_mut(), deadline);
-            return match self.send(&backend, connection, request, deadline).await {
+            set_grpc_timeout(request.headers_mut(), deadline, now);
+            let request = request.map(CallBody::Direct);
+            return match self
+                .send(&backend, connection, request, deadline, now)
+                .await
+            {
                 Sent::Answered(response, _) => Ok(served_by(response, &backend)),
                 Sent::OutOfTime => Err(deadline_exceeded(&backend, timeout).into()),
                 Sent::Failed(error) => Err(transport_failure(&backend, &error).into()),
@@ -210,6 +221,7 @@ impl Shared {
 
         let idempotent = self.retry.is_idempotent(request.uri().path());
         let (mut parts, body) = request.into_parts();
+        transport::identify(&mut parts.headers);
         // Later attempts get the method, URI and headers again; extensions stay with the first
         // (nothing below the balancer reads them, and copying them costs on every call).
         let mut extensions = Some(std::mem::take(&mut parts.extensions));
@@ -220,13 +232,21 @@ impl Shared {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (backend, connection) = self.pick_or_wait(&tried, key, deadline).await?;
-            set_grpc_timeout(&mut parts.headers, deadline);
+            let now = if attempt == 1 {
+                started
+            } else {
+                Instant::now()
+            };
+            let (backend, connection, now) = self.pick_or_wait(&tried, key, deadline, now).await?;
+            set_grpc_timeout(&mut parts.headers, deadline, now);
             let mut request = http::Request::from_parts(parts.clone(), body.attempt());
             if let Some(extensions) = extensions.take() {
                 *request.extensions_mut() = extensions;
             }
-            let (safe, failure) = match self.send(&backend, connection, request, deadline).await {
+            let (safe, failure) = match self
+                .send(&backend, connection, request, deadline, now)
+                .await
+            {
                 Sent::OutOfTime => return Err(deadline_exceeded(&backend, timeout).into()),
                 Sent::Answered(response, Some(status)) if idempotent && is_unavailable(status) => {
                     (true, Ok(served_by(response, &backend)))
@@ -286,12 +306,10 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Tells the server how long the call has left (`grpc-timeout`), so it can give up when we do.
-fn set_grpc_timeout(headers: &mut http::HeaderMap, deadline: Instant) {
-    let millis = deadline
-        .saturating_duration_since(Instant::now())
-        .as_millis()
-        .max(1);
+/// Tells the server how long the call has left at `now` (`grpc-timeout`), so it can give up when
+/// we do.
+fn set_grpc_timeout(headers: &mut http::HeaderMap, deadline: Instant, now: Instant) {
+    let millis = deadline.saturating_duration_since(now).as_millis().max(1);
     let value = LAST_TIMEOUT.with_borrow_mut(|last| match last {
         Some((m, value)) if *m == millis => Some(value.clone()),
         _ => {

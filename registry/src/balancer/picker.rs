@@ -122,6 +122,9 @@ const RING_POINTS: usize = 100;
 pub(crate) struct Picker<T> {
     policy: Policy,
     items: Vec<T>,
+    /// Smooth weighted round robin: each item's weight, read once when the picker is built
+    /// (a change of weight rebuilds it), so a pick reads no metadata.
+    weights: Vec<i64>,
     /// Smooth weighted round robin: each item's current weight.
     current: Mutex<Vec<i64>>,
     /// Consistent hash: (point, item index), sorted by point.
@@ -146,9 +149,15 @@ impl<T: Candidate> Picker<T> {
         } else {
             Vec::new()
         };
+        let weights = if policy == Policy::WeightedRoundRobin {
+            items.iter().map(|item| i64::from(item.weight())).collect()
+        } else {
+            Vec::new()
+        };
         let seed = seed.unwrap_or_else(|| rand::rng().random());
         Self {
             policy,
+            weights,
             current: Mutex::new(vec![0; items.len()]),
             items,
             ring,
@@ -214,7 +223,7 @@ impl<T: Candidate> Picker<T> {
             if !usable(item) {
                 continue;
             }
-            let weight = i64::from(item.weight());
+            let weight = self.weights[i];
             current[i] += weight;
             total += weight;
             if best.is_none_or(|b| current[i] > current[b]) {

@@ -254,7 +254,8 @@ impl Replay {
         Self {
             state: Arc::new(Mutex::new(ReplayState {
                 inner: Some(body),
-                recorded: Vec::new(),
+                // A unary request is one data frame: room for it, and no growing on the call path.
+                recorded: Vec::with_capacity(1),
                 recorded_bytes: 0,
                 limit,
                 overflowed: false,
@@ -265,13 +266,13 @@ impl Replay {
     }
 
     /// The body for the next attempt: everything sent so far, then the rest of the original.
-    pub(crate) fn attempt(&self) -> Body {
+    pub(crate) fn attempt(&self) -> CallBody {
         let generation = {
             let mut state = self.lock();
             state.generation += 1;
             state.generation
         };
-        Body::new(AttemptBody {
+        CallBody::Replayed(AttemptBody {
             replay: self.clone(),
             generation,
             next: 0,
@@ -290,8 +291,47 @@ impl Replay {
     }
 }
 
+/// A request body as a connection sends it: the caller's own, or an attempt's view of a
+/// [`Replay`]. An enum rather than a boxed body, so that an attempt allocates nothing for it.
+pub(crate) enum CallBody {
+    /// The caller's body, sent once (no retry possible, or a health check).
+    Direct(Body),
+    /// An attempt of a call that may be retried.
+    Replayed(AttemptBody),
+}
+
+impl http_body::Body for CallBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        // Both variants are Unpin.
+        match self.get_mut() {
+            CallBody::Direct(body) => Pin::new(body).poll_frame(cx),
+            CallBody::Replayed(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            CallBody::Direct(body) => body.is_end_stream(),
+            CallBody::Replayed(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            CallBody::Direct(body) => body.size_hint(),
+            CallBody::Replayed(body) => body.size_hint(),
+        }
+    }
+}
+
 /// One attempt's view of a [`Replay`].
-struct AttemptBody {
+pub(crate) struct AttemptBody {
     replay: Replay,
     generation: u64,
     /// Index of the next recorded frame to send.
@@ -447,7 +487,7 @@ mod tests {
         assert_eq!(trailers_only_status(&response("x")), None);
     }
 
-    async fn collect(mut body: Body) -> Result<Vec<u8>, Status> {
+    async fn collect(mut body: CallBody) -> Result<Vec<u8>, Status> {
         let mut out = Vec::new();
         while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
         {
