@@ -7,8 +7,8 @@
 //! - `flap`: registers those instances and toggles them (put / delete) at a steady rate;
 //! - `client`: one client of a given kind, idle or under an open-loop load, that prints its own
 //!   memory and CPU use (the footprint scenario);
-//! - `calls`: one client making a given number of sequential calls, run under valgrind by the
-//!   callgrind scenario.
+//! - `calls`: one client making a given number of calls, a given number at a time, run under
+//!   valgrind by the callgrind scenario.
 
 use std::{net::SocketAddr, time::Duration};
 

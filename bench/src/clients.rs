@@ -65,9 +65,7 @@ impl Kind {
             Kind::Ideal => "ideal (3 channels rotated)".to_owned(),
         }
     }
-}
 
-impl Kind {
     /// The name the hidden `client` and `calls` roles take (`--kind`): a policy's name for ours,
     /// `round_robin-no-retry`, `tonic` or `ideal`.
     pub fn arg(self) -> String {

@@ -73,7 +73,7 @@ pub enum Scenario {
     All,
     /// A short check that the harness works (CI).
     Smoke,
-    /// Instructions per call at concurrency 1, under valgrind (not part of `all`).
+    /// Instructions per call at concurrency 1 and 128, under valgrind (not part of `all`).
     Callgrind,
 }
 

@@ -109,7 +109,7 @@ enum Role {
         #[arg(long)]
         seconds: f64,
     },
-    /// One client making a number of sequential calls (what `callgrind` profiles).
+    /// One client making a number of calls, some at a time (what `callgrind` profiles).
     #[command(hide = true)]
     Calls {
         /// etcd endpoints.

@@ -154,7 +154,10 @@ impl Tls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| file("CA certificate", &self.files.ca, e.to_string()))?
+            // Cannot fail with ring, which has every safe version; not the CA file's fault.
+            .map_err(|_| Error::InvalidTls {
+                reason: "rustls's ring provider offers no safe TLS version",
+            })?
             .with_root_certificates(roots);
         let mut config = match &self.identity {
             None => builder.with_no_client_auth(),
