@@ -29,7 +29,7 @@ awk '/^## What to copy/ { section = 1 } section && /^```toml$/ { inside = 1; nex
 # Step 1: the two folders, without the integration tests and the dev-dependencies only they need.
 cp -r registry proto "$work/"
 rm -rf "$work/registry/tests"
-sed -i -E '/^(testkit|tracing-subscriber)\.workspace = true$/d' "$work/registry/Cargo.toml"
+sed -i -E '/^(testkit|tracing-subscriber)( = \{.*\}|\.workspace = true)$/d' "$work/registry/Cargo.toml"
 # The versions CI tested.
 cp Cargo.lock "$work/"
 

@@ -10,13 +10,13 @@
 //! - `calls`: one client making a given number of calls, a given number at a time, run under
 //!   valgrind by the callgrind scenario.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use etcd_client::{PutOptions, Txn, TxnOp};
-use proto::helloworld::greeter_server::GreeterServer;
 use registry::{Endpoint, EtcdConfig, key};
+use testkit::{TestServer, greeter::Behaviour};
 use tokio::{net::TcpListener, task::JoinSet, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -82,23 +82,23 @@ pub async fn sink(port: u16, count: usize) -> anyhow::Result<()> {
     );
     let mut servers = JoinSet::new();
     for i in 0..count {
-        let addr: SocketAddr = sink_addr(i, port).parse().context("sink address")?;
-        let listener = TcpListener::bind(addr)
+        let addr = sink_addr(i, port);
+        let listener = TcpListener::bind(&addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
-        let (_health, health_service) = tonic_health::server::health_reporter();
-        let greeter = server::greeter::Greeter::new(flap_id(i), addr.to_string());
+        let health = Behaviour {
+            health: true,
+            ..Behaviour::default()
+        };
         servers.spawn(
-            tonic::transport::Server::builder()
-                .add_service(health_service)
-                .add_service(GreeterServer::new(greeter))
-                .serve_with_incoming(registry::serve::incoming(listener)),
+            TestServer::serve(listener, &flap_id(i), health)
+                .await
+                .wait(),
         );
     }
+    // A test server only stops by failing, and then its panic names the address.
     if let Some(ended) = servers.join_next().await {
-        ended
-            .context("a sink server task died")?
-            .context("a sink server failed")?;
+        ended.context("a sink server failed")?;
     }
     Ok(())
 }

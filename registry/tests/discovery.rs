@@ -4,9 +4,10 @@ mod common;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use common::{TestServer, cluster, eventually};
+use common::cluster;
 use proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
 use registry::{BalanceOptions, BalancedChannel, Discovery, Registration, ServedBy};
+use testkit::{TestServer, eventually};
 use tokio::time::Instant;
 
 fn ids(discovery: &Discovery) -> Vec<String> {
@@ -221,7 +222,7 @@ async fn a_crashed_instance_is_skipped_at_once_and_used_again_when_back() {
         }
     };
     drop(listener);
-    let _b_again = common::TestServer::start_on(&b_addr, "b").await;
+    let _b_again = TestServer::start_on(&b_addr, "b").await;
     eventually(Duration::from_secs(5), "b to be called again", || {
         let mut client = client.clone();
         async move { (call(&mut client).await.ok()? == "b").then_some(()) }

@@ -16,9 +16,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{cluster, eventually};
+use common::cluster;
 use registry::{Error, EtcdConfig, Lock, SharedLease};
-use testkit::{ChildGuard, EtcdCluster};
+use testkit::{ChildGuard, EtcdCluster, eventually};
 
 /// Set in a child process: what it should do (`contend` or `hold`).
 const CHILD_MODE: &str = "REGISTRY_LOCK_CHILD";

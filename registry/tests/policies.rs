@@ -5,11 +5,12 @@ mod common;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use common::{Behaviour, TestServer, cluster, eventually, ready_channel as channel};
+use common::{cluster, ready_channel as channel};
 use proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
 use registry::{
     BalanceOptions, BalancedChannel, Etcd, HASH_KEY, Policy, Registration, RetryPolicy, Selector,
 };
+use testkit::{TestServer, eventually, greeter::Behaviour};
 use tokio::time::Instant;
 
 /// One test server to start: its id, how it behaves, and the metadata it registers.

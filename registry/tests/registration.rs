@@ -5,8 +5,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{cluster, eventually};
+use common::cluster;
 use registry::{Registration, RegistrationState};
+use testkit::eventually;
 
 fn lease_hex(id: i64) -> String {
     format!("{id:x}")

@@ -6,9 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Behaviour, TestServer, cluster, eventually, ready_channel};
+use common::{cluster, ready_channel};
 use registry::{BalanceOptions, BalancedChannel, Endpoint, Etcd, InstanceStatus};
-use testkit::EtcdCluster;
+use testkit::{EtcdCluster, TestServer, eventually, greeter::Behaviour};
 use tokio::time::Instant;
 
 /// Starts a server with a health service and writes its record (no lease) under `greeter/<id>`.

@@ -8,9 +8,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, cluster};
+use common::cluster;
 use proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
 use registry::{BalanceOptions, BalancedChannel, Discovery, Endpoint};
+use testkit::TestServer;
 use tokio::task::JoinSet;
 
 /// Fresh channels, each hit at once by a burst of concurrent calls.

@@ -10,11 +10,12 @@ use std::{
     time::Duration,
 };
 
-use common::{Behaviour, TestServer, cluster, eventually, ready_channel};
+use common::{cluster, ready_channel};
 use proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
 use registry::{
     BalanceOptions, BalancedChannel, Endpoint, Etcd, ServedBy, SubsetStatus, Subsetting,
 };
+use testkit::{TestServer, eventually, greeter::Behaviour};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 

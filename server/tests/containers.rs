@@ -22,10 +22,10 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Load, ServerProcess, assert_leases_kept, assert_no_failures, dead_addr, failures, key_exists,
-    leases, wait_registered,
+    Load, ServerProcess, assert_leases_kept, dead_addr, failures, key_exists, leases,
+    wait_registered,
 };
-use testkit::{Cluster, ComposeCluster, wait_until};
+use testkit::{Cluster, ComposeCluster, load::assert_no_failures, wait_until};
 use tokio::time::{Instant, sleep};
 
 /// One call every 10 ms: 100 calls a second spread over the instances.

@@ -11,10 +11,14 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Load, ServerProcess, assert_leases_kept, assert_no_failures, dead_addr, failures, key_exists,
-    lease_of, leases, percentile, wait_registered,
+    Load, ServerProcess, assert_leases_kept, dead_addr, failures, key_exists, lease_of, leases,
+    wait_registered,
 };
-use testkit::{EtcdCluster, wait_until};
+use testkit::{
+    EtcdCluster,
+    load::{assert_no_failures, percentile},
+    wait_until,
+};
 use tokio::time::{Instant, sleep};
 
 /// One call every 10 ms: 100 calls a second spread over the instances.

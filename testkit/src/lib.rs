@@ -25,7 +25,14 @@
 //! - [`http`]: a bare HTTP GET, to scrape metrics endpoints.
 //! - [`sockets`]: the machine's established TCP connections (`/proc/net/tcp`), to count what a
 //!   client really holds.
-//! - [`wait`]: [`wait_until`] and [`wait_for`], polling with a deadline instead of sleeping.
+//! - [`wait`]: [`wait_until`] and [`wait_for`], polling with a deadline instead of sleeping
+//!   (and `eventually`, their async form, with feature `grpc`).
+//!
+//! With feature `grpc`, for tests and benchmarks of gRPC clients:
+//!
+//! - `greeter`: `TestServer`, an in-process Greeter on a real loopback socket that says which
+//!   instance served a call, and can be slowed, failed, marked NOT_SERVING or crashed.
+//! - `load`: `Load`, an open-loop call rate through any client, recording every call.
 //!
 //! # Requirements
 //!
@@ -65,7 +72,11 @@ pub mod certs;
 pub mod cluster;
 pub mod compose;
 pub mod etcd;
+#[cfg(feature = "grpc")]
+pub mod greeter;
 pub mod http;
+#[cfg(feature = "grpc")]
+pub mod load;
 pub mod port;
 pub mod process;
 pub mod sockets;
@@ -78,3 +89,5 @@ pub use etcd::EtcdCluster;
 pub use port::free_port;
 pub use process::{ChildGuard, spawn};
 pub use wait::{wait_for, wait_until};
+#[cfg(feature = "grpc")]
+pub use {greeter::TestServer, wait::eventually};

@@ -41,6 +41,31 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Opt
     }
 }
 
+/// Polls the async `check` every 10 ms until it returns `Some`, and returns that value: the
+/// [`wait_for`] of async code, which must not block its runtime's thread (feature `grpc`).
+///
+/// # Panics
+///
+/// Panics if `check` has not returned `Some` within `timeout`, with `what` and the time waited.
+#[cfg(feature = "grpc")]
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        let elapsed = start.elapsed();
+        if elapsed >= timeout {
+            panic!("testkit: timed out after {elapsed:.1?} (limit {timeout:?}) waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10).min(timeout - elapsed)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

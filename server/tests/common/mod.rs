@@ -7,10 +7,6 @@ use std::{
     fs::File,
     path::{Path, PathBuf},
     process::Command,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
     time::Duration,
 };
 
@@ -166,23 +162,16 @@ pub fn wait_registered(cluster: &impl Cluster, server: &ServerProcess) {
     );
 }
 
-/// What happened to one call.
-#[derive(Debug, Clone)]
-pub struct Call {
-    pub sent: Instant,
-    pub latency: Duration,
-    /// The address that served it, or the failure.
-    pub outcome: Result<String, String>,
-}
+/// What happened to one call: the address that served it, or `code: message`.
+pub type Call = testkit::load::Call<String>;
 
-/// A steady, open-loop call rate through a balanced channel configured like the `client` binary
-/// (SayHello idempotent, three attempts): one call every `every`, each in its own task, so a slow
-/// call never holds back the next one.
+/// A steady, open-loop call rate (testkit's load generator) through a balanced channel configured
+/// like the `client` binary (SayHello idempotent, three attempts).
 pub struct Load {
     pub channel: BalancedChannel,
-    calls: Arc<Mutex<Vec<Call>>>,
-    in_flight: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
+    load: testkit::load::Load<String>,
+    /// Before the first call: "since" for waits that take any call.
+    started: Instant,
 }
 
 impl Load {
@@ -212,57 +201,35 @@ impl Load {
         // listed an instance. Ticking at once made the first call race the initial list: on a
         // loaded machine it lost, and failed fast with "no instances ... are registered", which
         // the fault tests then counted as a failure of the fault under test.
-        let listed = Instant::now();
-        while channel.discovery().membership().instances.is_empty() {
-            assert!(
-                listed.elapsed() < Duration::from_secs(15),
-                "the load's discovery listed no instance within 15 s"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let calls = Arc::new(Mutex::new(Vec::new()));
-        let in_flight = Arc::new(AtomicUsize::new(0));
-        let task = {
-            let (channel, calls, in_flight) = (channel.clone(), calls.clone(), in_flight.clone());
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                loop {
-                    tick.tick().await;
-                    let mut client = GreeterClient::new(channel.clone());
-                    let (calls, in_flight) = (calls.clone(), in_flight.clone());
-                    in_flight.fetch_add(1, Ordering::SeqCst);
-                    tokio::spawn(async move {
-                        let sent = Instant::now();
-                        let result = client
-                            .say_hello(HelloRequest {
-                                name: "load".into(),
-                            })
-                            .await;
-                        let outcome = match result {
-                            Ok(response) => Ok(response
-                                .extensions()
-                                .get::<ServedBy>()
-                                .map(|s| s.addr.to_string())
-                                .unwrap_or_default()),
-                            Err(status) => {
-                                Err(format!("{:?}: {}", status.code(), status.message()))
-                            }
-                        };
-                        calls.lock().unwrap().push(Call {
-                            sent,
-                            latency: sent.elapsed(),
-                            outcome,
-                        });
-                        in_flight.fetch_sub(1, Ordering::SeqCst);
-                    });
+        channel
+            .discovery()
+            .wait_for_instances(1, Duration::from_secs(15))
+            .await
+            .expect("the load's discovery lists an instance within 15 s");
+        let started = Instant::now();
+        let load = testkit::load::Load::start(every, {
+            let channel = channel.clone();
+            move || {
+                let mut client = GreeterClient::new(channel.clone());
+                async move {
+                    let request = HelloRequest {
+                        name: "load".into(),
+                    };
+                    match client.say_hello(request).await {
+                        Ok(response) => Ok(response
+                            .extensions()
+                            .get::<ServedBy>()
+                            .map(|s| s.addr.to_string())
+                            .unwrap_or_default()),
+                        Err(status) => Err(format!("{:?}: {}", status.code(), status.message())),
+                    }
                 }
-            })
-        };
+            }
+        });
         Self {
             channel,
-            calls,
-            in_flight,
-            task,
+            load,
+            started,
         }
     }
 
@@ -279,37 +246,14 @@ impl Load {
         since: Option<Instant>,
         timeout: Duration,
     ) -> Duration {
-        let started = Instant::now();
-        loop {
-            let calls = self.calls();
-            let after = |c: &Call| since.is_none_or(|s| c.sent >= s);
-            let all = addrs.iter().all(|addr| {
-                calls
-                    .iter()
-                    .any(|c| after(c) && c.outcome.as_deref() == Ok(*addr))
-            });
-            if all {
-                let last = addrs
-                    .iter()
-                    .filter_map(|addr| {
-                        calls
-                            .iter()
-                            .filter(|c| after(c) && c.outcome.as_deref() == Ok(*addr))
-                            .map(|c| c.sent + c.latency)
-                            .min()
-                    })
-                    .max();
-                return match (since, last) {
-                    (Some(since), Some(last)) => last.saturating_duration_since(since),
-                    _ => Duration::ZERO,
-                };
-            }
-            assert!(
-                started.elapsed() < timeout,
-                "{addrs:?} did not all serve a call within {timeout:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let last = self
+            .load
+            .wait_served_since(addrs, since.unwrap_or(self.started), timeout)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        since.map_or(Duration::ZERO, |since| {
+            last.saturating_duration_since(since)
+        })
     }
 
     /// Waits until `addr` is out of the channel's rotation, polling every millisecond; returns how
@@ -334,66 +278,28 @@ impl Load {
 
     /// Waits until `n` calls sent after `since` have completed.
     pub async fn wait_calls_since(&self, since: Instant, n: usize, timeout: Duration) {
-        let started = Instant::now();
-        while self.calls().iter().filter(|c| c.sent >= since).count() < n {
-            assert!(
-                started.elapsed() < timeout,
-                "fewer than {n} calls within {timeout:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        self.load
+            .wait_calls_since(since, n, timeout)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     pub fn calls(&self) -> Vec<Call> {
-        self.calls.lock().unwrap().clone()
+        self.load.calls()
     }
 
     /// Stops sending, waits for the calls in flight (each ends within its 2 s deadline), and
     /// returns every call made.
     pub async fn finish(self) -> Vec<Call> {
-        self.task.abort();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.in_flight.load(Ordering::SeqCst) > 0 {
-            assert!(
-                Instant::now() < deadline,
-                "calls still in flight 5 s after the load stopped"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        self.calls()
+        tokio::time::timeout(Duration::from_secs(5), self.load.finish())
+            .await
+            .expect("calls still in flight 5 s after the load stopped")
     }
-}
-
-/// Asserts that no call failed, naming the test and the first failure.
-pub fn assert_no_failures(name: &str, calls: &[Call]) {
-    let failed = failures(calls);
-    assert!(
-        failed.is_empty(),
-        "{name}: {} of {} calls failed, first: {:?}",
-        failed.len(),
-        calls.len(),
-        failed.first()
-    );
 }
 
 /// Calls that failed, for assertion messages.
 pub fn failures(calls: &[Call]) -> Vec<&Call> {
     calls.iter().filter(|c| c.outcome.is_err()).collect()
-}
-
-/// The p-th percentile (0-100) of the latencies of successful calls matching `filter`.
-pub fn percentile(calls: &[Call], p: f64, filter: impl Fn(&Call) -> bool) -> Duration {
-    let mut latencies: Vec<_> = calls
-        .iter()
-        .filter(|c| c.outcome.is_ok() && filter(c))
-        .map(|c| c.latency)
-        .collect();
-    latencies.sort();
-    if latencies.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * (latencies.len() - 1) as f64).round() as usize;
-    latencies[rank.min(latencies.len() - 1)]
 }
 
 /// A port nobody listens on (for records that must not be dialable).
