@@ -401,3 +401,36 @@ async fn calls_that_run_out_of_their_own_time_do_not_eject_the_instance() {
         .await
         .expect("the slow instance answers a patient call");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_call_is_not_taken_for_a_frozen_instance() {
+    // The connection reads nothing for 1 s while the call waits: five times the stall check's
+    // quiet time. Its probe (a health check, answered UNIMPLEMENTED by this server) is answered,
+    // so the connection stays and the call completes; retries are off, so a closed connection
+    // would fail the call.
+    let (_cluster, etcd) = cluster().await;
+    let slow = Behaviour {
+        delay: Duration::from_secs(1),
+        ..Behaviour::default()
+    };
+    let (_servers, _registrations) = servers(&etcd, &[("slow", slow, &[][..])]).await;
+    let options = BalanceOptions {
+        retry: RetryPolicy::disabled(),
+        keep_alive_interval: Duration::from_millis(200),
+        keep_alive_timeout: Duration::from_millis(100),
+        ..BalanceOptions::default()
+    };
+    let channel = channel(&etcd, options, 1).await;
+    let mut client = GreeterClient::new(channel.clone());
+    for _ in 0..2 {
+        client
+            .say_hello(HelloRequest { name: "t".into() })
+            .await
+            .expect("a slow but live instance keeps its connection");
+    }
+    let instances = channel.instances();
+    assert!(
+        instances[0].connected && instances[0].in_rotation,
+        "{instances:?}"
+    );
+}

@@ -137,7 +137,7 @@ impl Shared {
             }
             // The caller's deadline, which may be far shorter than the instance needs: the call
             // failed, but that says nothing about the instance (a frozen one is found by the
-            // keep-alive ping instead).
+            // connection's stall check instead).
             Err(_) => (Sent::OutOfTime, Attempt::OutOfTime),
             Ok(Err(error)) => (Sent::Failed(error), Attempt::Failed),
         };

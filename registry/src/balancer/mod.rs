@@ -92,10 +92,11 @@ pub struct BalanceOptions {
     pub call_timeout: Duration,
     /// Deadline for establishing a connection to one instance.
     pub connect_timeout: Duration,
-    /// Interval of HTTP/2 keep-alive pings on a connection with calls in flight; a frozen instance
-    /// is dropped after `keep_alive_interval + keep_alive_timeout`.
+    /// How long a connection with calls in flight may read nothing before it is probed with a
+    /// health check; a frozen instance is dropped within `keep_alive_interval +
+    /// keep_alive_timeout` of its last answer.
     pub keep_alive_interval: Duration,
-    /// How long a keep-alive ping may go unanswered.
+    /// How long that probe may go unanswered before the connection is closed.
     pub keep_alive_timeout: Duration,
     /// Which failed calls are sent again, to another instance.
     pub retry: RetryPolicy,
@@ -129,11 +130,10 @@ impl Default for BalanceOptions {
         Self {
             call_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(1),
-            // hyper pings only when nothing has been read for `keep_alive_interval` while calls
-            // are in flight (never on idle connections, which grpc-go and grpc-core servers
-            // punish with GOAWAY "too_many_pings"), so a frozen instance is dropped about 1.5 s
-            // after it stops answering. Against grpc-core servers whose calls stay silent for
-            // seconds, raise the interval: such servers also count pings during a silent call.
+            // A connection is probed only when nothing has been read for `keep_alive_interval`
+            // while calls are in flight (never when idle), so a frozen instance is dropped at most
+            // 1.5 s after it stops answering. The probe is a health check, not an HTTP/2
+            // ping, so no server counts it as ping abuse (GOAWAY "too_many_pings").
             keep_alive_interval: Duration::from_secs(1),
             keep_alive_timeout: Duration::from_millis(500),
             retry: RetryPolicy::default(),

@@ -9,15 +9,21 @@
 //! the request done inline: the URI's scheme and authority, and a `user-agent`.
 //!
 //! The socket itself reports a lost connection: each stream is wrapped in a [`MonitoredStream`]
-//! that fires a token when it hits end-of-file or an error, or is dropped (hyper drops it when
-//! HTTP/2 keep-alive pings go unanswered or after a GOAWAY). tonic's lazily connected `Channel`
-//! would report itself ready even after its connection failed (tonic #2839, #643, #1147).
+//! that fires a token when it hits end-of-file or an error, or is dropped (hyper drops it after a
+//! GOAWAY). tonic's lazily connected `Channel` would report itself ready even after its
+//! connection failed (tonic #2839, #643, #1147). The stream also counts the reads that brought
+//! bytes, and the connection keeps a second handle on the socket ([`Liveness`]): that is how the
+//! connection task tells a frozen instance (calls waiting, nothing read) and closes its socket.
 
 use std::{
     future::Future,
     io,
+    net::Shutdown,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -43,8 +49,10 @@ pub(super) struct Dial {
     scheme: Scheme,
     /// Bounds the TCP connect, the TLS handshake and the HTTP/2 handshake together.
     connect_timeout: Duration,
-    keep_alive_interval: Duration,
-    keep_alive_timeout: Duration,
+    /// How long a connection with calls waiting may read nothing before it is probed.
+    pub(super) keep_alive_interval: Duration,
+    /// How long that probe may go unanswered before the socket is closed.
+    pub(super) keep_alive_timeout: Duration,
 }
 
 impl Dial {
@@ -97,8 +105,12 @@ impl Target {
     }
 
     /// Opens a connection: TCP, TLS when configured, the HTTP/2 handshake. `closed` fires when
-    /// the connection ends, for whatever reason.
-    pub(super) async fn connect(&self, closed: CancellationToken) -> Result<Connection, String> {
+    /// the connection ends, for whatever reason. The [`Liveness`] is for the connection task's
+    /// stall check.
+    pub(super) async fn connect(
+        &self,
+        closed: CancellationToken,
+    ) -> Result<(Connection, Liveness), String> {
         let dial = &self.dial;
         let connected = async {
             let tcp = TcpStream::connect(self.authority.as_str())
@@ -107,9 +119,17 @@ impl Target {
             // gRPC messages are small and latency-bound: never wait to coalesce them.
             tcp.set_nodelay(true)
                 .map_err(|e| format!("cannot set TCP_NODELAY: {e}"))?;
+            let (tcp, socket) = second_handle(tcp)
+                .map_err(|e| format!("cannot take a second handle on the socket: {e}"))?;
+            let reads = Arc::new(AtomicU64::new(0));
+            let liveness = Liveness {
+                reads: reads.clone(),
+                socket,
+            };
             let stream = MonitoredStream {
                 inner: tcp,
                 closed: closed.clone(),
+                reads,
             };
             let io: Box<dyn Io> = match &dial.tls {
                 None => Box::new(stream),
@@ -119,18 +139,18 @@ impl Target {
                         .map_err(|e| format!("TLS handshake failed: {e}"))?,
                 ),
             };
-            http2::Builder::new(BoxingExecutor)
+            // No HTTP/2 keep-alive pings: the connection task's stall check does their work
+            // (`connection::watch_stall`). hyper's keep-alive timer, polled with the connection,
+            // cost about 1,650 instructions a call (callgrind; 2 % of a call), and servers count
+            // pings as abuse (GOAWAY "too_many_pings") where they count no health check.
+            let (send, connection) = http2::Builder::new(BoxingExecutor)
                 .timer(TokioTimer::new())
-                // Pings only while calls are in flight: grpc-go and grpc-core servers punish
-                // pings on idle connections with GOAWAY "too_many_pings".
-                .keep_alive_interval(dial.keep_alive_interval)
-                .keep_alive_timeout(dial.keep_alive_timeout)
-                .keep_alive_while_idle(false)
                 .handshake(TokioIo::new(io))
                 .await
-                .map_err(|e| format!("HTTP/2 handshake failed: {}", chain(&e)))
+                .map_err(|e| format!("HTTP/2 handshake failed: {}", chain(&e)))?;
+            Ok::<_, String>((send, connection, liveness))
         };
-        let (send, connection) = tokio::time::timeout(dial.connect_timeout, connected)
+        let (send, connection, liveness) = tokio::time::timeout(dial.connect_timeout, connected)
             .await
             .map_err(|_| format!("no connection within {:?}", dial.connect_timeout))??;
         let addr = self.authority.clone();
@@ -140,11 +160,45 @@ impl Target {
             }
             closed.cancel();
         });
-        Ok(Connection {
+        let connection = Connection {
             send,
             scheme: dial.scheme.clone(),
             authority: self.authority.clone(),
-        })
+        };
+        Ok((connection, liveness))
+    }
+}
+
+/// The tokio stream, and a second handle on the same socket for [`Liveness::shut_down`].
+fn second_handle(tcp: TcpStream) -> io::Result<(TcpStream, std::net::TcpStream)> {
+    // Leaves the socket non-blocking, as tokio needs it.
+    let std = tcp.into_std()?;
+    let second = std.try_clone()?;
+    Ok((TcpStream::from_std(std)?, second))
+}
+
+/// A connection's socket as the stall check sees it: how many reads brought bytes, and a way to
+/// close it from outside hyper.
+#[derive(Debug)]
+pub(super) struct Liveness {
+    reads: Arc<AtomicU64>,
+    /// The same socket as hyper's stream (a duplicated descriptor).
+    socket: std::net::TcpStream,
+}
+
+impl Liveness {
+    /// Reads that brought bytes so far. Counting is all a read pays: no clock.
+    pub(super) fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// Shuts the socket down in both directions: hyper's next read sees end-of-file and its writes
+    /// fail, so the connection ends and every call waiting on it fails (and is retried where
+    /// that is safe) now rather than at its deadline.
+    pub(super) fn shut_down(&self) {
+        if let Err(e) = self.socket.shutdown(Shutdown::Both) {
+            debug!(error = %e, "shutting a stalled socket down");
+        }
     }
 }
 
@@ -244,6 +298,8 @@ impl tower::Service<http::Request<Body>> for Connection {
 struct MonitoredStream {
     inner: TcpStream,
     closed: CancellationToken,
+    /// Reads that brought bytes: [`Liveness::reads`].
+    reads: Arc<AtomicU64>,
 }
 
 impl MonitoredStream {
@@ -270,7 +326,9 @@ impl AsyncRead for MonitoredStream {
         let (before, had_room) = (buf.filled().len(), buf.remaining() > 0);
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = result {
-            if had_room && buf.filled().len() == before {
+            if buf.filled().len() > before {
+                self.reads.fetch_add(1, Ordering::Relaxed);
+            } else if had_room {
                 // Zero bytes into a non-empty buffer: the peer closed the connection.
                 self.closed.cancel();
             }
