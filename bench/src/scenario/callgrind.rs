@@ -20,8 +20,8 @@ use crate::{
     stats::thousands,
 };
 
-/// The concurrencies counted: one call at a time, and the overhead scenario's highest.
-const CONCURRENCY: [usize; 2] = [1, 128];
+/// The concurrencies counted: the overhead scenario's three.
+const CONCURRENCY: [usize; 3] = [1, 16, 128];
 
 /// The clients counted: the ideal, tonic, and ours with each policy and without retries.
 fn kinds() -> Vec<Kind> {
@@ -52,11 +52,11 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     let mut s = Section::new("Call path: instructions per call (callgrind)");
     s.line(format!(
         "Each client in its own process under `valgrind --tool=callgrind`, making {few} and then \
-         {many} calls, one at a time and then {} at a time, to the same three servers, which run outside \
+         {many} calls, {} at a time, to the same three servers, which run outside \
          valgrind; a call's cost is the difference in instructions over all of the client's \
          threads, divided by {}. The profiles are in `{}`, one per client and count, for \
          `callgrind_annotate`.\n",
-        CONCURRENCY[1],
+        CONCURRENCY.map(|c| c.to_string()).join(", then "),
         many - few,
         out.display()
     ));

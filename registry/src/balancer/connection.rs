@@ -209,6 +209,10 @@ async fn watch_health(
 /// the socket nor the deadline of each call would take it out of rotation; this does, within
 /// `quiet + timeout` of the last byte read.
 ///
+/// "Nothing read" is judged by the instance, not by this process: bytes waiting unread in the
+/// socket, or read while the probe was out, count as an answer, so a client too busy to read in
+/// time does not close its own live connections.
+///
 /// It does the work HTTP/2 keep-alive pings did, off the call path: a read only bumps a counter,
 /// and this task looks at it four times per `quiet` (a timer wake-up per connection, not per
 /// call). The probe is the health check (any answer counts, UNIMPLEMENTED included),
@@ -241,7 +245,13 @@ async fn watch_stall(
         if now.saturating_duration_since(since) < silence {
             continue;
         }
-        if let Health::NoAnswer(why) = check(&mut health, timeout).await {
+        // Bytes waiting in the socket mean the instance is sending and this process is slow to
+        // read (a starved runtime; under valgrind this killed live connections): not a stall.
+        if !liveness.bytes_waiting()
+            && let Health::NoAnswer(why) = check(&mut health, timeout).await
+            && liveness.reads() == now_reads
+            && !liveness.bytes_waiting()
+        {
             return format!("calls were waiting, nothing was read for {quiet:?}, and then {why}");
         }
         (reads, since) = (liveness.reads(), Instant::now());

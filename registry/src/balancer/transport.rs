@@ -192,6 +192,14 @@ impl Liveness {
         self.reads.load(Ordering::Relaxed)
     }
 
+    /// Whether the peer has sent bytes this process has not read yet: then the peer is alive and
+    /// it is this process that is behind (a starved runtime reads late), whatever the counter says.
+    pub(super) fn bytes_waiting(&self) -> bool {
+        let mut byte = [0u8; 1];
+        // Non-blocking: `WouldBlock` when nothing is waiting.
+        matches!(self.socket.peek(&mut byte), Ok(n) if n > 0)
+    }
+
     /// Shuts the socket down in both directions: hyper's next read sees end-of-file and its writes
     /// fail, so the connection ends and every call waiting on it fails (and is retried where
     /// that is safe) now rather than at its deadline.
