@@ -110,13 +110,15 @@ impl Instances {
         self.0.insert(instance.id.clone(), instance);
     }
 
-    fn remove(&mut self, id: &str) {
-        self.0.remove(id);
+    fn remove(&mut self, id: &str) -> Option<Instance> {
+        self.0.remove(id)
     }
 
     /// Makes `self` equal to `target` by applying their difference, so that it stays a
     /// descendant of the snapshots before it (and later diffs stay proportional to changes).
-    fn replace_with(&mut self, target: &Instances) {
+    /// Instances that go while their record announced draining are recorded in `departed`, at
+    /// `revision`.
+    fn replace_with(&mut self, target: &Instances, departed: &mut Departed, revision: i64) {
         if self.is_empty() {
             // Nothing to descend from (a first list): the target itself will do.
             *self = target.clone();
@@ -125,10 +127,63 @@ impl Instances {
         let changes: Vec<Change> = self.diff(target).collect();
         for change in changes {
             match change {
-                Change::Removed(old) => self.remove(&old.id),
-                Change::Added(new) | Change::Updated { new, .. } => self.insert(new),
+                Change::Removed(old) => {
+                    self.remove(&old.id);
+                    departed.gone(&old, revision);
+                }
+                Change::Added(new) | Change::Updated { new, .. } => {
+                    departed.back(&new.id);
+                    self.insert(new);
+                }
             }
         }
+    }
+}
+
+/// The instances whose key went while their record announced draining (see
+/// [`crate::Registration::announce_draining`]), by id, with the revision at which they went.
+///
+/// A snapshot only shows the current records, and snapshots published in quick succession reach
+/// a subscriber as one: a server that announces draining and revokes its lease a millisecond
+/// later often reaches the balancer as a plain removal. This record keeps the announcement, so the
+/// balancer still knows the instance left on purpose and gives it no removal grace. An id
+/// registered again is forgotten; beyond [`DEPARTED_KEPT`] ids the oldest are.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Departed(imbl::OrdMap<String, i64>);
+
+/// How many draining departures a [`Departed`] record keeps, at least: a subscriber would have to
+/// miss this many snapshots' worth of departures to miss one.
+const DEPARTED_KEPT: usize = 1_024;
+
+impl Departed {
+    /// Notes that `old` is gone at `revision`, if its record announced draining.
+    fn gone(&mut self, old: &Instance, revision: i64) {
+        if !crate::endpoint::is_draining(&old.metadata) {
+            return;
+        }
+        self.0.insert(old.id.clone(), revision);
+        if self.0.len() > 2 * DEPARTED_KEPT {
+            // Keep the newest: an O(n log n) pass once every DEPARTED_KEPT departures.
+            let mut revisions: Vec<i64> = self.0.values().copied().collect();
+            revisions.sort_unstable();
+            let oldest_kept = revisions[revisions.len() - DEPARTED_KEPT];
+            self.0 = self
+                .0
+                .iter()
+                .filter(|(_, revision)| **revision >= oldest_kept)
+                .map(|(id, revision)| (id.clone(), *revision))
+                .collect();
+        }
+    }
+
+    /// Forgets `id`: it is registered again.
+    fn back(&mut self, id: &str) {
+        self.0.remove(id);
+    }
+
+    /// Whether `id` went while announcing draining.
+    pub(crate) fn contains(&self, id: &str) -> bool {
+        self.0.contains_key(id)
     }
 }
 
@@ -168,6 +223,8 @@ pub struct Membership {
     /// Full lists of the prefix made so far: the first, then one per watch that could not be
     /// resumed (compaction, cancellation, a rebuilt cluster).
     pub lists: u64,
+    /// The instances that went while announcing draining, for the balancer.
+    pub(crate) departed: Departed,
     /// Tells a new problem from a repeat; `problem` is what it last warned about.
     tracked: Problem,
 }
@@ -493,14 +550,14 @@ async fn run(
                 if let Some(c) = &mut carried {
                     c.ids.retain(|id| !instances.contains_key(id));
                 }
-                publish(&tx, &prefix, position.revision, |current| {
+                publish(&tx, &prefix, position.revision, |current, departed| {
                     // Keep what a rebuilt cluster has not re-listed yet (see REBUILD_GRACE).
                     for id in carried.iter().flat_map(|c| &c.ids) {
                         if let Some(old) = current.get(id) {
                             instances.insert(old.clone());
                         }
                     }
-                    current.replace_with(&instances);
+                    current.replace_with(&instances, departed, position.revision);
                 });
                 position
             }
@@ -693,7 +750,7 @@ async fn watch_from(
             _ = crate::sync::sleep_until_some(grace_ends) => {
                 if let Some(c) = carried.take() {
                     info!(prefix, count = c.ids.len(), "dropping instances the rebuilt etcd cluster never listed again");
-                    publish(tx, prefix, position.revision, |instances| {
+                    publish(tx, prefix, position.revision, |instances, _| {
                         for id in &c.ids {
                             instances.remove(id);
                         }
@@ -779,7 +836,7 @@ async fn watch_from(
         if events.is_empty() {
             continue;
         }
-        publish(tx, prefix, position.revision, |instances| {
+        publish(tx, prefix, position.revision, |instances, departed| {
             for event in events {
                 let Some(kv) = event.kv() else { continue };
                 let Ok(key) = kv.key_str() else { continue };
@@ -798,10 +855,15 @@ async fn watch_from(
                 }
                 match event.event_type() {
                     EventType::Delete => {
-                        instances.remove(id);
+                        if let Some(old) = instances.remove(id) {
+                            departed.gone(&old, kv.mod_revision());
+                        }
                     }
                     EventType::Put => match decode(prefix, format, kv) {
-                        Some(instance) => instances.insert(instance),
+                        Some(instance) => {
+                            departed.back(id);
+                            instances.insert(instance);
+                        }
                         // An unreadable new value makes the old one stale too.
                         None => {
                             instances.remove(id);
@@ -834,8 +896,9 @@ fn decode(prefix: &str, format: Format, kv: &KeyValue) -> Option<Instance> {
     }
 }
 
-/// Applies `update` to a snapshot of the current instances and publishes the result; then logs
-/// each change. Subscribers are only woken when something they can see changed.
+/// Applies `update` to a snapshot of the current instances (and of the draining departures) and
+/// publishes the result; then logs each change. Subscribers are only woken when something they
+/// can see changed.
 ///
 /// Every step costs in proportion to the change, not to the fleet: the snapshot is a persistent
 /// map (taking it is O(1), each update O(log n)) and the diff skips what the two share. The
@@ -844,12 +907,12 @@ fn publish(
     tx: &watch::Sender<Membership>,
     prefix: &str,
     revision: i64,
-    update: impl FnOnce(&mut Instances),
+    update: impl FnOnce(&mut Instances, &mut Departed),
 ) {
     let mut summary = ChangeSummary::default();
     tx.send_if_modified(|m| {
         let mut instances = m.instances.clone();
-        update(&mut instances);
+        update(&mut instances, &mut m.departed);
         summary = ChangeSummary::of(&m.instances, &instances);
         let first_sync = !m.synced;
         m.revision = revision;
@@ -971,6 +1034,50 @@ mod tests {
 
     fn diff(old: &Instances, new: &Instances) -> Vec<Change> {
         old.diff(new).collect()
+    }
+
+    fn draining(id: &str) -> Instance {
+        Instance {
+            metadata: serde_json::json!({ "draining": true }),
+            ..instance(id, "h:1")
+        }
+    }
+
+    #[test]
+    fn only_draining_departures_are_recorded_and_a_return_forgets_one() {
+        let mut departed = Departed::default();
+        departed.gone(&instance("a", "h:1"), 5);
+        departed.gone(&draining("b"), 6);
+        assert!(!departed.contains("a"));
+        assert!(departed.contains("b"));
+        departed.back("b");
+        assert!(!departed.contains("b"));
+    }
+
+    #[test]
+    fn departures_beyond_the_bound_forget_the_oldest() {
+        let mut departed = Departed::default();
+        let total = 2 * DEPARTED_KEPT + 1;
+        for n in 0..total {
+            departed.gone(&draining(&format!("i{n:05}")), n as i64);
+        }
+        assert_eq!(departed.0.len(), DEPARTED_KEPT);
+        assert!(departed.contains(&format!("i{:05}", total - 1)));
+        assert!(!departed.contains(&format!("i{:05}", total - DEPARTED_KEPT - 1)));
+    }
+
+    #[test]
+    fn a_re_list_records_draining_departures_too() {
+        let mut current = map(&[draining("a"), instance("b", "h:2")]);
+        let mut departed = Departed::default();
+        current.replace_with(&map(&[instance("b", "h:2")]), &mut departed, 9);
+        assert!(departed.contains("a"));
+        current.replace_with(
+            &map(&[instance("a", "h:1"), instance("b", "h:2")]),
+            &mut departed,
+            10,
+        );
+        assert!(!departed.contains("a"));
     }
 
     #[test]

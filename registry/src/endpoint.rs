@@ -34,6 +34,16 @@ pub const INSTANCE_ID_KEY: &str = "instance_id";
 /// DELETE that follows.
 pub const DRAINING_KEY: &str = "draining";
 
+/// Whether `metadata` carries the draining announcement: [`DRAINING_KEY`] set to `true`, as a
+/// boolean or as text.
+pub(crate) fn is_draining(metadata: &Value) -> bool {
+    match metadata.get(DRAINING_KEY) {
+        Some(Value::Bool(draining)) => *draining,
+        Some(Value::String(text)) => text == "true",
+        _ => false,
+    }
+}
+
 /// One endpoint record: the address clients dial and free-form metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Endpoint {
@@ -312,6 +322,16 @@ pub fn is_dialable(addr: &str) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn draining_is_read_as_a_boolean_or_as_text() {
+        assert!(is_draining(&json!({"draining": true})));
+        assert!(is_draining(&json!({"draining": "true"})));
+        assert!(!is_draining(&json!({"draining": false})));
+        assert!(!is_draining(&json!({"instance_id": "a"})));
+        assert!(!is_draining(&json!(null)));
+        assert!(!is_draining(&json!("draining")));
+    }
 
     #[test]
     fn encodes_like_the_go_manager_with_hashable_metadata() {

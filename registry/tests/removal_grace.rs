@@ -167,3 +167,63 @@ async fn a_draining_record_takes_an_instance_out_at_once_and_gets_no_grace() {
     )
     .await;
 }
+
+/// The demo's failover: a server announces draining and revokes its lease a millisecond later,
+/// so the record and the DELETE often reach a client together, as one snapshot in which the
+/// instance is simply gone. It must still get no grace. Here that is made certain: the channel
+/// runs on a runtime of its own that is not driven while both are written, so when it runs again
+/// it reads the two events at once.
+#[test]
+fn a_draining_record_and_its_delete_read_together_still_get_no_grace() {
+    let servers = tokio::runtime::Runtime::new().unwrap();
+    // A current-thread runtime runs its tasks only inside `block_on`: in between, it is still.
+    let client = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // One member, so the channel's watch and the witness's below are fed by the same server.
+    let cluster = EtcdCluster::start_with(1);
+    let connect = || async {
+        registry::EtcdConfig::new(cluster.endpoints())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    };
+    let (a, _b) =
+        servers.block_on(async { (instance(&cluster, "a").await, instance(&cluster, "b").await) });
+    let (_etcd, channel) = client.block_on(async {
+        let etcd = connect().await;
+        let channel = channel(&etcd, Duration::from_secs(10), 2).await;
+        (etcd, channel)
+    });
+
+    put(&cluster, "a", &a.addr, true);
+    del(&cluster, "a");
+    // A witness watching the same member saw the DELETE: the events are on their way to the
+    // channel's watch too, and wait in its socket.
+    servers.block_on(async {
+        let etcd = connect().await;
+        let witness = registry::Discovery::builder("greeter")
+            .start(&etcd)
+            .unwrap();
+        eventually(Duration::from_secs(5), "the witness to see a go", || {
+            let m = witness.membership();
+            async move { (m.synced && !m.instances.contains_key("a")).then_some(()) }
+        })
+        .await;
+    });
+
+    client.block_on(async {
+        wait_gone_from_discovery(&channel, "a").await;
+        eventually(
+            Duration::from_millis(500),
+            "a to be removed at once",
+            || {
+                let gone = status(&channel, "a").is_none();
+                async move { gone.then_some(()) }
+            },
+        )
+        .await;
+    });
+}

@@ -200,7 +200,7 @@ impl Backend {
     /// Whether the record says the instance is leaving (metadata `draining` true, as a boolean
     /// or as text): it is sent nothing more and gets no removal grace.
     pub(crate) fn is_draining(&self) -> bool {
-        is_draining(&self.metadata())
+        crate::endpoint::is_draining(&self.metadata())
     }
 
     /// Why the instance may not be kept after its key disappeared, or `None` if it may: it must
@@ -339,11 +339,6 @@ impl Backend {
     }
 }
 
-/// Whether `metadata` carries the draining announcement ([`crate::endpoint::DRAINING_KEY`] true).
-pub(crate) fn is_draining(metadata: &Value) -> bool {
-    super::select::text(metadata, crate::endpoint::DRAINING_KEY).is_some_and(|v| v == "true")
-}
-
 /// A call in flight on a backend; dropping it ends the call.
 #[derive(Debug)]
 pub(crate) struct InFlight(Arc<Backend>);
@@ -351,22 +346,5 @@ pub(crate) struct InFlight(Arc<Backend>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use serde_json::json;
-
-    use super::*;
-
-    #[test]
-    fn draining_is_read_as_a_boolean_or_as_text() {
-        assert!(is_draining(&json!({"draining": true})));
-        assert!(is_draining(&json!({"draining": "true"})));
-        assert!(!is_draining(&json!({"draining": false})));
-        assert!(!is_draining(&json!({"instance_id": "a"})));
-        assert!(!is_draining(&json!(null)));
-        assert!(!is_draining(&json!("draining")));
     }
 }

@@ -27,7 +27,7 @@ use super::{
 };
 use crate::sync::Unpoisoned;
 use crate::{
-    discover::{Change, Instance, Instances, Membership},
+    discover::{Change, Departed, Instance, Instances, Membership},
     metrics,
 };
 
@@ -46,6 +46,8 @@ struct Pool {
     graced: BTreeSet<Arc<str>>,
     /// Every registered address ranked for this client; only the subset's members get backends.
     subset: Subset,
+    /// The instances that went while announcing draining, as of the snapshot applied last.
+    departed: Departed,
 }
 
 /// The updater task: applies membership snapshots as they come, ends removal graces, and rebuilds
@@ -65,11 +67,16 @@ pub(super) async fn follow(
         ids_at: BTreeMap::new(),
         stops: BTreeMap::new(),
         graced: BTreeSet::new(),
+        departed: Departed::default(),
     };
     let mut membership_changed = true;
     loop {
         if membership_changed {
-            let instances = membership.borrow_and_update().instances.clone();
+            let (instances, departed) = {
+                let m = membership.borrow_and_update();
+                (m.instances.clone(), m.departed.clone())
+            };
+            pool.departed = departed;
             pool.apply(instances);
         }
         pool.end_graces();
@@ -214,6 +221,10 @@ impl Pool {
         }
         let why_not = if self.options.removal_grace.is_zero() {
             Some(NoGrace::Off)
+        } else if self.departed.contains(&backend.instance_id) {
+            // Its draining record and the removal may have come in one snapshot: the backend never
+            // saw the record, but discovery did.
+            Some(NoGrace::Draining)
         } else {
             backend.why_no_grace()
         };
