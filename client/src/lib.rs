@@ -568,6 +568,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let mut report = Report::default();
     let mut watching = true;
+    let mut order = Order::default();
+    let show_change = |view: &mut Option<watch::View>, change: &Change| match view {
+        Some(view) => view.membership(change),
+        None => print_change(change),
+    };
     loop {
         tokio::select! {
             outcome = outcomes.recv() => {
@@ -578,6 +583,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     Some(view) => view.call(&outcome),
                     None => print_call(&outcome),
                 }
+                for change in order.call_done(outcome.n) {
+                    show_change(&mut view, &change);
+                }
             }
             changed = membership.changed(), if watching => {
                 if changed.is_err() {
@@ -585,10 +593,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     continue;
                 }
                 let now = membership.borrow_and_update().instances.clone();
+                let started = numbers.load(Ordering::SeqCst);
+                let started = match length {
+                    Length::Calls(total) => started.min(total),
+                    _ => started,
+                };
                 for change in known.diff(&now) {
-                    match &mut view {
-                        Some(view) => view.membership(&change),
-                        None => print_change(&change),
+                    if let Some(change) = order.seen(change, started) {
+                        show_change(&mut view, &change);
                     }
                 }
                 known = now;
@@ -605,6 +617,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
     report.elapsed = started.elapsed();
+    for change in order.rest() {
+        show_change(&mut view, &change);
+    }
     while let Some(ended) = slots.join_next().await {
         ended.context("a call slot died")?;
     }
@@ -613,6 +628,52 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         out::line("");
     }
     Ok(report)
+}
+
+/// Keeps the printed lines in the order things happened: a membership change is shown only after
+/// every call that had started when the change was seen, so a call printed after "left" was
+/// sent after the client knew. (A call completes, and is printed, after its start.)
+#[derive(Default)]
+struct Order {
+    /// Every call numbered up to this one has been printed.
+    done_up_to: u64,
+    /// Calls printed out of order, above `done_up_to`.
+    done_above: std::collections::BTreeSet<u64>,
+    /// Changes waiting for calls, each with the number of the last call started before it.
+    held: std::collections::VecDeque<(u64, Change)>,
+}
+
+impl Order {
+    /// A change seen when calls 1 to `started` had started: returned if it can be shown now.
+    fn seen(&mut self, change: Change, started: u64) -> Option<Change> {
+        if self.held.is_empty() && started <= self.done_up_to {
+            return Some(change);
+        }
+        self.held.push_back((started, change));
+        None
+    }
+
+    /// Call `n` was printed: returns the changes that no longer wait for any call.
+    fn call_done(&mut self, n: u64) -> Vec<Change> {
+        self.done_above.insert(n);
+        while self.done_above.remove(&(self.done_up_to + 1)) {
+            self.done_up_to += 1;
+        }
+        let mut ready = Vec::new();
+        while self
+            .held
+            .front()
+            .is_some_and(|(started, _)| *started <= self.done_up_to)
+        {
+            ready.extend(self.held.pop_front().map(|(_, change)| change));
+        }
+        ready
+    }
+
+    /// The changes still held once no call is left.
+    fn rest(&mut self) -> Vec<Change> {
+        self.held.drain(..).map(|(_, change)| change).collect()
+    }
 }
 
 /// A registry error with the flags to check added, when the library's message names none.
@@ -868,6 +929,30 @@ fn describe(change: &Change) -> String {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    fn left(id: &str) -> Change {
+        Change::Removed(registry::Instance {
+            id: id.into(),
+            key: format!("services/s/{id}"),
+            addr: "h:1".into(),
+            metadata: Default::default(),
+        })
+    }
+
+    #[test]
+    fn a_change_is_shown_after_the_calls_started_before_it() {
+        let mut order = Order::default();
+        // Calls 1 and 2 started; 2 completes first.
+        assert_eq!(order.seen(left("a"), 2), None);
+        assert!(order.call_done(2).is_empty());
+        assert_eq!(order.call_done(1), vec![left("a")]);
+        // Nothing in flight: shown at once.
+        assert_eq!(order.seen(left("b"), 2), Some(left("b")));
+        // Held changes keep their order, and the rest comes out at the end.
+        assert_eq!(order.seen(left("c"), 3), None);
+        assert_eq!(order.seen(left("d"), 2), None);
+        assert_eq!(order.rest(), vec![left("c"), left("d")]);
+    }
 
     #[test]
     fn flags_are_consistent() {
