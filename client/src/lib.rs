@@ -630,6 +630,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(report)
 }
 
+/// Whether an instance's record announces the instance's departure (`draining` true).
+fn draining(instance: &registry::Instance) -> bool {
+    instance
+        .metadata
+        .get(registry::endpoint::DRAINING_KEY)
+        .is_some_and(|v| v == true || v == "true")
+}
+
 /// Keeps the printed lines in the order things happened: a membership change is shown only after
 /// every call that had started when the change was seen, so a call printed after "left" was
 /// sent after the client knew. (A call completes, and is printed, after its start.)
@@ -921,7 +929,13 @@ fn describe(change: &Change) -> String {
     match change {
         Change::Added(i) => format!("+ instance {} joined at {}", i.id, i.addr),
         Change::Removed(i) => format!("- instance {} left ({})", i.id, i.addr),
-        Change::Updated { new, .. } => format!("~ instance {} now at {}", new.id, new.addr),
+        Change::Updated { old, new } if old.addr != new.addr => {
+            format!("~ instance {} now at {}", new.id, new.addr)
+        }
+        Change::Updated { new, .. } if draining(new) => {
+            format!("~ instance {} announced it is leaving (draining)", new.id)
+        }
+        Change::Updated { new, .. } => format!("~ instance {} updated its metadata", new.id),
     }
 }
 
@@ -937,6 +951,34 @@ mod tests {
             addr: "h:1".into(),
             metadata: Default::default(),
         })
+    }
+
+    #[test]
+    fn an_update_says_what_changed() {
+        let old = registry::Instance {
+            id: "a".into(),
+            key: "services/s/a".into(),
+            addr: "h:1".into(),
+            metadata: Default::default(),
+        };
+        let moved = registry::Instance {
+            addr: "h:2".into(),
+            ..old.clone()
+        };
+        let mut leaving = old.clone();
+        leaving.metadata = serde_json::json!({ "draining": true });
+        let update = |new: &registry::Instance| {
+            describe(&Change::Updated {
+                old: old.clone(),
+                new: new.clone(),
+            })
+        };
+        assert_eq!(update(&moved), "~ instance a now at h:2");
+        assert_eq!(
+            update(&leaving),
+            "~ instance a announced it is leaving (draining)"
+        );
+        assert_eq!(update(&old), "~ instance a updated its metadata");
     }
 
     #[test]
