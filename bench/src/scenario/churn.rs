@@ -74,7 +74,11 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     let mut ours_failed = usize::MAX;
     for kind in kinds {
         let (quiet, _, _) = measure_client(&fixture, kind, RATE, window)?;
-        let raw = record_raw_watch(&fixture.etcd, fixture.observer.prefix()).await?;
+        // A connection of its own, as the observer's is shared with everything else here.
+        let separate = etcd_client::Client::connect(fixture.etcd.config().endpoints(), None)
+            .await
+            .context("connecting the raw watch")?;
+        let raw = record_raw_watch(separate, fixture.observer.prefix()).await?;
         let applied = record_applied(&fixture.observer);
         let flap = testkit::spawn(
             Command::new(bench_exe()?)
