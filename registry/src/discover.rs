@@ -122,6 +122,7 @@ impl Instances {
         if self.is_empty() {
             // Nothing to descend from (a first list): the target itself will do.
             *self = target.clone();
+            departed.forget_listed(target);
             return;
         }
         let changes: Vec<Change> = self.diff(target).collect();
@@ -179,6 +180,18 @@ impl Departed {
     /// Forgets `id`: it is registered again.
     fn back(&mut self, id: &str) {
         self.0.remove(id);
+    }
+
+    /// Forgets every id that `listed` holds: they are registered again.
+    fn forget_listed(&mut self, listed: &Instances) {
+        if self.0.keys().any(|id| listed.contains_key(id)) {
+            self.0 = self
+                .0
+                .iter()
+                .filter(|(id, _)| !listed.contains_key(id))
+                .map(|(id, revision)| (id.clone(), *revision))
+                .collect();
+        }
     }
 
     /// Whether `id` went while announcing draining.
@@ -1077,6 +1090,12 @@ mod tests {
             &mut departed,
             10,
         );
+        assert!(!departed.contains("a"));
+        // From nothing (every instance gone), a list brings an instance back as well.
+        let mut current = map(&[draining("a")]);
+        current.replace_with(&Instances::default(), &mut departed, 11);
+        assert!(departed.contains("a"));
+        current.replace_with(&map(&[instance("a", "h:1")]), &mut departed, 12);
         assert!(!departed.contains("a"));
     }
 
