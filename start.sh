@@ -627,7 +627,8 @@ stage_failover() {
 
 	pid=${SERVER_PIDS[port]}
 	say "kill -TERM $pid: stopping server $port gracefully"
-	note "It reports NOT_SERVING and revokes its lease: etcd deletes its key and tells every watcher."
+	note "It reports NOT_SERVING, marks its record draining (the client's \"~ ... leaving\" line), and"
+	note "revokes its lease: etcd deletes its key and tells every watcher."
 	note "Then it serves 500 ms more for calls already on their way to it, drains, and exits."
 	kill -TERM "$pid"
 	wait_until "$FAILOVER_TIMEOUT_S" client_log_has "$left" ||
