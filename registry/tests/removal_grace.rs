@@ -49,6 +49,15 @@ fn status(channel: &BalancedChannel, id: &str) -> Option<InstanceStatus> {
         .find(|i| &*i.instance_id == id)
 }
 
+/// Waits until the channel has no backend for `id` any more, failing after `within`.
+async fn wait_removed(channel: &BalancedChannel, id: &str, within: Duration, what: &str) {
+    eventually(within, what, || {
+        let gone = status(channel, id).is_none();
+        async move { gone.then_some(()) }
+    })
+    .await;
+}
+
 /// Waits until discovery no longer lists `id`: the DELETE has arrived.
 async fn wait_gone_from_discovery(channel: &BalancedChannel, id: &str) {
     eventually(
@@ -94,11 +103,7 @@ async fn a_removed_instance_that_serves_is_kept_until_not_serving_and_a_re_put_c
     // NOT_SERVING ends the grace at the next health poll (every second).
     a.set_serving(false).await;
     let flipped = Instant::now();
-    eventually(Duration::from_secs(3), "a to be removed", || {
-        let gone = status(&channel, "a").is_none();
-        async move { gone.then_some(()) }
-    })
-    .await;
+    wait_removed(&channel, "a", Duration::from_secs(3), "a to be removed").await;
     eprintln!("NOT_SERVING ended a's grace after {:?}", flipped.elapsed());
     assert_eq!(channel.ready_addrs().len(), 1);
 }
@@ -123,19 +128,19 @@ async fn a_grace_ends_by_itself_and_zero_turns_it_off() {
     .await;
     wait_gone_from_discovery(&off, "a").await;
     // Without a grace the backend goes with the membership change that removed it.
-    eventually(
+    wait_removed(
+        &off,
+        "a",
         Duration::from_secs(1),
         "the grace-off channel to drop a",
-        || {
-            let gone = status(&off, "a").is_none();
-            async move { gone.then_some(()) }
-        },
     )
     .await;
-    eventually(Duration::from_secs(3), "a's 500 ms grace to end", || {
-        let gone = status(&graced, "a").is_none();
-        async move { gone.then_some(()) }
-    })
+    wait_removed(
+        &graced,
+        "a",
+        Duration::from_secs(3),
+        "a's 500 ms grace to end",
+    )
     .await;
     let ended = deleted.elapsed();
     eprintln!("a 500 ms grace ended {ended:?} after discovery saw the DELETE");
@@ -157,13 +162,11 @@ async fn a_draining_record_takes_an_instance_out_at_once_and_gets_no_grace() {
     .await;
     del(&cluster, "a");
     wait_gone_from_discovery(&channel, "a").await;
-    eventually(
+    wait_removed(
+        &channel,
+        "a",
         Duration::from_millis(500),
         "a to be removed at once",
-        || {
-            let gone = status(&channel, "a").is_none();
-            async move { gone.then_some(()) }
-        },
     )
     .await;
 }
@@ -216,13 +219,11 @@ fn a_draining_record_and_its_delete_read_together_still_get_no_grace() {
 
     client.block_on(async {
         wait_gone_from_discovery(&channel, "a").await;
-        eventually(
+        wait_removed(
+            &channel,
+            "a",
             Duration::from_millis(500),
             "a to be removed at once",
-            || {
-                let gone = status(&channel, "a").is_none();
-                async move { gone.then_some(()) }
-            },
         )
         .await;
     });
