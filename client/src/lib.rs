@@ -630,14 +630,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(report)
 }
 
-/// Whether an instance's record announces the instance's departure (`draining` true).
-fn draining(instance: &registry::Instance) -> bool {
-    instance
-        .metadata
-        .get(registry::endpoint::DRAINING_KEY)
-        .is_some_and(|v| v == true || v == "true")
-}
-
 /// Keeps the printed lines in the order things happened: a membership change is shown only after
 /// every call that had started when the change was seen, so a call printed after "left" was
 /// sent after the client knew. (A call completes, and is printed, after its start.)
@@ -932,7 +924,7 @@ fn describe(change: &Change) -> String {
         Change::Updated { old, new } if old.addr != new.addr => {
             format!("~ instance {} now at {}", new.id, new.addr)
         }
-        Change::Updated { new, .. } if draining(new) => {
+        Change::Updated { new, .. } if registry::endpoint::is_draining(&new.metadata) => {
             format!("~ instance {} announced it is leaving (draining)", new.id)
         }
         Change::Updated { new, .. } => format!("~ instance {} updated its metadata", new.id),

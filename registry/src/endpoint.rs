@@ -35,8 +35,8 @@ pub const INSTANCE_ID_KEY: &str = "instance_id";
 pub const DRAINING_KEY: &str = "draining";
 
 /// Whether `metadata` carries the draining announcement: [`DRAINING_KEY`] set to `true`, as a
-/// boolean or as text.
-pub(crate) fn is_draining(metadata: &Value) -> bool {
+/// boolean or as text. The balancer's rule, for anyone who shows or acts on the announcement.
+pub fn is_draining(metadata: &Value) -> bool {
     match metadata.get(DRAINING_KEY) {
         Some(Value::Bool(draining)) => *draining,
         Some(Value::String(text)) => text == "true",
