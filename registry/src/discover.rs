@@ -168,12 +168,7 @@ impl Departed {
             let mut revisions: Vec<i64> = self.0.values().copied().collect();
             revisions.sort_unstable();
             let oldest_kept = revisions[revisions.len() - DEPARTED_KEPT];
-            self.0 = self
-                .0
-                .iter()
-                .filter(|(_, revision)| **revision >= oldest_kept)
-                .map(|(id, revision)| (id.clone(), *revision))
-                .collect();
+            self.retain(|_, revision| revision >= oldest_kept);
         }
     }
 
@@ -185,13 +180,18 @@ impl Departed {
     /// Forgets every id that `listed` holds: they are registered again.
     fn forget_listed(&mut self, listed: &Instances) {
         if self.0.keys().any(|id| listed.contains_key(id)) {
-            self.0 = self
-                .0
-                .iter()
-                .filter(|(id, _)| !listed.contains_key(id))
-                .map(|(id, revision)| (id.clone(), *revision))
-                .collect();
+            self.retain(|id, _| !listed.contains_key(id));
         }
+    }
+
+    /// Keeps the departures `keep` says yes to (the map has no `retain`: rebuilt, O(n)).
+    fn retain(&mut self, keep: impl Fn(&str, i64) -> bool) {
+        self.0 = self
+            .0
+            .iter()
+            .filter(|(id, revision)| keep(id, **revision))
+            .map(|(id, revision)| (id.clone(), *revision))
+            .collect();
     }
 
     /// Whether `id` went while announcing draining.
