@@ -59,6 +59,16 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
         bail!("--scale-sizes: 0 is not an instance count");
     }
     let fixture = Fixture::start(0, &[]).await?;
+    // The discoveries measured run on a client of one member, whose connection the reference
+    // watch of `change_latencies` shares.
+    let member = fixture
+        .etcd
+        .config()
+        .endpoints()
+        .first()
+        .cloned()
+        .context("the fixture's cluster has an endpoint")?;
+    let one_member = registry::EtcdConfig::new([member])?.connect().await?;
     let title = sizes.iter().map(|&n| thousands(n)).collect::<Vec<_>>();
     let mut s = Section::new(format!("7. Scale: {} instances", title.join(", ")));
     let sync_trials = ctx.trials(5, 2);
@@ -88,7 +98,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
             let started = Instant::now();
             let discovery = Discovery::builder(SCALE_SERVICE)
                 .namespace(NAMESPACE)
-                .start(&fixture.etcd)?;
+                .start(&one_member)?;
             let mut rx = discovery.subscribe();
             tokio::time::timeout(
                 Duration::from_secs(30),
@@ -104,23 +114,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
             }
             last = Some(discovery);
         }
-        drop(last.take());
-        // The changes are timed on a discovery of its own, on a connection to one member that
-        // the reference watch shares.
-        let member = fixture
-            .etcd
-            .config()
-            .endpoints()
-            .first()
-            .cloned()
-            .context("the fixture's cluster has an endpoint")?;
-        let one_member = registry::EtcdConfig::new([member])?.connect().await?;
-        let discovery = Discovery::builder(SCALE_SERVICE)
-            .namespace(NAMESPACE)
-            .start(&one_member)?;
-        discovery
-            .wait_for_instances(n, Duration::from_secs(30))
-            .await?;
+        let discovery = last.context("at least one trial")?;
         let (seen, applied) = change_latencies(&one_member, &discovery, change_trials).await?;
         let sync = Summary::of_ms(&syncs);
         let seen_s = Summary::of(&seen);
