@@ -246,6 +246,10 @@ pub async fn calls(
     let etcd = EtcdConfig::new(&endpoints)?.connect().await?;
     let client = clients::start(kind, &etcd, &addrs).await?;
     client.warm_up(&addrs, Duration::from_secs(60)).await?;
+    // The calls alone are timed and their CPU counted: start-up and warm-up differ between
+    // clients.
+    let before = machine::sample(None)?;
+    let started = std::time::Instant::now();
     let mut workers = JoinSet::new();
     for worker in 0..concurrency {
         let client = client.clone();
@@ -266,6 +270,14 @@ pub async fn calls(
     if failed > 0 {
         anyhow::bail!("{kind}: {failed} of {count} calls failed");
     }
-    println!("{count} calls, {concurrency} at a time, 0 failed");
+    let elapsed = started.elapsed();
+    let cpu = machine::sample(None)?.cpu.saturating_sub(before.cpu);
+    println!(
+        "{count} calls, {concurrency} at a time, 0 failed, in {:.3} s: {:.0} calls/s, \
+         client CPU {:.1} µs a call",
+        elapsed.as_secs_f64(),
+        count as f64 / elapsed.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / count as f64
+    );
     Ok(())
 }
