@@ -99,16 +99,19 @@ impl Shared {
         key: Option<&[u8]>,
         now: Instant,
     ) -> Result<(Arc<Backend>, Connection), Status> {
-        let picker = self.picker();
+        // Picked under the read lock rather than from a clone of the `Arc`: a call then writes
+        // the lock's count and not also the picker's reference count, both shared by every
+        // thread calling.
+        let picker = crate::sync::read(&self.picker);
         let fresh = |b: &Arc<Backend>| b.is_ready() && !b.is_ejected(now);
         let choice = picker
             .pick(&self.next, key, |b| fresh(b) && !avoid.contains(&b.addr))
             .or_else(|| picker.pick(&self.next, key, fresh))
             .or_else(|| picker.pick(&self.next, key, |b| b.is_ready()));
         // The connection can drop between the check and here; the next rebuild removes it.
-        choice
-            .and_then(|backend| Some((backend.clone(), backend.connection()?)))
-            .ok_or_else(|| self.unavailable())
+        let chosen = choice.and_then(|backend| Some((backend.clone(), backend.connection()?)));
+        drop(picker);
+        chosen.ok_or_else(|| self.unavailable())
     }
 
     /// Sends one attempt to `backend`, bounded by `deadline`, counting it in flight while it runs
@@ -208,7 +211,8 @@ impl Shared {
             let (backend, connection, now) = self.pick_or_wait(&[], key, deadline, started).await?;
             // After the pick: time spent waiting for an instance is no longer the server's.
             set_grpc_timeout(request.headers_mut(), deadline, now);
-            let request = request.map(CallBody::Direct);
+            let (parts, body) = request.into_parts();
+            let request = http::Request::from_parts(parts, Replay::once(body).await);
             return match self
                 .send(&backend, connection, request, deadline, now)
                 .await
@@ -225,7 +229,7 @@ impl Shared {
         // Later attempts get the method, URI and headers again; extensions stay with the first
         // (nothing below the balancer reads them, and copying them costs on every call).
         let mut extensions = Some(std::mem::take(&mut parts.extensions));
-        let body = Replay::new(body, self.retry.max_replay_bytes);
+        let body = Replay::new(body, self.retry.max_replay_bytes).await;
         let mut backoff = Backoff::new(self.retry.backoff_initial, self.retry.backoff_max);
         let mut tried: Vec<Arc<str>> = Vec::new();
         self.budget.deposit(started);

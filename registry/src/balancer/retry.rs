@@ -13,8 +13,10 @@
 //! within the call's deadline. A [`RetryPolicy`]'s budget caps retries at a fraction of the calls
 //! (plus a small floor per second), so during an outage retries cannot multiply the load.
 //!
-//! `http::Request` bodies are streams and cannot be cloned, so the body is recorded as the first
-//! attempt sends it (`Replay`) and replayed to the next attempt; bodies larger than
+//! `http::Request` bodies are streams and cannot be cloned. A unary request's body is ready at once
+//! (one frame, encoded when first polled), so it is read whole before the first attempt and each
+//! attempt sends the same bytes. Any other body is recorded as the first attempt sends it
+//! (`Replay`) and replayed to the next attempt; bodies larger than
 //! [`RetryPolicy::max_replay_bytes`] are never retried once that much has been sent.
 
 use std::{
@@ -228,16 +230,43 @@ pub(crate) fn grpc_timeout<B>(request: &http::Request<B>) -> Option<Duration> {
     })
 }
 
-/// A request body recorded as it is sent, so a later attempt can send it again.
+/// A request body kept so that a later attempt can send it again.
+#[derive(Debug)]
+pub(crate) enum Replay {
+    /// The whole body, read before the first attempt because it was ready at once, as a unary
+    /// request's is: every attempt sends these bytes (`None`: an empty body), with nothing shared
+    /// between attempts and nothing to lock.
+    Whole(Option<Bytes>),
+    /// A body still coming when the call started (a client stream): recorded as it is sent.
+    Recorded(Recorded),
+}
+
+/// A body recorded as the first attempt sends it, shared by every attempt.
 #[derive(Debug, Clone)]
-pub(crate) struct Replay {
+pub(crate) struct Recorded {
     state: Arc<Mutex<ReplayState>>,
+}
+
+/// What polling a body once gave: `None` when it was not ready.
+type Polled = Option<Option<Result<Frame<Bytes>, Status>>>;
+
+/// Polls `body` once, without waiting.
+async fn poll_now(body: &mut Body) -> Polled {
+    std::future::poll_fn(
+        |cx| match http_body::Body::poll_frame(Pin::new(&mut *body), cx) {
+            Poll::Ready(frame) => Poll::Ready(Some(frame)),
+            Poll::Pending => Poll::Ready(None),
+        },
+    )
+    .await
 }
 
 #[derive(Debug)]
 struct ReplayState {
     /// The original body, until it ends.
     inner: Option<Body>,
+    /// What was read from `inner` before the first attempt and is not sent yet.
+    held: Polled,
     /// The data frames taken from `inner` so far.
     recorded: Vec<Bytes>,
     recorded_bytes: usize,
@@ -250,53 +279,100 @@ struct ReplayState {
 }
 
 impl Replay {
-    pub(crate) fn new(body: Body, limit: usize) -> Self {
-        Self {
+    /// Keeps `body` for replaying. What it has ready now is read at once, without waiting: a
+    /// body that ends within its first data frame (a unary request) is kept whole, anything else
+    /// (held, up to `limit` bytes, from the frames read) is recorded as the first attempt sends it.
+    pub(crate) async fn new(body: Body, limit: usize) -> Self {
+        Self::read(body, limit, limit).await
+    }
+
+    /// The body of a call sent once (retries off). A body ready whole goes as one frame, as on
+    /// the retrying path; any other goes as it comes, nothing recorded.
+    pub(crate) async fn once(body: Body) -> CallBody {
+        Self::read(body, usize::MAX, 0).await.attempt()
+    }
+
+    /// Reads what `body` has ready: kept whole if it ends within a first data frame of at most
+    /// `whole_limit` bytes (reading the end too is what lets that frame carry `END_STREAM`, where
+    /// tonic's body sends an empty frame after it), otherwise recorded up to `record_limit`.
+    async fn read(mut body: Body, whole_limit: usize, record_limit: usize) -> Self {
+        let mut recorded = Vec::new();
+        let held = match poll_now(&mut body).await {
+            Some(None) => return Replay::Whole(None),
+            Some(Some(Ok(frame))) if frame.data_ref().is_some_and(|d| d.len() <= whole_limit) => {
+                let data = frame.into_data().unwrap_or_default();
+                match poll_now(&mut body).await {
+                    Some(None) => return Replay::Whole(Some(data)),
+                    second => {
+                        recorded.push(data);
+                        second
+                    }
+                }
+            }
+            first => first,
+        };
+        let recorded_bytes: usize = recorded.iter().map(Bytes::len).sum();
+        Replay::Recorded(Recorded {
             state: Arc::new(Mutex::new(ReplayState {
                 inner: Some(body),
-                // A unary request is one data frame: room for it, and no growing on the call path.
-                recorded: Vec::with_capacity(1),
-                recorded_bytes: 0,
-                limit,
-                overflowed: false,
+                held,
+                recorded,
+                recorded_bytes,
+                limit: record_limit,
+                // A first frame read before the first attempt is sent by it even when it is over
+                // the limit; then there is no second attempt.
+                overflowed: recorded_bytes > record_limit,
                 trailers: None,
                 generation: 0,
             })),
-        }
+        })
     }
 
-    /// The body for the next attempt: everything sent so far, then the rest of the original.
+    /// The body for the next attempt: the whole body, or everything sent so far, then the rest
+    /// of the original.
     pub(crate) fn attempt(&self) -> CallBody {
-        let generation = {
-            let mut state = self.lock();
-            state.generation += 1;
-            state.generation
-        };
-        CallBody::Replayed(AttemptBody {
-            replay: self.clone(),
-            generation,
-            next: 0,
-            trailers_sent: false,
-        })
+        match self {
+            Replay::Whole(data) => CallBody::Whole(data.clone()),
+            Replay::Recorded(recorded) => {
+                let generation = {
+                    let mut state = recorded.lock();
+                    state.generation += 1;
+                    state.generation
+                };
+                CallBody::Replayed(AttemptBody {
+                    replay: recorded.clone(),
+                    generation,
+                    next: 0,
+                    trailers_sent: false,
+                })
+            }
+        }
     }
 
     /// Whether another attempt could send the whole body again.
     pub(crate) fn replayable(&self) -> bool {
-        !self.lock().overflowed
+        match self {
+            Replay::Whole(_) => true,
+            Replay::Recorded(recorded) => !recorded.lock().overflowed,
+        }
     }
+}
 
+impl Recorded {
     fn lock(&self) -> MutexGuard<'_, ReplayState> {
         // Polling happens under the lock but never panics midway through an update.
         self.state.locked()
     }
 }
 
-/// A request body as a connection sends it: the caller's own, or an attempt's view of a
+/// A request body as a connection sends it: the caller's own, or an attempt's copy or view of a
 /// [`Replay`]. An enum rather than a boxed body, so that an attempt allocates nothing for it.
 pub(crate) enum CallBody {
     /// The caller's body, sent once (no retry possible, or a health check).
     Direct(Body),
-    /// An attempt of a call that may be retried.
+    /// An attempt's copy of a body kept whole ([`Replay::Whole`]), until it is sent.
+    Whole(Option<Bytes>),
+    /// An attempt of a call that may be retried, its body recorded as it goes.
     Replayed(AttemptBody),
 }
 
@@ -311,6 +387,7 @@ impl http_body::Body for CallBody {
         // Both variants are Unpin.
         match self.get_mut() {
             CallBody::Direct(body) => Pin::new(body).poll_frame(cx),
+            CallBody::Whole(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             CallBody::Replayed(body) => Pin::new(body).poll_frame(cx),
         }
     }
@@ -318,6 +395,7 @@ impl http_body::Body for CallBody {
     fn is_end_stream(&self) -> bool {
         match self {
             CallBody::Direct(body) => body.is_end_stream(),
+            CallBody::Whole(data) => data.is_none(),
             CallBody::Replayed(body) => body.is_end_stream(),
         }
     }
@@ -325,14 +403,17 @@ impl http_body::Body for CallBody {
     fn size_hint(&self) -> http_body::SizeHint {
         match self {
             CallBody::Direct(body) => body.size_hint(),
+            // No exact size, like tonic's own bodies: hyper would send it as a `content-length`
+            // header, one more header to encode and decode on every call.
+            CallBody::Whole(_) => http_body::SizeHint::default(),
             CallBody::Replayed(body) => body.size_hint(),
         }
     }
 }
 
-/// One attempt's view of a [`Replay`].
+/// One attempt's view of a [`Recorded`] body.
 pub(crate) struct AttemptBody {
-    replay: Replay,
+    replay: Recorded,
     generation: u64,
     /// Index of the next recorded frame to send.
     next: usize,
@@ -360,15 +441,21 @@ impl http_body::Body for AttemptBody {
             this.next += 1;
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
-        let Some(inner) = state.inner.as_mut() else {
-            if let (Some(trailers), false) = (&state.trailers, this.trailers_sent) {
-                let trailers = trailers.clone();
-                this.trailers_sent = true;
-                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        let polled = match state.held.take() {
+            Some(held) => Poll::Ready(held),
+            None => {
+                let Some(inner) = state.inner.as_mut() else {
+                    if let (Some(trailers), false) = (&state.trailers, this.trailers_sent) {
+                        let trailers = trailers.clone();
+                        this.trailers_sent = true;
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    }
+                    return Poll::Ready(None);
+                };
+                Pin::new(inner).poll_frame(cx)
             }
-            return Poll::Ready(None);
         };
-        match Pin::new(inner).poll_frame(cx) {
+        match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 state.inner = None;
@@ -525,8 +612,85 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_body_ready_at_once_in_one_frame_is_kept_whole_for_every_attempt() {
+        let replay = Replay::new(chunks(&[b"hello"]), 1024).await;
+        assert!(matches!(&replay, Replay::Whole(Some(d)) if d == "hello"));
+        let first = replay.attempt();
+        assert_eq!(first.size_hint().exact(), None, "no content-length header");
+        assert!(!first.is_end_stream());
+        assert_eq!(collect(first).await.unwrap(), b"hello");
+        assert!(replay.replayable());
+        assert_eq!(collect(replay.attempt()).await.unwrap(), b"hello");
+
+        let empty = Replay::new(chunks(&[]), 1024).await;
+        assert!(matches!(empty, Replay::Whole(None)));
+        assert!(empty.attempt().is_end_stream());
+        assert!(collect(empty.attempt()).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_body_sent_once_goes_whole_or_as_it_comes_and_is_not_kept() {
+        assert!(matches!(
+            Replay::once(chunks(&[b"hello"])).await,
+            CallBody::Whole(Some(d)) if d == "hello"
+        ));
+        let stream = Replay::once(chunks(&[b"ab", b"cd", b"ef"])).await;
+        let CallBody::Replayed(attempt) = &stream else {
+            panic!("a body of three frames is not whole");
+        };
+        let replay = attempt.replay.clone();
+        assert_eq!(collect(stream).await.unwrap(), b"abcdef");
+        {
+            // Nothing recorded beyond the frame read before sending (which the attempt sent).
+            let state = replay.lock();
+            assert!(state.overflowed);
+            assert_eq!(state.recorded_bytes, 2);
+        }
+        assert!(!Replay::Recorded(replay).replayable());
+    }
+
+    #[tokio::test]
+    async fn a_body_not_ready_at_once_is_recorded_as_it_is_sent() {
+        // Pending on its first poll, then one frame: what a client stream's body can do.
+        struct Late(Option<Bytes>, bool);
+        impl http_body::Body for Late {
+            type Data = Bytes;
+            type Error = Status;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+                if !std::mem::replace(&mut self.1, true) {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Poll::Ready(self.0.take().map(|d| Ok(Frame::data(d))))
+            }
+        }
+        let replay = Replay::new(
+            Body::new(Late(Some(Bytes::from_static(b"late")), false)),
+            1024,
+        )
+        .await;
+        assert!(matches!(replay, Replay::Recorded(_)));
+        assert_eq!(collect(replay.attempt()).await.unwrap(), b"late");
+        assert!(replay.replayable());
+        assert_eq!(collect(replay.attempt()).await.unwrap(), b"late");
+    }
+
+    #[tokio::test]
+    async fn an_error_read_before_the_first_attempt_reaches_it() {
+        let failing = Body::new(frames_body(vec![Err(Status::internal("cannot encode"))]));
+        let replay = Replay::new(failing, 1024).await;
+        assert_eq!(
+            collect(replay.attempt()).await.unwrap_err().message(),
+            "cannot encode"
+        );
+    }
+
+    #[tokio::test]
     async fn a_body_is_replayed_whole_after_a_partial_or_complete_send() {
-        let replay = Replay::new(chunks(&[b"ab", b"cd", b"ef"]), 1024);
+        let replay = Replay::new(chunks(&[b"ab", b"cd", b"ef"]), 1024).await;
         let mut first = replay.attempt();
         // The first attempt sends one frame, then "fails".
         let frame = std::future::poll_fn(|cx| Pin::new(&mut first).poll_frame(cx)).await;
@@ -541,7 +705,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_over_the_limit_is_not_replayable() {
-        let replay = Replay::new(chunks(&[b"0123456789", b"0123456789"]), 15);
+        let replay = Replay::new(chunks(&[b"0123456789", b"0123456789"]), 15).await;
         assert_eq!(collect(replay.attempt()).await.unwrap().len(), 20);
         assert!(!replay.replayable());
     }

@@ -264,9 +264,10 @@ pub(super) fn identify(headers: &mut http::HeaderMap) {
 
 impl Connection {
     /// Sends `request` on the connection. tonic's generated clients give only the path; the
-    /// scheme and authority HTTP/2 requires are added here.
+    /// scheme and authority HTTP/2 requires are added here. Takes the handle by value: a call
+    /// sends on the clone its pick gave it, so the connection's shared counts are touched once.
     pub(crate) fn send(
-        &self,
+        mut self,
         request: http::Request<CallBody>,
     ) -> impl Future<Output = Result<http::Response<Body>, hyper::Error>> + Send + 'static {
         let (mut parts, body) = request.into_parts();
@@ -280,7 +281,6 @@ impl Connection {
         identify(&mut parts.headers);
         let response = self
             .send
-            .clone()
             .send_request(http::Request::from_parts(parts, body));
         async move { Ok(response.await?.map(Body::new)) }
     }
@@ -297,7 +297,7 @@ impl tower::Service<http::Request<Body>> for Connection {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        Box::pin(self.send(request.map(CallBody::Direct)))
+        Box::pin(self.clone().send(request.map(CallBody::Direct)))
     }
 }
 
