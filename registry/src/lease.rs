@@ -384,7 +384,7 @@ async fn run(
             match &revoked {
                 Ok(()) => debug!(lease = %label, id = format_args!("{id:x}"), "lease revoked"),
                 Err(e) => {
-                    warn!(lease = %label, error = %chain(e), ttl_s = ttl_seconds(ttl), "could not revoke the lease; its keys expire within one TTL")
+                    warn!(lease = %label, id = format_args!("{id:x}"), error = %chain(e), ttl_s = ttl_seconds(ttl), "could not revoke the lease; its keys expire within one TTL")
                 }
             }
             revoked.map(|()| Some(id))
