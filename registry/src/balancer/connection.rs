@@ -80,7 +80,10 @@ pub(crate) async fn maintain(
                 first_attempt.done();
                 backoff.reset();
                 problem.clear();
+                // Stop first: a channel dropped closes its connections too, and that is no loss
+                // to warn about.
                 tokio::select! {
+                    biased;
                     _ = stop.cancelled() => break,
                     _ = closed.cancelled() => {}
                     _ = watch_health(&backend, connection.clone(), health_interval, probe_timeout, &on_change) => {}
@@ -91,6 +94,9 @@ pub(crate) async fn maintain(
                 }
                 backend.set(None);
                 on_change();
+                if stop.is_cancelled() {
+                    break;
+                }
                 metrics::ejected(&backend.service, &backend.addr, "connection");
                 warn!(addr = %backend.addr, id = %backend.instance_id, "connection lost; instance out of rotation until it reconnects");
             }
