@@ -81,7 +81,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Section> {
          unmeasured), {rounds} rounds, clients taking turns within a round. QPS counts successful \
          calls. Ratios are QPS against the ideal (and against tonic's `balance_channel`) *in the \
          same round*, median over rounds. Ours runs with retries on, as the `client` binary does \
-         (it records each request body so a failed call can be replayed).\n",
+         (it keeps each request body so a failed call can be replayed).\n",
         window.as_secs_f64(),
         warm.as_millis()
     ));
