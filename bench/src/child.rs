@@ -10,7 +10,7 @@
 //! - `calls`: one client making a given number of calls, a given number at a time, run under
 //!   valgrind by the callgrind scenario.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
@@ -256,19 +256,24 @@ pub async fn calls(
         // The calls split as evenly as they go: the first `count % concurrency` make one more.
         let calls = count / concurrency + usize::from(worker < count % concurrency);
         workers.spawn(async move {
-            let mut failed = 0;
+            let mut failed = Vec::new();
             for _ in 0..calls {
-                failed += usize::from(client.call().await.is_err());
+                if let Err(code) = client.call().await {
+                    failed.push(code);
+                }
             }
             failed
         });
     }
-    let mut failed = 0;
+    let mut failed: BTreeMap<String, usize> = BTreeMap::new();
     while let Some(worker) = workers.join_next().await {
-        failed += worker.context("a calling task panicked")?;
+        for code in worker.context("a calling task panicked")? {
+            *failed.entry(format!("{code:?}")).or_default() += 1;
+        }
     }
-    if failed > 0 {
-        anyhow::bail!("{kind}: {failed} of {count} calls failed");
+    let failures: usize = failed.values().sum();
+    if failures > 0 {
+        anyhow::bail!("{kind}: {failures} of {count} calls failed: {failed:?}");
     }
     let elapsed = started.elapsed();
     let cpu = machine::sample(None)?.cpu.saturating_sub(before.cpu);
