@@ -6,9 +6,12 @@
 #
 #   scripts/check-copied-crate.sh
 #
-# Builds into target/copied-crate/ (its own directory: crates of the same names from two
-# workspaces must not share one), so a second run is quick. Needs network access to crates.io
-# the first time, like any cargo build.
+# Builds into the project's own target/: cargo keys every artifact by the package's source, so the
+# copied registry and proto get artifacts of their own, while the dependencies they share with the
+# project's build (same versions from Cargo.lock, same features) are reused: after ./test.sh only
+# the copied crates and the few dependencies built with other features compile (about 35 s on
+# 2 cores instead of three minutes), and the project's own build stays fresh. Needs network
+# access to crates.io when nothing is built yet, like any cargo build.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -33,7 +36,7 @@ sed -i -E '/^(testkit|tracing-subscriber)( = \{.*\}|\.workspace = true)$/d' "$wo
 # The versions CI tested.
 cp Cargo.lock "$work/"
 
-export CARGO_TARGET_DIR="$root/target/copied-crate"
+export CARGO_TARGET_DIR="$root/target"
 manifest=(--manifest-path "$work/Cargo.toml")
 cargo build "${manifest[@]}" -p registry ||
 	fail "the copied registry crate does not build from $guide's steps"
