@@ -597,18 +597,40 @@ mod tests {
     fn frames_body(
         frames: Vec<Result<Frame<Bytes>, Status>>,
     ) -> impl http_body::Body<Data = Bytes, Error = Status> + Send + 'static {
-        struct Frames(std::collections::VecDeque<Result<Frame<Bytes>, Status>>);
-        impl http_body::Body for Frames {
-            type Data = Bytes;
-            type Error = Status;
-            fn poll_frame(
-                mut self: Pin<&mut Self>,
-                _: &mut Context<'_>,
-            ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-                Poll::Ready(self.0.pop_front())
-            }
+        Frames {
+            pending_first: false,
+            frames: frames.into(),
         }
-        Frames(frames.into())
+    }
+
+    /// Like [`frames_body`], but not ready on its first poll: what a client stream's body can do.
+    fn late_body(
+        frames: Vec<Result<Frame<Bytes>, Status>>,
+    ) -> impl http_body::Body<Data = Bytes, Error = Status> + Send + 'static {
+        Frames {
+            pending_first: true,
+            frames: frames.into(),
+        }
+    }
+
+    struct Frames {
+        pending_first: bool,
+        frames: std::collections::VecDeque<Result<Frame<Bytes>, Status>>,
+    }
+
+    impl http_body::Body for Frames {
+        type Data = Bytes;
+        type Error = Status;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+            if std::mem::take(&mut self.pending_first) {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Poll::Ready(self.frames.pop_front())
+        }
     }
 
     #[tokio::test]
@@ -651,27 +673,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_not_ready_at_once_is_recorded_as_it_is_sent() {
-        // Pending on its first poll, then one frame: what a client stream's body can do.
-        struct Late(Option<Bytes>, bool);
-        impl http_body::Body for Late {
-            type Data = Bytes;
-            type Error = Status;
-            fn poll_frame(
-                mut self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-            ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-                if !std::mem::replace(&mut self.1, true) {
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
-                }
-                Poll::Ready(self.0.take().map(|d| Ok(Frame::data(d))))
-            }
-        }
-        let replay = Replay::new(
-            Body::new(Late(Some(Bytes::from_static(b"late")), false)),
-            1024,
-        )
-        .await;
+        let late = late_body(vec![Ok(Frame::data(Bytes::from_static(b"late")))]);
+        let replay = Replay::new(Body::new(late), 1024).await;
         assert!(matches!(replay, Replay::Recorded(_)));
         assert_eq!(collect(replay.attempt()).await.unwrap(), b"late");
         assert!(replay.replayable());
